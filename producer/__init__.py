@@ -1,0 +1,35 @@
+"""deltaflush producer: append Arrow batches to per-table Redis Streams.
+
+>>> from producer import Producer
+>>> p = Producer()
+>>> p.append("events", [{"id": 1, "kind": "click"}])
+>>> p.flush("events")
+"""
+
+from .client import Producer
+from .errors import (
+    ClaimMismatch,
+    ConfigError,
+    DeltaflushError,
+    FlushError,
+    InvalidInput,
+    InvalidTableName,
+    LeaseLost,
+    SchemaConflict,
+    UnsupportedData,
+)
+from .settings import Settings
+
+__all__ = [
+    "ClaimMismatch",
+    "ConfigError",
+    "DeltaflushError",
+    "FlushError",
+    "InvalidInput",
+    "InvalidTableName",
+    "LeaseLost",
+    "Producer",
+    "SchemaConflict",
+    "Settings",
+    "UnsupportedData",
+]

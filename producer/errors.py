@@ -1,0 +1,72 @@
+"""The exceptions of deltaflush, one rooted hierarchy.
+
+::
+
+    DeltaflushError
+    ├── ConfigError(ValueError)            a setting is invalid: fix the environment/arguments
+    ├── InvalidInput(ValueError)           the caller's data is at fault: fix the input
+    │   ├── InvalidTableName
+    │   ├── UnsupportedData
+    │   └── SchemaConflict                 names the column, the table's type and the batch's
+    └── FlushError                         raised on the worker side
+        ├── LeaseLost                      another flusher took the table over: stop, do not commit
+        └── ClaimMismatch                  the delta no longer holds the claimed range
+
+Nothing is written to Redis or storage when an ``InvalidInput`` is raised.
+"""
+
+from __future__ import annotations
+
+
+class DeltaflushError(Exception):
+    """Root of every error deltaflush raises on purpose."""
+
+
+class ConfigError(DeltaflushError, ValueError):
+    """A setting is invalid. The message names the setting and a valid example."""
+
+
+class InvalidInput(DeltaflushError, ValueError):
+    """The caller's input is at fault; nothing was written. Fix the input and call again."""
+
+
+class InvalidTableName(InvalidInput):
+    """A table name does not match ``^[A-Za-z_][A-Za-z0-9_]{0,127}$``."""
+
+    def __init__(self, name: object) -> None:
+        self.name = name
+        super().__init__(
+            f"invalid table name {name!r}: a table name starts with a letter or '_' and "
+            "holds only letters, digits and '_' (at most 128 characters), e.g. 'page_views'"
+        )
+
+
+class UnsupportedData(InvalidInput):
+    """``append`` was given something it cannot turn into Arrow, or an empty batch."""
+
+
+class SchemaConflict(InvalidInput):
+    """A batch's schema conflicts with the schema the table already has."""
+
+    def __init__(self, table: str, column: str, table_type: str, batch_type: str) -> None:
+        self.table = table
+        self.column = column
+        self.table_type = table_type
+        self.batch_type = batch_type
+        super().__init__(
+            f"schema conflict in table {table!r}, column {column!r}: the table has "
+            f"{table_type}, the batch has {batch_type}. Cast the column to {table_type} "
+            "before appending, or append to a new table."
+        )
+
+
+class FlushError(DeltaflushError):
+    """Root of the errors a flush raises; the task maps them to retries or a clean stop."""
+
+
+class LeaseLost(FlushError):
+    """This flusher's lease expired and another flusher may own the table: stop, commit nothing."""
+
+
+class ClaimMismatch(FlushError):
+    """The delta does not hold the claimed entries any more (another flusher committed them)."""

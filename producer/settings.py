@@ -1,0 +1,101 @@
+"""One frozen settings object per process, built from the environment at the entry point.
+
+Library code never reads the environment at import time: the entry points (the Celery app,
+the CLI, ``Producer()``) call :meth:`Settings.from_env`, and constructor arguments override
+what the environment says.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .errors import ConfigError
+
+_ENV = {
+    "redis_url": "DELTAFLUSH_REDIS_URL",
+    "broker_url": "DELTAFLUSH_BROKER_URL",
+    "storage_uri": "DELTAFLUSH_STORAGE_URI",
+    "flush_interval_s": "DELTAFLUSH_FLUSH_INTERVAL_S",
+    "max_file_bytes": "DELTAFLUSH_MAX_FILE_BYTES",
+    "lease_s": "DELTAFLUSH_LEASE_S",
+    "key_prefix": "DELTAFLUSH_KEY_PREFIX",
+    "task_time_limit_s": "DELTAFLUSH_TASK_TIME_LIMIT_S",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of deltaflush, with units in the names.
+
+    ``broker_url`` defaults to ``redis_url`` when left empty.
+    """
+
+    redis_url: str = "redis://localhost:6379/0"
+    broker_url: str = ""
+    storage_uri: str = "./data"
+    flush_interval_s: float = 10.0
+    max_file_bytes: int = 128 * 1024 * 1024
+    lease_s: float = 30.0
+    key_prefix: str = "deltaflush"
+    # Hard time limit of one flush_table task. A flush stops taking new claims well before it
+    # (see workers.flusher), so the limit only ever ends a flush that is stuck.
+    task_time_limit_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", self.redis_url)
+        for name in ("flush_interval_s", "lease_s", "task_time_limit_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_file_bytes < 1024:
+            raise ConfigError(
+                f"max_file_bytes must be at least 1024, got {self.max_file_bytes!r}"
+            )
+        if not self.key_prefix or any(c in self.key_prefix for c in "{} "):
+            raise ConfigError(
+                f"key_prefix {self.key_prefix!r} must be non-empty and contain no braces "
+                "or spaces"
+            )
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.lease_s * 1000)
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Settings from ``DELTAFLUSH_*`` variables; keyword arguments that are not None win."""
+        env = os.environ if env is None else env
+        kwargs: dict[str, Any] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for name, var in _ENV.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            kwargs[name] = _parse(var, raw, types[name])
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(kwargs) - set(types)
+        if unknown:
+            raise ConfigError(f"unknown settings: {sorted(unknown)}")
+        return cls(**kwargs)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _parse(var: str, raw: str, type_name: Any) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(float(raw)) if "e" in raw.lower() else int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{var}={raw!r} is not a valid {kind}; set it to a number, e.g. {var}=10"
+        ) from None
+    return raw

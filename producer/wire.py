@@ -1,0 +1,160 @@
+"""The wire contract in one place: Redis key names, stream entry fields, Arrow IPC encoding,
+and the names of the Celery messages. A producer in any language that follows this module
+interoperates with the workers.
+
+Keys (``{prefix}`` defaults to ``deltaflush``; the braces around the table are literal: a
+Redis Cluster hash tag that keeps every key of one table in one slot):
+
+===============================  ======  =====================================================
+key                              type    content
+===============================  ======  =====================================================
+``{prefix}:tables``              set     names of all tables ever appended to
+``{prefix}:{<table>}:delta``     stream  one entry per batch: ``arrow`` (Arrow IPC *stream*
+                                         bytes), and ``rows`` (row count, optional)
+``{prefix}:{<table>}:dead``      stream  entries that could not be flushed: original fields
+                                         plus ``error`` and ``entry_id`` (the delta's ID)
+``{prefix}:{<table>}:schema``    string  the table's Arrow schema (IPC-serialised), set by the
+                                         first append; later appends must match it
+``{prefix}:{<table>}:pending``   hash    ``rows``/``bytes`` appended and not yet flushed
+``{prefix}:{<table>}:stats``     hash    ``files``/``rows``/``bytes`` flushed, ``dead``,
+                                         ``last_flush_ms``
+``{prefix}:{<table>}:lease``     string  fencing token of the flusher that owns the table (PX)
+``{prefix}:{<table>}:fence``     string  counter the fencing tokens are drawn from (INCR)
+``{prefix}:{<table>}:claim``     hash    the range the current flush is writing (see
+                                         ``workers.flusher``)
+``{prefix}:{<table>}:queued``    string  set while a ``flush_table`` for the table is queued
+===============================  ======  =====================================================
+
+Task messages carry only table names: ``flush_table(table)`` on the queue :data:`QUEUE`,
+serialised as JSON.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+#: Field of a delta entry holding the batch as Arrow IPC stream bytes.
+FIELD_ARROW = b"arrow"
+#: Optional field: the number of rows in the batch, as ASCII digits.
+FIELD_ROWS = b"rows"
+#: Field added to a dead-letter entry: why it could not be flushed.
+FIELD_ERROR = b"error"
+#: Field added to a dead-letter entry: its ID in the delta stream.
+FIELD_ENTRY_ID = b"entry_id"
+
+#: Name of the Celery task that flushes one table; its only argument is the table name.
+FLUSH_TASK = "flush_table"
+#: Name of the periodic task that beat sends; it enqueues ``flush_table`` for due tables.
+SCHEDULE_TASK = "deltaflush.schedule_flushes"
+#: Queue of ``flush_table`` messages.
+QUEUE = "deltaflush"
+#: Queue of the scheduling task, kept apart so that it never waits behind long flushes.
+SCHEDULE_QUEUE = "deltaflush.schedule"
+
+TABLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def valid_table_name(name: object) -> bool:
+    return isinstance(name, str) and TABLE_NAME_RE.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The Redis keys of one table."""
+
+    prefix: str
+    table: str
+
+    def _k(self, suffix: str) -> str:
+        return f"{self.prefix}:{{{self.table}}}:{suffix}"
+
+    @property
+    def delta(self) -> str:
+        return self._k("delta")
+
+    @property
+    def dead(self) -> str:
+        return self._k("dead")
+
+    @property
+    def schema(self) -> str:
+        return self._k("schema")
+
+    @property
+    def pending(self) -> str:
+        return self._k("pending")
+
+    @property
+    def stats(self) -> str:
+        return self._k("stats")
+
+    @property
+    def lease(self) -> str:
+        return self._k("lease")
+
+    @property
+    def fence(self) -> str:
+        return self._k("fence")
+
+    @property
+    def claim(self) -> str:
+        return self._k("claim")
+
+    @property
+    def queued(self) -> str:
+        return self._k("queued")
+
+
+def tables_key(prefix: str) -> str:
+    return f"{prefix}:tables"
+
+
+# --- Arrow IPC ---------------------------------------------------------------------------
+
+
+def encode_batches(schema: pa.Schema, batches: list[pa.RecordBatch]) -> bytes:
+    """One payload: the Arrow IPC stream format, one schema and the given batches."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def decode_payload(payload: bytes) -> pa.Table:
+    """Decode and fully validate one payload; raise ``ValueError`` if it is not a valid
+    Arrow IPC stream (truncated, garbage, or buffers inconsistent with the schema)."""
+    try:
+        reader = pa.ipc.open_stream(pa.py_buffer(payload))
+        table = reader.read_all()
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ValueError(f"not a valid Arrow IPC stream: {exc}") from exc
+    return table
+
+
+def serialize_schema(schema: pa.Schema) -> bytes:
+    return schema.serialize().to_pybytes()
+
+
+def deserialize_schema(data: bytes) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(data))
+
+
+# --- stream IDs ----------------------------------------------------------------------------
+
+
+def parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    """``b"1732480000000-7"`` -> ``(1732480000000, 7)``."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(entry_id: bytes | str) -> str:
+    """The smallest stream ID greater than ``entry_id`` (for exact ``XTRIM MINID``)."""
+    ms, seq = parse_id(entry_id)
+    return f"{ms}-{seq + 1}"

@@ -1,0 +1,69 @@
+"""The Celery app, built in one place: ``celery -A workers.app worker|beat|flower``.
+
+Settings come from the environment once, here, at the entry point. The configuration fits
+long, idempotent tasks: late acks and requeue when a worker process dies (a flush that is
+delivered twice is harmless, see ``workers.flusher``), one message prefetched per process,
+JSON only, and a broker visibility timeout far above the task's time limit so that a slow
+flush is never handed to a second worker while the first still runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from producer import wire
+from producer.settings import Settings
+
+
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("deltaflush", broker=settings.broker_url, include=["workers.tasks"])
+    limit = settings.task_time_limit_s
+    conf: dict[str, Any] = dict(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=limit,
+        task_soft_time_limit=limit * 0.9,
+        broker_transport_options={"visibility_timeout": max(3600, int(limit * 4))},
+        broker_connection_retry_on_startup=True,
+        task_queues=[_queue(wire.QUEUE), _queue(wire.SCHEDULE_QUEUE)],
+        task_default_queue=wire.QUEUE,
+        task_routes={
+            wire.FLUSH_TASK: {"queue": wire.QUEUE},
+            wire.SCHEDULE_TASK: {"queue": wire.SCHEDULE_QUEUE},
+        },
+        beat_schedule={
+            "deltaflush-schedule-flushes": {
+                "task": wire.SCHEDULE_TASK,
+                "schedule": settings.flush_interval_s,
+                # A round that waited longer than an interval is superseded by the next.
+                "options": {"expires": settings.flush_interval_s},
+            }
+        },
+        # Flower: task events on, results shown in its task list.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        result_backend=settings.redis_url,
+        result_expires=3600,
+        worker_hijack_root_logger=True,
+    )
+    app.conf.update(conf)
+    app.conf.deltaflush = settings
+    return app
+
+
+settings = Settings.from_env()
+app = make_app(settings)

@@ -1,0 +1,138 @@
+"""The ``deltaflush`` command: status, flush, demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+from producer import Producer
+from producer.client import connect
+from producer.errors import DeltaflushError
+from producer.settings import Settings
+
+from .scheduler import iter_tables
+from .status import TableStatus, table_status
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except DeltaflushError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool) -> None:
+    """deltaflush: Arrow batches in Redis Streams, flushed to Parquet by a Celery fleet."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{n}B"
+
+
+def render(rows: list[TableStatus]) -> str:
+    header = ("table", "pending rows", "pending bytes", "oldest pending", "files", "rows flushed",
+              "dead", "state")
+    lines = [header] + [
+        (s.table, str(s.pending_rows), _bytes(s.pending_bytes), _age(s.oldest_pending_age_s),
+         str(s.files_flushed), str(s.rows_flushed), str(s.dead_entries),
+         "flushing" if s.flushing else ("pending" if s.pending_entries else "idle"))
+        for s in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                             for i, cell in enumerate(line)).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, one object per table.")
+@click.argument("tables", nargs=-1)
+def status(as_json: bool, tables: tuple[str, ...]) -> None:
+    """Per table: pending rows and bytes, age of the oldest pending entry, files and rows
+    flushed, dead letters."""
+    settings = _settings()
+    client = connect(settings.redis_url)
+    rows = table_status(client, settings.key_prefix, list(tables) or None)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+    elif not rows:
+        click.echo("no tables yet: append to one with producer.Producer().append(...)")
+    else:
+        click.echo(render(rows))
+
+
+@main.command()
+@click.argument("table", required=False)
+@click.option("--all", "all_tables", is_flag=True, help="Flush every known table.")
+@click.option("--local", is_flag=True,
+              help="Flush in this process instead of asking the Celery workers.")
+def flush(table: str | None, all_tables: bool, local: bool) -> None:
+    """Flush TABLE (or --all) now: queue flush_table for the workers, or run it --local."""
+    if bool(table) == all_tables:
+        raise click.UsageError("give either a TABLE or --all")
+    settings = _settings()
+    client = connect(settings.redis_url)
+    names = sorted(iter_tables(client, settings.key_prefix)) if all_tables else [str(table)]
+    if local:
+        from .flusher import Flusher
+        from .storage import Storage
+
+        flusher = Flusher(client, Storage(settings.storage_uri), settings)
+        for i, name in enumerate(names, 1):
+            result = flusher.flush(name)
+            click.echo(f"[{i}/{len(names)}] {name}: {result.status}, {result.rows} rows, "
+                       f"{result.files} files, {_bytes(result.bytes)}")
+        return
+    producer = Producer(settings=settings, client=client)
+    try:
+        for i, name in enumerate(names, 1):
+            sent = producer.flush(name)
+            click.echo(f"[{i}/{len(names)}] {name}: "
+                       + ("flush queued" if sent else "a flush is already queued"))
+    except DeltaflushError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        producer.close()
+
+
+@main.command()
+@click.option("--seconds", default=15.0, show_default=True, help="How long to produce.")
+@click.option("--tables", default=3, show_default=True, help="How many tables to fill.")
+@click.option("--workers", default=2, show_default=True, help="Worker processes.")
+def demo(seconds: float, tables: int, workers: int) -> None:
+    """Run the whole pipeline on this machine: producer, Celery worker and beat, then show
+    where the Parquet files are."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(seconds=seconds, n_tables=tables, concurrency=workers, echo=click.echo))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,55 @@
+"""Named fault-injection points, for the fault-injection tests.
+
+``DELTAFLUSH_FAILPOINTS`` holds ``name=action`` pairs separated by commas; ``action`` is
+``kill`` (SIGKILL this process), ``stop`` (SIGSTOP: freeze until SIGCONT), ``raise`` (raise
+:class:`InjectedFault`, an ``OSError`` like a storage error) or ``sleep:SECONDS``.
+With ``DELTAFLUSH_FAILPOINT_ONCE_DIR`` set, each point fires once across all processes: the
+first process to reach it creates a marker file there, and later ones pass.
+
+Unset (the normal case), :func:`failpoint` costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from functools import cache
+
+
+class InjectedFault(OSError):
+    """The error the ``raise`` action raises."""
+
+
+@cache
+def _points() -> dict[str, str]:
+    spec = os.environ.get("DELTAFLUSH_FAILPOINTS", "")
+    pairs = (item.split("=", 1) for item in spec.split(",") if "=" in item)
+    return {name.strip(): action.strip() for name, action in pairs}
+
+
+def failpoint(name: str) -> None:
+    action = _points().get(name)
+    if action is None or not _first_time(name):
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif action == "raise":
+        raise InjectedFault(f"injected fault at {name}")
+    elif action.startswith("sleep:"):
+        time.sleep(float(action.split(":", 1)[1]))
+
+
+def _first_time(name: str) -> bool:
+    once_dir = os.environ.get("DELTAFLUSH_FAILPOINT_ONCE_DIR")
+    if not once_dir:
+        return True
+    try:
+        fd = os.open(os.path.join(once_dir, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True

@@ -1,0 +1,403 @@
+"""Drain a table's delta into Parquet, exactly once. Plain code: no Celery here.
+
+The protocol
+============
+One flush of table ``T`` holds ``T``'s lease (``workers.lease``) and repeats, one file at a
+time, until the delta is empty (or its time budget is spent):
+
+1. **Claim.** If ``{T}:claim`` exists, a previous flusher died or was fenced mid-file: resume
+   *its* claim, the exact range ``first..last`` of ``count`` entries, with the schema it
+   recorded. Otherwise read entries from the head of the delta, in chunks, until their Arrow
+   data reaches ``max_file_bytes`` or the delta ends; that range becomes the claim.
+2. **Write** the range into a temporary file (not ``*.parquet``, outside the table's folder).
+   Entries are decoded and validated one by one; an entry that cannot be decoded or cast to
+   the file's schema is set aside for the dead-letter stream instead of failing the flush.
+   Reading a claimed range must return exactly ``count`` entries, or the flush stops
+   (``ClaimMismatch``): then another flusher committed it meanwhile.
+3. **Record the claim** (new claims only), in a script that checks the lease token. From now
+   on the range, and so the file's content and name, are fixed.
+4. **Publish** the file atomically and durably under a name made from the range:
+   ``part-<first id>_<last id>.parquet``.
+5. **Commit**, in one script that checks the lease token: move the set-aside entries to
+   ``{T}:dead``, ``XTRIM MINID <last id + 1>`` (exact), delete the claim, update counters.
+
+Why each crash is harmless:
+
+* before 3: nothing is recorded; the temporary file is garbage that the next flush ignores
+  (and ``Storage.sweep_temp`` removes). The next flusher starts over from the head.
+* between 3 and 5: the claim is resumed; the retry writes the same entries with the same
+  schema under the same name, and the atomic replace of an identical file changes nothing.
+* after 5: the entries are gone from the delta and the file holds them.
+
+Why a frozen flusher cannot corrupt anything: once it wakes, its lease token is stale.
+Steps 3 and 5 check the token in Redis and fail. A publish it had not finished can only
+write the rows of the claimed range under the claimed name, i.e. the same file again; and a
+read of a range that another flusher committed meanwhile comes back short, which stops it
+before it publishes. Rows therefore reach Parquet at least once (nothing is trimmed before
+its file is published) and at most once (a range has exactly one file name and is trimmed
+exactly once): exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import redis
+
+from producer import wire
+from producer.convert import conform
+from producer.errors import ClaimMismatch, LeaseLost, SchemaConflict
+from producer.settings import Settings
+
+from .failpoints import failpoint
+from .lease import Lease, acquire
+from .storage import Storage
+from .writer import ParquetFile
+
+log = logging.getLogger(__name__)
+
+#: Arrow bytes per row group: big enough for scans, small enough to bound memory.
+ROW_GROUP_BYTES = 64 * 1024 * 1024
+#: Target size of one XRANGE chunk.
+CHUNK_BYTES = 8 * 1024 * 1024
+MAX_CHUNK_ENTRIES = 1024
+
+# KEYS: lease, claim   ARGV: token, first, last, count, schema
+CLAIM_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
+if redis.call('EXISTS', KEYS[2]) == 1 then return redis.error_reply('CLAIMED claim exists') end
+redis.call('HSET', KEYS[2], 'first', ARGV[2], 'last', ARGV[3], 'count', ARGV[4],
+           'schema', ARGV[5], 'token', ARGV[1])
+return 1
+"""
+
+# KEYS: lease, claim, delta, dead, pending, stats
+# ARGV: token, last, next id, rows, arrow bytes, files, file bytes, pending rows,
+#       pending bytes, now ms, then (dead id, error) pairs
+COMMIT_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
+if redis.call('HGET', KEYS[2], 'last') ~= ARGV[2] then
+  return redis.error_reply('NOCLAIM the claim is not the one written')
+end
+local ndead = 0
+for i = 11, #ARGV, 2 do
+  local e = redis.call('XRANGE', KEYS[3], ARGV[i], ARGV[i])
+  if #e == 1 then
+    local fields = e[1][2]
+    table.insert(fields, 'error')
+    table.insert(fields, ARGV[i + 1])
+    table.insert(fields, 'entry_id')
+    table.insert(fields, ARGV[i])
+    redis.call('XADD', KEYS[4], '*', unpack(fields))
+    ndead = ndead + 1
+  end
+end
+local trimmed = redis.call('XTRIM', KEYS[3], 'MINID', ARGV[3])
+redis.call('DEL', KEYS[2])
+for _, f in ipairs({{'rows', ARGV[8]}, {'bytes', ARGV[9]}}) do
+  if redis.call('HINCRBY', KEYS[5], f[1], -tonumber(f[2])) < 0 then
+    redis.call('HSET', KEYS[5], f[1], 0)
+  end
+end
+redis.call('HINCRBY', KEYS[6], 'files', ARGV[6])
+redis.call('HINCRBY', KEYS[6], 'rows', ARGV[4])
+redis.call('HINCRBY', KEYS[6], 'arrow_bytes', ARGV[5])
+redis.call('HINCRBY', KEYS[6], 'bytes', ARGV[7])
+redis.call('HINCRBY', KEYS[6], 'dead', ndead)
+redis.call('HSET', KEYS[6], 'last_flush_ms', ARGV[10], 'last_id', ARGV[2])
+return trimmed
+"""
+
+
+@dataclass
+class Claim:
+    first: str
+    last: str
+    count: int
+    schema: bytes
+
+
+@dataclass
+class Part:
+    """One claimed range, written (or not, if every entry was dead) to a temporary file."""
+
+    first: str
+    last: str
+    count: int
+    schema: bytes
+    temp: str | None = None
+    name: str = ""
+    published: bool = False
+    rows: int = 0
+    arrow_bytes: int = 0
+    file_bytes: int = 0
+    pending_rows: int = 0
+    pending_bytes: int = 0
+    dead: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class FlushResult:
+    """What one flush did; ``as_dict()`` is the task's JSON result, shown by Flower."""
+
+    table: str
+    status: str = "ok"  # ok | empty | busy | fenced
+    rows: int = 0
+    files: int = 0
+    bytes: int = 0
+    arrow_bytes: int = 0
+    dead: int = 0
+    first_id: str | None = None
+    last_id: str | None = None
+    seconds: float = 0.0
+    more: bool = False
+    paths: list[str] = field(default_factory=list)
+
+    def add(self, part: Part, path: str | None) -> None:
+        self.rows += part.rows
+        self.bytes += part.file_bytes
+        self.arrow_bytes += part.arrow_bytes
+        self.dead += len(part.dead)
+        self.first_id = self.first_id or part.first
+        self.last_id = part.last
+        if path:
+            self.files += 1
+            self.paths.append(path)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def file_name(first: str, last: str) -> str:
+    """The deterministic name of the file holding stream entries ``first..last``."""
+    (fms, fseq), (lms, lseq) = wire.parse_id(first), wire.parse_id(last)
+    return f"part-{fms:013d}-{fseq:06d}_{lms:013d}-{lseq:06d}.parquet"
+
+
+class Flusher:
+    """Flushes tables from one Redis to one storage. One per process; thread-safe."""
+
+    def __init__(self, client: redis.Redis, storage: Storage, settings: Settings) -> None:
+        self.redis = client
+        self.storage = storage
+        self.settings = settings
+        self._claim_script = client.register_script(CLAIM_LUA)
+        self._commit_script = client.register_script(COMMIT_LUA)
+
+    def flush(self, table: str, budget_s: float | None = None) -> FlushResult:
+        """Drain ``table`` until its delta is empty or ``budget_s`` is spent.
+
+        Returns ``status="busy"`` without doing anything if another flusher holds the
+        table. Raises ``LeaseLost`` if this flusher was fenced (nothing of its is
+        committed then), and storage or Redis errors as they come (nothing is trimmed
+        then; the next flush resumes).
+        """
+        keys = wire.Keys(self.settings.key_prefix, table)
+        started = time.monotonic()
+        result = FlushResult(table)
+        lease = acquire(self.redis, keys, self.settings.lease_ms)
+        if lease is None:
+            result.status = "busy"
+            return result
+        with lease:
+            failpoint("flush.leased")
+            while True:
+                done = self._flush_one(lease, keys)
+                if done is None:
+                    break
+                result.add(*done)
+                if budget_s is not None and time.monotonic() - started > budget_s:
+                    result.more = bool(self.redis.xlen(keys.delta))
+                    break
+        if result.first_id is None:
+            result.status = "empty"
+        result.seconds = round(time.monotonic() - started, 3)
+        if result.first_id is not None:
+            log.info(
+                "flushed table=%s rows=%d files=%d bytes=%d dead=%d ids=%s..%s seconds=%.3f",
+                table, result.rows, result.files, result.bytes, result.dead,
+                result.first_id, result.last_id, result.seconds,
+            )
+        return result
+
+    def _flush_one(self, lease: Lease, keys: wire.Keys) -> tuple[Part, str | None] | None:
+        claim = self._load_claim(keys)
+        part = self._write(lease, keys, claim)
+        if part is None:
+            return None
+        try:
+            if claim is None:
+                self._record_claim(lease, keys, part)
+                failpoint("flush.claimed")
+            lease.check()
+            final = None
+            if part.temp is not None:
+                final = self.storage.final_path(keys.table, part.name)
+                self.storage.publish(part.temp, final)
+                part.temp, part.published = None, True
+                failpoint("flush.published")
+        finally:
+            if part.temp is not None:
+                self.storage.discard(part.temp)
+        self._commit(lease, keys, part)
+        failpoint("flush.committed")
+        return part, (self.storage.display(final) if final else None)
+
+    # --- steps ------------------------------------------------------------------------
+
+    def _load_claim(self, keys: wire.Keys) -> Claim | None:
+        raw = self.redis.hgetall(keys.claim)
+        if not raw:
+            return None
+        return Claim(
+            first=raw[b"first"].decode(),
+            last=raw[b"last"].decode(),
+            count=int(raw[b"count"]),
+            schema=raw.get(b"schema", b""),
+        )
+
+    def _entries(
+        self, keys: wire.Keys, first: str, last: str
+    ) -> Iterator[tuple[str, dict[bytes, bytes]]]:
+        """Entries ``first..last`` (inclusive) in chunks of about ``CHUNK_BYTES``."""
+        start, count = first, 16
+        while True:
+            chunk = self.redis.xrange(keys.delta, start, last, count=count)
+            if not chunk:
+                return
+            size = 0
+            for entry_id, fields in chunk:
+                size += len(fields.get(wire.FIELD_ARROW, b""))
+                yield entry_id.decode(), fields
+            if len(chunk) < count:
+                return
+            start = "(" + chunk[-1][0].decode()
+            average = max(1, size // len(chunk))
+            count = max(1, min(MAX_CHUNK_ENTRIES, CHUNK_BYTES // average))
+
+    def _write(self, lease: Lease, keys: wire.Keys, claim: Claim | None) -> Part | None:
+        """Write a claimed range, or a new one from the head, to a temporary file."""
+        table = keys.table
+        if claim is not None:
+            entries = self._entries(keys, claim.first, claim.last)
+            schema = wire.deserialize_schema(claim.schema) if claim.schema else None
+        else:
+            entries = self._entries(keys, "-", "+")
+            stored = self.redis.get(keys.schema)
+            schema = wire.deserialize_schema(stored) if stored else None
+        part: Part | None = None
+        writer: ParquetFile | None = None
+        try:
+            for entry_id, fields in entries:
+                if part is None:
+                    part = Part(first=entry_id, last=entry_id, count=0, schema=b"")
+                part.last = entry_id
+                part.count += 1
+                payload = fields.get(wire.FIELD_ARROW)
+                if wire.FIELD_ROWS in fields and payload is not None:
+                    part.pending_rows += int(fields[wire.FIELD_ROWS] or 0)
+                    part.pending_bytes += len(payload)
+                try:
+                    batch = _decode(payload, schema, table)
+                except ValueError as exc:
+                    part.dead.append((entry_id, str(exc)))
+                    continue
+                if schema is None:
+                    schema = batch.schema
+                if writer is None:
+                    part.temp = self.storage.temp_path(table, f"part-{entry_id}", lease.token)
+                    writer = ParquetFile(
+                        self.storage.open_temp(part.temp), schema,
+                        min(ROW_GROUP_BYTES, self.settings.max_file_bytes),
+                    )
+                writer.write(batch)
+                if part.count == 1:
+                    failpoint("flush.first_chunk")
+                if claim is None and writer.arrow_bytes >= self.settings.max_file_bytes:
+                    break
+            if part is None:
+                if claim is not None:
+                    raise ClaimMismatch(f"claimed range {claim.first}..{claim.last} of "
+                                        f"{table!r} is gone from the delta")
+                return None
+            if claim is not None and part.count != claim.count:
+                raise ClaimMismatch(
+                    f"read {part.count} of the {claim.count} claimed entries of {table!r}"
+                )
+            part.schema = wire.serialize_schema(schema) if schema is not None else b""
+            part.name = file_name(part.first, part.last)
+            if writer is not None:
+                part.rows, part.arrow_bytes = writer.rows, writer.arrow_bytes
+                part.file_bytes = writer.close({
+                    "deltaflush.table": table,
+                    "deltaflush.first_id": part.first,
+                    "deltaflush.last_id": part.last,
+                    "deltaflush.entries": str(part.count),
+                    "deltaflush.rows": str(writer.rows),
+                })
+                writer = None
+            failpoint("flush.written")
+            return part
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            if part is not None and part.temp is not None:
+                self.storage.discard(part.temp)
+            raise
+
+    def _record_claim(self, lease: Lease, keys: wire.Keys, part: Part) -> None:
+        lease.check()
+        try:
+            self._claim_script(
+                keys=[keys.lease, keys.claim],
+                args=[lease.token, part.first, part.last, part.count, part.schema],
+            )
+        except redis.ResponseError as exc:
+            raise _fenced(exc, keys) from exc
+
+    def _commit(self, lease: Lease, keys: wire.Keys, part: Part) -> None:
+        args: list[Any] = [
+            lease.token, part.last, wire.next_id(part.last), part.rows, part.arrow_bytes,
+            1 if part.published else 0, part.file_bytes, part.pending_rows,
+            part.pending_bytes, int(time.time() * 1000),
+        ]
+        for entry_id, error in part.dead:
+            args += [entry_id, error]
+        try:
+            trimmed = self._commit_script(
+                keys=[keys.lease, keys.claim, keys.delta, keys.dead, keys.pending, keys.stats],
+                args=args,
+            )
+        except redis.ResponseError as exc:
+            raise _fenced(exc, keys) from exc
+        if trimmed != part.count:
+            log.error("table %s: commit trimmed %s entries, claim had %d",
+                      keys.table, trimmed, part.count)
+
+
+def _decode(payload: bytes | None, schema: pa.Schema | None, table: str) -> pa.Table:
+    if payload is None:
+        raise ValueError(f"entry has no {wire.FIELD_ARROW.decode()!r} field")
+    batch = wire.decode_payload(payload)
+    if batch.schema.metadata:
+        batch = batch.replace_schema_metadata(None)
+    if schema is not None and not batch.schema.equals(schema):
+        try:
+            batch = conform(batch, schema, table)
+        except SchemaConflict as exc:
+            raise ValueError(str(exc)) from exc
+        except (pa.ArrowException, TypeError) as exc:
+            raise ValueError(f"cannot cast to the table's schema: {exc}") from exc
+    return batch
+
+
+def _fenced(exc: redis.ResponseError, keys: wire.Keys) -> Exception:
+    text = str(exc)
+    if "FENCED" in text:
+        return LeaseLost(f"lease on table {keys.table!r} lost before the commit: {text}")
+    return ClaimMismatch(f"table {keys.table!r}: {text}")

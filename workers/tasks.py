@@ -1,0 +1,81 @@
+"""The Celery tasks: thin wrappers that parse arguments, call plain code and map errors.
+
+* ``flush_table(table)``: runs ``Flusher.flush``. Transient Redis and storage errors are
+  retried with exponential backoff; a fenced flush (``LeaseLost``) ends quietly, since the
+  flusher that fenced it does the work. A flush stops taking new files at half its time
+  limit and, if more is pending, queues its own continuation.
+* ``deltaflush.schedule_flushes``: what beat sends every ``flush_interval_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import redis
+
+from producer import wire
+from producer.client import connect
+from producer.errors import ClaimMismatch, InvalidTableName, LeaseLost
+
+from .app import app, settings
+from .flusher import Flusher
+from .scheduler import enqueue_due
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError, ClaimMismatch)
+MAX_BACKOFF_S = 60
+
+_runtime: tuple[int, redis.Redis, Flusher] | None = None
+
+
+def runtime() -> tuple[redis.Redis, Flusher]:
+    """This process's Redis client and flusher, created after fork."""
+    global _runtime
+    if _runtime is None or _runtime[0] != os.getpid():
+        client = connect(settings.redis_url)
+        _runtime = (os.getpid(), client, Flusher(client, Storage(settings.storage_uri), settings))
+    return _runtime[1], _runtime[2]
+
+
+def send_flush(table: str) -> None:
+    app.send_task(wire.FLUSH_TASK, args=[table], queue=wire.QUEUE)
+
+
+@app.task(name=wire.FLUSH_TASK, bind=True, max_retries=None)
+def flush_table(self: Any, table: str) -> dict[str, Any]:
+    if not wire.valid_table_name(table):
+        raise InvalidTableName(table)
+    client, flusher = runtime()
+    keys = wire.Keys(settings.key_prefix, table)
+    try:
+        # From here on a new request may be queued; this run takes what is pending now.
+        client.delete(keys.queued)
+        result = flusher.flush(table, budget_s=settings.task_time_limit_s / 2)
+    except LeaseLost as exc:
+        log.warning("flush of %s fenced: %s", table, exc)
+        return {"table": table, "status": "fenced", "error": str(exc)}
+    except TRANSIENT as exc:
+        countdown = min(MAX_BACKOFF_S, 2 ** min(self.request.retries, 6))
+        log.warning("flush of %s failed (%s); retry %d in %ss", table, exc,
+                    self.request.retries + 1, countdown)
+        try:  # hold beat off while the retry waits
+            client.set(keys.queued, b"1", px=int((countdown + settings.lease_s) * 1000))
+        except redis.RedisError:
+            pass
+        raise self.retry(exc=exc, countdown=countdown) from exc
+    if result.more and client.set(keys.queued, b"1", nx=True, px=settings.lease_ms):
+        send_flush(table)
+    return result.as_dict()
+
+
+@app.task(name=wire.SCHEDULE_TASK, ignore_result=True)
+def schedule_flushes() -> int:
+    client, flusher = runtime()
+    sent = enqueue_due(client, settings.key_prefix, settings.lease_ms, send_flush)
+    # Temporary files of flushers killed long ago (past twice the hard time limit).
+    flusher.storage.sweep_temp(older_than_s=2 * settings.task_time_limit_s)
+    return len(sent)
