@@ -45,6 +45,9 @@ class UnsupportedData(InvalidInput):
     """``append`` was given something it cannot turn into Arrow, or an empty batch."""
 
 
+MISSING = "no such column"
+
+
 class SchemaConflict(InvalidInput):
     """A batch's schema conflicts with the schema the table already has."""
 
@@ -53,10 +56,16 @@ class SchemaConflict(InvalidInput):
         self.column = column
         self.table_type = table_type
         self.batch_type = batch_type
+        if batch_type == MISSING:
+            fix = f"the batch lacks it. Add column {column!r} to the batch"
+        elif table_type == MISSING:
+            fix = f"the table has no such column. Drop {column!r} from the batch"
+        else:
+            fix = (f"the table has {table_type}, the batch has {batch_type}. Cast the column "
+                   f"to {table_type}")
         super().__init__(
-            f"schema conflict in table {table!r}, column {column!r}: the table has "
-            f"{table_type}, the batch has {batch_type}. Cast the column to {table_type} "
-            "before appending, or append to a new table."
+            f"schema conflict in table {table!r}, column {column!r}: {fix} before "
+            "appending, or append to a new table."
         )
 
 

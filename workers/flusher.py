@@ -77,8 +77,8 @@ return 1
 """
 
 # KEYS: lease, claim, delta, dead, pending, stats
-# ARGV: token, last, next id, rows, arrow bytes, files, file bytes, pending rows,
-#       pending bytes, now ms, then (dead id, error) pairs
+# ARGV: token, last, next id, rows, arrow bytes, files, file bytes, -pending rows,
+#       -pending bytes, now ms, then (dead id, error) pairs
 COMMIT_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
 if redis.call('HGET', KEYS[2], 'last') ~= ARGV[2] then
@@ -100,7 +100,7 @@ end
 local trimmed = redis.call('XTRIM', KEYS[3], 'MINID', ARGV[3])
 redis.call('DEL', KEYS[2])
 for _, f in ipairs({{'rows', ARGV[8]}, {'bytes', ARGV[9]}}) do
-  if redis.call('HINCRBY', KEYS[5], f[1], -tonumber(f[2])) < 0 then
+  if redis.call('HINCRBY', KEYS[5], f[1], f[2]) < 0 then
     redis.call('HSET', KEYS[5], f[1], 0)
   end
 end
@@ -363,8 +363,8 @@ class Flusher:
     def _commit(self, lease: Lease, keys: wire.Keys, part: Part) -> None:
         args: list[Any] = [
             lease.token, part.last, wire.next_id(part.last), part.rows, part.arrow_bytes,
-            1 if part.published else 0, part.file_bytes, part.pending_rows,
-            part.pending_bytes, int(time.time() * 1000),
+            1 if part.published else 0, part.file_bytes, -part.pending_rows,
+            -part.pending_bytes, int(time.time() * 1000),
         ]
         for entry_id, error in part.dead:
             args += [entry_id, error]

@@ -1,0 +1,244 @@
+"""Shared fixtures: a real redis-server per session, fakeredis, storage folders, and real
+Celery worker/beat processes started with the plain ``celery -A workers.app`` command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import fakeredis
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+import redis
+
+from producer import Producer, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition",
+             interval: float = 0.05) -> object:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A redis-server of the test's own, on a free port, that can be stopped and restarted."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"),
+             *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: _ping(client), 10, "redis-server to start")
+        client.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+
+def _ping(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def real_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def fake_redis() -> redis.Redis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+def any_redis(request: pytest.FixtureRequest) -> redis.Redis:
+    """The same test on fakeredis (fast protocol check) and on a real redis-server."""
+    if request.param == "fakeredis":
+        return fakeredis.FakeRedis()
+    return request.getfixturevalue("real_redis")
+
+
+@pytest.fixture
+def storage_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "lake"
+    path.mkdir()
+    return path
+
+
+def id_batch(start: int, rows: int, payload: str = "x") -> pa.Table:
+    ids = pa.array(range(start, start + rows), pa.int64())
+    return pa.table({
+        "id": ids,
+        "ts": pa.array([1_700_000_000_000_000 + i for i in range(start, start + rows)],
+                       pa.timestamp("us", tz="UTC")),
+        "name": pa.array([f"{payload}{i}" for i in range(start, start + rows)]),
+        "value": pc.multiply(pc.cast(ids, pa.float64()), 0.25),
+    })
+
+
+def read_ids(root: Path | str, table: str) -> list[int]:
+    path = Path(root) / table
+    if not path.exists():
+        return []
+    return sorted(ds.dataset(str(path), format="parquet").to_table(columns=["id"])["id"]
+                  .to_pylist())
+
+
+def assert_exactly_once(root: Path | str, table: str, expected: int) -> None:
+    ids = read_ids(root, table)
+    dupes = len(ids) - len(set(ids))
+    missing = sorted(set(range(expected)) - set(ids))
+    assert dupes == 0, f"{dupes} duplicated rows in {table}"
+    assert not missing, f"{len(missing)} rows missing from {table}, e.g. {missing[:5]}"
+    assert len(ids) == expected
+
+
+class Fleet:
+    """Worker and beat processes for one test, started with ``celery -A workers.app``."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env = env
+        self.logdir = logdir
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def worker(self, concurrency: int = 1, failpoints: str = "", pool: str = "prefork",
+               wait: bool = True) -> tuple[subprocess.Popen[bytes], Path]:
+        name = f"w{len(self.procs)}-{uuid.uuid4().hex[:6]}"
+        log = self.logdir / f"{name}.log"
+        env = dict(self.env, DELTAFLUSH_FAILPOINTS=failpoints)
+        proc = subprocess.Popen(
+            [CELERY, "-A", "workers.app", "worker", "-c", str(concurrency), "-n", f"{name}@%h",
+             "-P", pool, "--loglevel=INFO", "--without-mingle", "--without-gossip"],
+            env=env, cwd=self.logdir, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        self.procs.append((proc, log))
+        if wait:
+            wait_for(lambda: b" ready." in log.read_bytes() or proc.poll() is not None, 60,
+                     f"worker {name} to start")
+            assert proc.poll() is None, log.read_text()
+        return proc, log
+
+    def beat(self) -> subprocess.Popen[bytes]:
+        log = self.logdir / "beat.log"
+        proc = subprocess.Popen(
+            [CELERY, "-A", "workers.app", "beat", "--loglevel=INFO",
+             "-s", str(self.logdir / "beat-schedule")],
+            env=self.env, cwd=self.logdir, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        self.procs.append((proc, log))
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}"
+                         for _, log in self.procs)
+
+    def stop(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def fleet_env(redis_server: RedisServer, real_redis: redis.Redis, storage_dir: Path,
+              tmp_path: Path) -> dict[str, str]:
+    once = tmp_path / "failpoints"
+    once.mkdir()
+    env = dict(os.environ)
+    env.update(
+        DELTAFLUSH_REDIS_URL=redis_server.url,
+        DELTAFLUSH_STORAGE_URI=str(storage_dir),
+        DELTAFLUSH_LEASE_S="2",
+        DELTAFLUSH_FLUSH_INTERVAL_S="0.5",
+        DELTAFLUSH_MAX_FILE_BYTES="65536",
+        DELTAFLUSH_FAILPOINT_ONCE_DIR=str(once),
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+@pytest.fixture
+def fleet(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    f = Fleet(fleet_env, logdir)
+    yield f
+    f.stop()
+
+
+@pytest.fixture
+def producer_for(fleet_env: dict[str, str]) -> Iterator[Callable[[], Producer]]:
+    made: list[Producer] = []
+
+    def make() -> Producer:
+        p = Producer(settings=Settings.from_env(fleet_env))
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()

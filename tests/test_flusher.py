@@ -1,0 +1,238 @@
+"""The flush protocol, driven directly (no Celery), on fakeredis and on a real redis-server."""
+
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from producer import LeaseLost, Producer, Settings, wire
+from producer.errors import ClaimMismatch
+from tests.conftest import assert_exactly_once, id_batch, read_ids
+from workers import lease as lease_mod
+from workers.flusher import Flusher, file_name
+from workers.storage import Storage
+
+K = wire.Keys("deltaflush", "events")
+
+
+def make(client, root, **kw):
+    settings = Settings(**kw)
+    return Producer(client=client, settings=settings), Flusher(client, Storage(str(root)),
+                                                               settings)
+
+
+def test_flush_writes_every_row_once_and_empties_the_delta(any_redis, storage_dir):
+    p, f = make(any_redis, storage_dir)
+    for i in range(20):
+        p.append("events", id_batch(i * 50, 50))
+    result = f.flush("events")
+    assert (result.status, result.rows, result.files) == ("ok", 1000, 1)
+    assert result.first_id and result.last_id and result.bytes > 0
+    assert any_redis.xlen(K.delta) == 0 and not any_redis.exists(K.claim)
+    assert not any_redis.exists(K.lease)
+    assert_exactly_once(storage_dir, "events", 1000)
+    stats = any_redis.hgetall(K.stats)
+    assert (int(stats[b"rows"]), int(stats[b"files"])) == (1000, 1)
+    assert any_redis.hget(K.pending, "rows") == b"0"
+    assert f.flush("events").status == "empty"
+
+
+def test_files_roll_at_max_file_bytes_and_carry_their_range(any_redis, storage_dir):
+    p, f = make(any_redis, storage_dir, max_file_bytes=20_000)
+    for i in range(30):
+        p.append("events", id_batch(i * 100, 100))
+    result = f.flush("events")
+    assert result.files > 3
+    assert_exactly_once(storage_dir, "events", 3000)
+    files = sorted((storage_dir / "events").glob("*.parquet"))
+    assert len(files) == result.files
+    for path in files:
+        md = pq.read_metadata(path)
+        kv = {k.decode(): v.decode() for k, v in md.metadata.items()}
+        assert path.name == file_name(kv["deltaflush.first_id"], kv["deltaflush.last_id"])
+        assert int(kv["deltaflush.rows"]) == md.num_rows
+        assert md.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_output_is_readable_by_duckdb_and_polars(any_redis, storage_dir):
+    import duckdb
+    import polars as pl
+
+    p, f = make(any_redis, storage_dir, max_file_bytes=20_000)
+    for i in range(10):
+        p.append("events", id_batch(i * 100, 100))
+    f.flush("events")
+    glob = f"{storage_dir}/events/*.parquet"
+    n, s = duckdb.connect().execute(f"select count(*), sum(id) from read_parquet('{glob}', "
+                      "hive_partitioning=true)").fetchone()
+    assert (n, s) == (1000, sum(range(1000)))
+    assert pl.read_parquet(glob)["id"].sort().to_list() == list(range(1000))
+
+
+def test_corrupt_entries_go_to_dead_letters_and_the_rest_flushes(any_redis, storage_dir):
+    p, f = make(any_redis, storage_dir)
+    p.append("events", id_batch(0, 10))
+    any_redis.xadd(K.delta, {"arrow": b"not arrow at all"})
+    any_redis.xadd(K.delta, {"something": b"else"})
+    foreign = pa.table({"id": ["a"]})  # valid IPC, impossible schema
+    any_redis.xadd(K.delta, {"arrow": wire.encode_batches(foreign.schema, foreign.to_batches())})
+    p.append("events", id_batch(10, 10))
+    result = f.flush("events")
+    assert (result.rows, result.dead) == (20, 3)
+    assert_exactly_once(storage_dir, "events", 20)
+    dead = any_redis.xrange(K.dead)
+    assert len(dead) == 3
+    errors = [fields[b"error"].decode() for _, fields in dead]
+    assert "not a valid Arrow IPC stream" in errors[0]
+    assert "no 'arrow' field" in errors[1]
+    assert "schema conflict in table 'events'" in errors[2]
+    assert dead[0][1][b"arrow"] == b"not arrow at all"  # original fields kept
+    assert all(b"entry_id" in fields for _, fields in dead)
+    assert any_redis.xlen(K.delta) == 0
+
+
+def test_a_delta_of_only_garbage_is_drained_to_dead_letters(any_redis, storage_dir):
+    _, f = make(any_redis, storage_dir)
+    any_redis.sadd("deltaflush:tables", "events")
+    any_redis.xadd(K.delta, {"arrow": b"junk"})
+    result = f.flush("events")
+    assert (result.files, result.dead) == (0, 1)
+    assert any_redis.xlen(K.delta) == 0 and any_redis.xlen(K.dead) == 1
+
+
+def test_foreign_producer_without_schema_key_is_flushed(any_redis, storage_dir):
+    _, f = make(any_redis, storage_dir)
+    t = id_batch(0, 5)
+    any_redis.xadd(K.delta, {"arrow": wire.encode_batches(t.schema, t.to_batches())})
+    assert f.flush("events").rows == 5
+    assert read_ids(storage_dir, "events") == list(range(5))
+
+
+def test_a_busy_table_is_skipped(any_redis, storage_dir):
+    p, f = make(any_redis, storage_dir)
+    p.append("events", id_batch(0, 5))
+    held = lease_mod.acquire(any_redis, K, 10_000)
+    assert held is not None
+    assert f.flush("events").status == "busy"
+    assert any_redis.xlen(K.delta) == 1
+
+
+def test_a_recorded_claim_is_resumed_exactly(any_redis, storage_dir, monkeypatch):
+    """Crash between recording the claim and committing: the next flush rewrites the
+    same file from the same range, even though more entries arrived meanwhile."""
+    p, f = make(any_redis, storage_dir)
+    for i in range(4):
+        p.append("events", id_batch(i * 10, 10))
+
+    def crash(self, lease, keys, part):
+        raise KeyboardInterrupt("simulated crash before commit")
+
+    monkeypatch.setattr(Flusher, "_commit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        f.flush("events")
+    monkeypatch.undo()
+    claim = any_redis.hgetall(K.claim)
+    assert int(claim[b"count"]) == 4
+    first_files = sorted(p.name for p in (storage_dir / "events").glob("*.parquet"))
+    assert len(first_files) == 1
+    p.append("events", id_batch(40, 10))  # arrives after the claim
+    result = f.flush("events")
+    assert result.files == 2  # the resumed claim, then the new entry
+    files = sorted(p.name for p in (storage_dir / "events").glob("*.parquet"))
+    assert first_files[0] in files and len(files) == 2
+    assert_exactly_once(storage_dir, "events", 50)
+
+
+def test_a_fenced_flusher_cannot_commit(any_redis, storage_dir, monkeypatch):
+    """A flusher whose lease expired (frozen) and was taken over fails its commit."""
+    p, f = make(any_redis, storage_dir, lease_s=30)
+    for i in range(3):
+        p.append("events", id_batch(i * 10, 10))
+    taken_over = {}
+
+    real_commit = f._commit
+
+    def steal_then_commit(lease, keys, part):
+        # the lease expires and another flusher takes the table and finishes it
+        any_redis.delete(keys.lease)
+        other = Flusher(any_redis, Storage(str(storage_dir)), Settings())
+        taken_over["result"] = other.flush("events")
+        return real_commit(lease, keys, part)
+
+    monkeypatch.setattr(f, "_commit", steal_then_commit)
+    with pytest.raises(LeaseLost):
+        f.flush("events")
+    assert taken_over["result"].rows == 30
+    assert_exactly_once(storage_dir, "events", 30)
+    assert int(any_redis.hget(K.stats, "rows")) == 30
+
+
+def test_claim_mismatch_when_the_claimed_range_is_gone(any_redis, storage_dir):
+    p, f = make(any_redis, storage_dir)
+    p.append("events", id_batch(0, 10))
+    first = any_redis.xrange(K.delta)[0][0].decode()
+    any_redis.hset(K.claim, mapping={"first": first, "last": first, "count": 2, "schema": b""})
+    with pytest.raises(ClaimMismatch):
+        f.flush("events")
+    assert any_redis.xlen(K.delta) == 1  # nothing trimmed
+
+
+def test_storage_error_trims_nothing_and_the_next_flush_lands_it(any_redis, storage_dir,
+                                                                 monkeypatch):
+    p, f = make(any_redis, storage_dir)
+    p.append("events", id_batch(0, 10))
+
+    def broken(self, temp, final):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(Storage, "publish", broken)
+    with pytest.raises(OSError):
+        f.flush("events")
+    assert any_redis.xlen(K.delta) == 1
+    assert not list((storage_dir / "events").glob("*.parquet")) if (
+        storage_dir / "events").exists() else True
+    assert not list(storage_dir.rglob("*.tmp"))  # the temporary file was cleaned up
+    monkeypatch.undo()
+    assert f.flush("events").rows == 10
+    assert_exactly_once(storage_dir, "events", 10)
+
+
+def test_concurrent_flushers_and_producers_land_every_row_once(real_redis, storage_dir):
+    """Four flushers race on one table while a producer appends: no loss, no duplicate."""
+    p, _ = make(real_redis, storage_dir, max_file_bytes=16_384)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    results = []
+
+    def flusher() -> None:
+        f = Flusher(real_redis, Storage(str(storage_dir)), Settings(max_file_bytes=16_384))
+        try:
+            while not stop.is_set():
+                results.append(f.flush("events"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=flusher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(200):
+        p.append("events", id_batch(i * 20, 20))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    Flusher(real_redis, Storage(str(storage_dir)), Settings()).flush("events")
+    assert real_redis.xlen(K.delta) == 0
+    assert_exactly_once(storage_dir, "events", 4000)
+    assert {r.status for r in results} >= {"busy"} or len(results) > 4
+
+
+def test_time_budget_stops_taking_claims(any_redis, storage_dir):
+    p, f = make(any_redis, storage_dir, max_file_bytes=4096)
+    for i in range(10):
+        p.append("events", id_batch(i * 100, 100))
+    result = f.flush("events", budget_s=0)
+    assert result.files == 1 and result.more and result.rows < 1000
+    assert f.flush("events").rows == 1000 - result.rows
+    assert_exactly_once(storage_dir, "events", 1000)

@@ -1,0 +1,153 @@
+"""The producer API: what it accepts, what it refuses, and that a refusal writes nothing."""
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from producer import (
+    InvalidInput,
+    InvalidTableName,
+    Producer,
+    SchemaConflict,
+    Settings,
+    UnsupportedData,
+    wire,
+)
+from tests.conftest import id_batch
+
+K = wire.Keys("deltaflush", "events")
+
+
+@pytest.fixture
+def p(any_redis):
+    return Producer(settings=Settings(), client=any_redis)
+
+
+def entries(client, keys=K):
+    return [wire.decode_payload(f[b"arrow"]) for _, f in client.xrange(keys.delta)]
+
+
+@pytest.mark.parametrize("data", [
+    id_batch(0, 3),
+    id_batch(0, 3).to_batches()[0],
+    id_batch(0, 3).to_pandas(),
+    id_batch(0, 3).to_pylist(),
+], ids=["table", "record_batch", "pandas", "list_of_dicts"])
+def test_append_accepts_every_supported_type(p, data):
+    entry_id = p.append("events", data)
+    assert wire.parse_id(entry_id)[0] > 0
+    (table,) = entries(p.redis)
+    assert table.column("id").to_pylist() == [0, 1, 2]
+    assert p.redis.sismember(wire.tables_key("deltaflush"), "events")
+    assert p.redis.hget(K.pending, "rows") == b"3"
+
+
+def test_append_many_pipelines_and_keeps_order(p):
+    ids = p.append_many("events", [id_batch(i * 10, 10) for i in range(5)])
+    assert len(ids) == 5 and ids == sorted(ids, key=wire.parse_id)
+    got = [t.column("id")[0].as_py() for t in entries(p.redis)]
+    assert got == [0, 10, 20, 30, 40]
+
+
+def test_pandas_index_and_metadata_are_not_part_of_the_schema(p):
+    df = pd.DataFrame({"id": [1, 2]}, index=[10, 11])
+    p.append("events", df)
+    stored = wire.deserialize_schema(p.redis.get(K.schema))
+    assert stored.names == ["id"] and not stored.metadata
+
+
+@pytest.mark.parametrize("name", ["bad-name", "1st", "", "x" * 129, "a b", None])
+def test_invalid_table_name_is_refused_before_anything_is_written(p, name):
+    with pytest.raises(InvalidTableName) as err:
+        p.append(name, id_batch(0, 1))
+    assert isinstance(err.value, ValueError)
+    assert "letters, digits and '_'" in str(err.value)
+    assert p.redis.keys("*") == []
+
+
+@pytest.mark.parametrize("data,match", [
+    ("a string", "not str"),
+    (42, "not int"),
+    ([1, 2], "must hold dicts"),
+    ([], "empty"),
+    (pa.table({"a": pa.array([], pa.int64())}), "empty"),
+    ([{"a": 1}, {"a": "x"}], "cannot convert"),
+])
+def test_unsupported_data_is_refused_with_a_clear_message(p, data, match):
+    with pytest.raises(UnsupportedData, match=match):
+        p.append("events", data)
+    assert p.redis.keys("*") == []
+
+
+def test_schema_conflict_names_the_column_and_both_types_and_writes_nothing(p):
+    p.append("events", id_batch(0, 2))
+    bad = id_batch(2, 2).set_column(0, "id", pa.array(["2", "3"]))
+    with pytest.raises(SchemaConflict) as err:
+        p.append("events", bad)
+    e = err.value
+    assert isinstance(e, ValueError) and isinstance(e, InvalidInput)
+    assert (e.column, e.table_type, e.batch_type) == ("id", "int64", "string")
+    assert "'id'" in str(e) and "int64" in str(e) and "string" in str(e)
+    assert p.redis.xlen(K.delta) == 1
+
+
+def test_schema_conflict_is_detected_by_redis_for_a_fresh_producer(any_redis):
+    Producer(client=any_redis, settings=Settings()).append("events", id_batch(0, 2))
+    other = Producer(client=any_redis, settings=Settings())  # knows nothing of the schema
+    with pytest.raises(SchemaConflict, match="'value'"):
+        other.append("events", id_batch(2, 2).set_column(3, "value", pa.array([1, 2])))
+    assert any_redis.xlen(K.delta) == 1
+
+
+def test_missing_and_extra_columns_are_conflicts(p):
+    p.append("events", id_batch(0, 2))
+    with pytest.raises(SchemaConflict, match="'name'"):
+        p.append("events", id_batch(0, 2).drop_columns(["name"]))
+    with pytest.raises(SchemaConflict, match="'extra'"):
+        p.append("events", id_batch(0, 2).append_column("extra", pa.array([1, 2])))
+
+
+def test_reordered_columns_and_all_null_columns_are_conformed(p):
+    p.append("events", id_batch(0, 2))
+    t = id_batch(2, 2)
+    reordered = t.select(["value", "name", "ts", "id"])
+    p.append("events", reordered)
+    p.append("events", [{"id": 4, "ts": None, "name": None, "value": None}])
+    schemas = {e.schema for e in entries(p.redis)}
+    assert len(schemas) == 1
+
+
+def test_pending_counters_sum_rows_and_bytes(p):
+    p.append("events", id_batch(0, 7))
+    p.append_many("events", [id_batch(7, 3), id_batch(10, 5)])
+    assert int(p.redis.hget(K.pending, "rows")) == 15
+    total = sum(len(f[b"arrow"]) for _, f in p.redis.xrange(K.delta))
+    assert int(p.redis.hget(K.pending, "bytes")) == total
+
+
+def test_key_prefix_is_honoured(any_redis):
+    p = Producer(client=any_redis, settings=Settings(key_prefix="acme"))
+    p.append("events", id_batch(0, 1))
+    assert any_redis.xlen("acme:{events}:delta") == 1
+    assert any_redis.sismember("acme:tables", "events")
+
+
+def test_flush_enqueues_one_json_task_naming_the_table(real_redis, redis_server):
+    import json
+
+    p = Producer(redis_url=redis_server.url)
+    assert p.flush("events") is True
+    assert p.flush("events") is False  # one is already queued
+    (raw,) = real_redis.lrange(wire.QUEUE, 0, -1)
+    message = json.loads(raw)
+    assert message["headers"]["task"] == "flush_table"
+    assert message["content-type"] == "application/json"
+    import base64
+    body = json.loads(base64.b64decode(message["body"]))
+    assert body[0] == ["events"]
+    p.close()
+
+
+def test_flush_refuses_bad_table_names(p):
+    with pytest.raises(InvalidTableName):
+        p.flush("no such!")

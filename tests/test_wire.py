@@ -1,0 +1,56 @@
+"""The wire contract: key names, IPC round trip, IDs. A change here breaks other producers."""
+
+import pyarrow as pa
+import pytest
+
+from producer import wire
+
+
+def test_key_names_follow_the_contract():
+    k = wire.Keys("deltaflush", "events")
+    assert wire.tables_key("deltaflush") == "deltaflush:tables"
+    assert k.delta == "deltaflush:{events}:delta"
+    assert k.dead == "deltaflush:{events}:dead"
+    # every per-table key carries the table's hash tag
+    for name in ("schema", "pending", "stats", "lease", "fence", "claim", "queued"):
+        assert getattr(k, name) == f"deltaflush:{{events}}:{name}"
+
+
+def test_ipc_stream_round_trip_keeps_batches_and_types():
+    schema = pa.schema([("a", pa.int32()), ("b", pa.large_string()),
+                        ("t", pa.timestamp("ns", tz="Europe/Paris"))])
+    b1 = pa.record_batch([pa.array([1, 2], pa.int32()), pa.array(["x", None], pa.large_string()),
+                          pa.array([0, 1], pa.timestamp("ns", tz="Europe/Paris"))], schema=schema)
+    payload = wire.encode_batches(schema, [b1, b1])
+    # the payload is the Arrow IPC *stream* format any Arrow library can read
+    assert pa.ipc.open_stream(payload).schema == schema
+    table = wire.decode_payload(payload)
+    assert table.schema == schema
+    assert table.num_rows == 4
+
+
+@pytest.mark.parametrize("payload", [b"", b"garbage", b"\xff\xff\xff\xff\x10\x00"])
+def test_decode_rejects_garbage_with_value_error(payload):
+    with pytest.raises(ValueError, match="not a valid Arrow IPC stream"):
+        wire.decode_payload(payload)
+
+
+def test_decode_rejects_truncated_payload():
+    t = pa.table({"a": list(range(100))})
+    payload = wire.encode_batches(t.schema, t.to_batches())
+    with pytest.raises(ValueError):
+        wire.decode_payload(payload[: len(payload) // 2])
+
+
+def test_next_id_is_the_smallest_greater_id():
+    assert wire.next_id(b"1732480000000-7") == "1732480000000-8"
+    assert wire.parse_id("5-0") == (5, 0)
+
+
+@pytest.mark.parametrize("name,ok", [
+    ("events", True), ("_x", True), ("A1_b2", True), ("a" * 128, True),
+    ("a" * 129, False), ("1abc", False), ("bad-name", False), ("a b", False), ("", False),
+    ("a{b}", False), ("é", False), (None, False), (3, False),
+])
+def test_table_name_rule(name, ok):
+    assert wire.valid_table_name(name) is ok
