@@ -164,11 +164,9 @@ class Fleet:
         name = f"w{len(self.procs)}-{uuid.uuid4().hex[:6]}"
         log = self.logdir / f"{name}.log"
         env = dict(self.env, DELTAFLUSH_FAILPOINTS=failpoints)
-        proc = subprocess.Popen(
-            [CELERY, "-A", "workers.app", "worker", "-c", str(concurrency), "-n", f"{name}@%h",
-             "-P", pool, "--loglevel=INFO", "--without-mingle", "--without-gossip"],
-            env=env, cwd=self.logdir, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        )
+        proc = self.spawn(
+            ["worker", "-c", str(concurrency), "-n", f"{name}@%h", "-P", pool,
+             "--loglevel=INFO", "--without-mingle", "--without-gossip"], log, env)
         self.procs.append((proc, log))
         if wait:
             wait_for(lambda: b" ready." in log.read_bytes() or proc.poll() is not None, 60,
@@ -176,13 +174,18 @@ class Fleet:
             assert proc.poll() is None, log.read_text()
         return proc, log
 
+    def spawn(self, args: list[str], log: Path, env: dict[str, str],
+              **popen: object) -> subprocess.Popen[bytes]:
+        """Run ``celery -A workers.app ARGS``, the plain command users run."""
+        with log.open("wb") as out:
+            return subprocess.Popen([CELERY, "-A", "workers.app", *args], env=env,
+                                    cwd=self.logdir, stdout=out, stderr=subprocess.STDOUT,
+                                    **popen)  # type: ignore[call-overload]
+
     def beat(self) -> subprocess.Popen[bytes]:
         log = self.logdir / "beat.log"
-        proc = subprocess.Popen(
-            [CELERY, "-A", "workers.app", "beat", "--loglevel=INFO",
-             "-s", str(self.logdir / "beat-schedule")],
-            env=self.env, cwd=self.logdir, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        )
+        proc = self.spawn(["beat", "--loglevel=INFO", "-s", str(self.logdir / "beat-schedule")],
+                          log, self.env)
         self.procs.append((proc, log))
         return proc
 

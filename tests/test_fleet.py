@@ -1,0 +1,150 @@
+"""Real fleets: ``celery -A workers.app worker`` and ``beat`` in subprocesses, a real
+redis-server, and faults injected at every step of the flush protocol. Each test reads every
+Parquet file back and checks every id is there exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from producer import Settings, wire
+from tests.conftest import Fleet, assert_exactly_once, id_batch, wait_for
+from workers.app import make_app
+
+pytestmark = pytest.mark.integration
+
+TABLE = "events"
+K = wire.Keys("deltaflush", TABLE)
+STEPS = ["flush.leased", "flush.first_chunk", "flush.written", "flush.claimed",
+         "flush.published", "flush.committed"]
+
+
+def fill(producer, table=TABLE, batches=60, rows=100) -> int:
+    producer.append_many(table, [id_batch(i * rows, rows) for i in range(batches)])
+    return batches * rows
+
+
+def drained(client, total, table=TABLE):
+    k = wire.Keys("deltaflush", table)
+    return (client.xlen(k.delta) == 0 and not client.exists(k.claim)
+            and not client.exists(k.lease) and int(client.hget(k.stats, "rows") or 0) >= total)
+
+
+def wait_drained(fleet: Fleet, client, total, table=TABLE, timeout=60):
+    try:
+        wait_for(lambda: drained(client, total, table), timeout, f"{table} to drain")
+    except BaseException:
+        print(fleet.logs())
+        raise
+
+
+def test_worker_and_beat_flush_every_table(fleet, producer_for, real_redis, storage_dir):
+    p = producer_for()
+    totals = {f"t{i}": fill(p, f"t{i}") for i in range(3)}
+    fleet.worker(concurrency=2)
+    fleet.beat()
+    for table, total in totals.items():
+        wait_drained(fleet, real_redis, total, table)
+        assert_exactly_once(storage_dir, table, total)
+    # files rolled at DELTAFLUSH_MAX_FILE_BYTES (64 KiB of Arrow data)
+    assert len(list((storage_dir / "t0").glob("*.parquet"))) > 1
+
+
+def test_flush_table_returns_a_json_summary(fleet, fleet_env, producer_for, real_redis):
+    p = producer_for()
+    total = fill(p, batches=5)
+    fleet.worker()
+    app = make_app(Settings.from_env(fleet_env))
+    result = app.send_task("flush_table", args=[TABLE], queue=wire.QUEUE).get(timeout=60)
+    assert result["status"] == "ok" and result["rows"] == total
+    assert result["files"] >= 1 and result["bytes"] > 0 and result["seconds"] >= 0
+    assert wire.parse_id(result["first_id"]) <= wire.parse_id(result["last_id"])
+    app.close()
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_sigkill_at_each_step_loses_and_duplicates_nothing(step, fleet, producer_for,
+                                                           real_redis, storage_dir):
+    p = producer_for()
+    total = fill(p)
+    fleet.worker(failpoints=f"{step}=kill")
+    fleet.beat()
+    wait_drained(fleet, real_redis, total)
+    assert_exactly_once(storage_dir, TABLE, total)
+    once = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step
+    assert once.exists(), "the failpoint never fired"
+    assert "SIGKILL" in fleet.logs()
+
+
+def test_whole_worker_killed_mid_flush_is_taken_over(fleet, producer_for, real_redis,
+                                                     storage_dir):
+    """The worker's every process dies with its task unacknowledged; another worker takes
+    the table over after the lease expires, driven by beat."""
+    p = producer_for()
+    total = fill(p)
+    env = dict(fleet.env, DELTAFLUSH_FAILPOINTS="flush.claimed=stop")
+    log = fleet.logdir / "doomed.log"
+    doomed = fleet.spawn(["worker", "-c", "1", "-n", "doomed@%h", "--loglevel=INFO"], log, env,
+                         start_new_session=True)
+    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / "flush.claimed"
+    fleet.beat()
+    wait_for(marker.exists, 60, "the doomed worker to claim a range")
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait()
+    assert real_redis.exists(K.claim)
+    fleet.worker()
+    wait_drained(fleet, real_redis, total)
+    assert_exactly_once(storage_dir, TABLE, total)
+
+
+@pytest.mark.parametrize("step", ["flush.first_chunk", "flush.claimed", "flush.published"])
+def test_a_worker_frozen_past_its_lease_is_fenced(step, fleet, producer_for, real_redis,
+                                                  storage_dir):
+    p = producer_for()
+    total = fill(p)
+    _, frozen_log = fleet.worker(failpoints=f"{step}=stop")
+    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step
+    fleet.beat()
+    wait_for(marker.exists, 60, "a flusher to freeze")
+    frozen_pid = int(wait_for(marker.read_text, 10, "the frozen pid"))
+    fleet.worker()  # takes the table over once the frozen lease expires
+    wait_drained(fleet, real_redis, total)
+    assert_exactly_once(storage_dir, TABLE, total)
+    os.kill(frozen_pid, signal.SIGCONT)  # it wakes and carries on
+    wait_for(lambda: b"fenced" in frozen_log.read_bytes(), 30, "the woken flusher to be fenced")
+    assert_exactly_once(storage_dir, TABLE, total)
+    assert drained(real_redis, total)
+    assert int(real_redis.hget(K.stats, "rows")) == total
+
+
+def test_duplicate_deliveries_to_concurrent_workers(fleet, fleet_env, producer_for, real_redis,
+                                                    storage_dir):
+    """Two workers with two processes each get 40 flush_table messages for one table while
+    a producer keeps appending."""
+    p = producer_for()
+    fleet.worker(concurrency=2)
+    fleet.worker(concurrency=2)
+    app = make_app(Settings.from_env(fleet_env))
+    done = threading.Event()
+
+    def produce():
+        for i in range(80):
+            p.append(TABLE, id_batch(i * 50, 50))
+        done.set()
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    results = [app.send_task("flush_table", args=[TABLE], queue=wire.QUEUE) for _ in range(40)]
+    thread.join()
+    summaries = [r.get(timeout=120) for r in results]
+    app.send_task("flush_table", args=[TABLE], queue=wire.QUEUE).get(timeout=60)
+    wait_drained(fleet, real_redis, 4000)
+    assert_exactly_once(storage_dir, TABLE, 4000)
+    statuses = {s["status"] for s in summaries}
+    assert statuses <= {"ok", "empty", "busy"}
+    assert sum(s["rows"] for s in summaries if s["status"] == "ok") <= 4000
+    app.close()
