@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,23 +27,9 @@ from producer import Producer
 from producer.client import connect
 from producer.settings import Settings
 
+from .embedded import embedded_redis
 from .status import table_status
 from .storage import Storage
-
-
-@contextlib.contextmanager
-def embedded_redis() -> Iterator[str]:
-    from fakeredis import TcpFakeServer
-
-    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="embedded-redis", daemon=True)
-    thread.start()
-    try:
-        yield f"redis://127.0.0.1:{server.server_address[1]}/0"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _batch(run: str, table: int, seq: int, rows: int) -> pa.Table:
