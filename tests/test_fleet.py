@@ -148,3 +148,16 @@ def test_duplicate_deliveries_to_concurrent_workers(fleet, fleet_env, producer_f
     assert statuses <= {"ok", "empty", "busy"}
     assert sum(s["rows"] for s in summaries if s["status"] == "ok") <= 4000
     app.close()
+
+
+def test_storage_error_is_retried_with_backoff(fleet, producer_for, real_redis, storage_dir):
+    """A storage write fails once; the task retries by itself and nothing is trimmed first."""
+    p = producer_for()
+    total = fill(p, batches=10)
+    _, log = fleet.worker(failpoints="flush.written=raise")
+    p.flush(TABLE)
+    wait_drained(fleet, real_redis, total)
+    assert_exactly_once(storage_dir, TABLE, total)
+    text = log.read_text()
+    assert "injected fault at flush.written" in text and "retry 1 in 1s" in text
+    assert not list(storage_dir.rglob("*.tmp"))

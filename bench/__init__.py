@@ -1,0 +1,1 @@
+"""Benchmarks. `python -m bench` runs them and prints a Markdown table for docs/."""
