@@ -96,7 +96,7 @@ def run(target_mib: int, multiples: list[int]) -> list[dict[str, float]]:
         for m in multiples:
             client.flushall()
             storage = os.path.join(workdir, f"lake-{m}")
-            producer = Producer(settings=Settings(redis_url=url))
+            producer = Producer(settings=Settings(redis_url=url, max_pending_bytes=0))
             one = batch(0, 20_000)
             per_batch = one.nbytes
             n = (m * target) // per_batch + 1

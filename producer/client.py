@@ -3,53 +3,92 @@
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import redis
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from . import wire
-from .convert import conform, to_table
-from .errors import InvalidTableName, SchemaConflict
+from .convert import conform, evolve, to_table
+from .errors import (
+    Backpressure,
+    BatchTooLarge,
+    InvalidTableName,
+    SchemaConflict,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Check the batch's schema against the table's and append it, atomically. The first append
-# sets the schema. Touches only keys of one table (one Cluster slot).
-#   KEYS: schema, delta, pending    ARGV: schema bytes, payload, rows
-#   returns {1, entry_id} or {0, stored schema bytes}
+# Append one batch, atomically: deduplicate a retried call, check (or evolve) the table's
+# schema, apply backpressure, XADD, count. Touches only keys of one table (one Cluster slot).
+#   KEYS: schema, delta, pending, stats, dedup key of this batch, dead
+#   ARGV: schema bytes, payload, rows, batch id, schema it evolves from ('' if none),
+#         max pending bytes (0: no limit), dead-letter ID to delete ('' if none), dedup TTL s
+#   returns {1, entry id} | {0, current schema bytes} | {2, pending bytes}
 APPEND_LUA = """
+local done = redis.call('GET', KEYS[5])
+if done then return {1, done} end
 local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then
+if current and current ~= ARGV[1] and (ARGV[5] == '' or current ~= ARGV[5]) then
   return {0, current}
 end
-if not current then
-  redis.call('SET', KEYS[1], ARGV[1])
+local limit = tonumber(ARGV[6])
+if limit > 0 then
+  local pending = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
+  if pending >= limit and redis.call('XLEN', KEYS[2]) > 0 then
+    redis.call('HINCRBY', KEYS[4], 'backpressure', 1)
+    return {2, tostring(pending)}
+  end
 end
-local id = redis.call('XADD', KEYS[2], '*', 'arrow', ARGV[2], 'rows', ARGV[3])
+if current ~= ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) end
+local id = redis.call('XADD', KEYS[2], '*', 'arrow', ARGV[2], 'rows', ARGV[3], 'batch', ARGV[4])
 redis.call('HINCRBY', KEYS[3], 'rows', ARGV[3])
 redis.call('HINCRBY', KEYS[3], 'bytes', string.len(ARGV[2]))
+redis.call('SET', KEYS[5], id, 'EX', ARGV[8])
+if ARGV[7] ~= '' then redis.call('XDEL', KEYS[6], ARGV[7]) end
 return {1, id}
 """
 
+#: How long a batch ID is remembered, so that a retried append is not added twice.
+DEDUP_TTL_S = 120
 
-def connect(url: str) -> redis.Redis:
-    """A Redis client for the delta tier.
 
-    Commands are not retried by the client: an append whose reply was lost may or may not
-    have been applied, and a blind retry could add the batch twice. Callers decide; the
-    connection pool reconnects by itself on the next call.
+def connect(url: str, retries: int = 0) -> redis.Redis:
+    """A Redis client for the delta tier that reconnects by itself.
+
+    ``retries`` > 0 retries a command on a lost connection with exponential backoff (up to
+    about ``retries`` seconds in all); use it only for idempotent commands. The producer's
+    appends are (a batch ID deduplicates them); the workers rely on Celery's retries.
     """
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries) if retries else \
+        Retry(NoBackoff(), 0)
     return redis.Redis.from_url(
         url,
-        retry=Retry(NoBackoff(), 0),
+        retry=retry,
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retries else [],
         health_check_interval=30,
         socket_keepalive=True,
+        socket_connect_timeout=5,
     )
+
+
+@dataclass
+class _Pending:
+    """One batch on its way: its Arrow table, payload and the schema move it makes."""
+
+    arrow: pa.Table
+    batch_id: str
+    evolves_from: bytes = b""
+    dead_id: str = ""
+    payload: bytes = b""
+    schema_bytes: bytes = b""
 
 
 class Producer:
@@ -72,7 +111,7 @@ class Producer:
         self.settings = settings or Settings.from_env(
             redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix
         )
-        self.redis = client if client is not None else connect(self.settings.redis_url)
+        self.redis = client if client is not None else connect(self.settings.redis_url, retries=8)
         self._append = self.redis.register_script(APPEND_LUA)
         self._registered: set[str] = set()
         self._schemas: dict[str, pa.Schema] = {}
@@ -80,52 +119,90 @@ class Producer:
 
     # --- appending --------------------------------------------------------------------
 
-    def append(self, table: str, data: Any) -> str:
+    def append(self, table: str, data: Any, *, timeout_s: float | None = None) -> str:
         """Append one batch; return its stream entry ID once Redis has accepted it.
 
         ``data`` is a ``pyarrow.Table``, ``pyarrow.RecordBatch``, ``pandas.DataFrame`` or a
         list of dicts. Raises an ``InvalidInput`` (a ``ValueError``) and writes nothing if
         the table name or the data is invalid or its schema conflicts with the table's.
+        Compatible schema changes (new columns, widened types) evolve the table's schema.
+
+        Raises ``Backpressure`` while the table has more than ``max_pending_bytes`` waiting,
+        or, with ``timeout_s``, waits up to that long for room. A lost connection is retried
+        (the batch carries an ID, so a retry never adds it twice).
         """
         keys = self._keys(table)
-        arrow = self._prepare(table, data)
+        item = self._prepare(table, data)
         self._register(table)
-        return self._send(keys, table, arrow)
+        return self._send(keys, item, timeout_s)
 
-    def append_many(self, table: str, batches: Iterable[Any]) -> list[str]:
+    def append_many(self, table: str, batches: Iterable[Any], *,
+                    timeout_s: float | None = None) -> list[str]:
         """Append several batches in one pipelined round trip; return their entry IDs.
 
-        Every batch is converted and checked against the table's known schema first, so a
-        bad batch raises before anything is sent. If the table's schema changed in Redis
-        meanwhile, the batches that do not match are refused by Redis and re-checked one
-        by one; the others are appended.
+        Every batch is converted and checked first, so a bad batch raises before anything
+        is sent. A batch that Redis refuses (the table's schema changed meanwhile, or
+        backpressure) is retried alone, after the others.
         """
         keys = self._keys(table)
-        arrows = [self._prepare(table, data) for data in batches]
-        if not arrows:
+        items = [self._prepare(table, data) for data in batches]
+        if not items:
             return []
         self._register(table)
         pipe = self.redis.pipeline(transaction=False)
-        for arrow in arrows:
-            self._append(keys=self._script_keys(keys), args=self._script_args(arrow), client=pipe)
+        for item in items:
+            self._call(keys, item, pipe)
         replies = pipe.execute()
         ids: list[str] = []
-        for arrow, reply in zip(arrows, replies, strict=True):
-            ok, value = reply
-            ids.append(value.decode() if ok else self._send(keys, table, arrow))
+        for item, (code, value) in zip(items, replies, strict=True):
+            ids.append(value.decode() if code == 1 else self._send(keys, item, timeout_s))
         return ids
+
+    def replay_dead(self, table: str) -> tuple[int, int]:
+        """Re-append the dead letters of ``table`` that now decode and fit its schema.
+
+        Each one is appended and removed from ``{table}:dead`` in one atomic step. Returns
+        ``(replayed, still_dead)``.
+        """
+        keys = self._keys(table)
+        replayed = still_dead = 0
+        for entry_id, fields in self.redis.xrange(keys.dead):
+            try:
+                arrow = to_table(wire.decode_payload(fields.get(wire.FIELD_ARROW, b"")))
+                item = self._prepare(table, arrow)
+                item.dead_id = entry_id.decode()
+                self._register(table)
+                self._send(keys, item, None)
+            except (ValueError, Backpressure) as exc:
+                log.info("dead letter %s of %s stays: %s", entry_id, table, exc)
+                still_dead += 1
+            else:
+                replayed += 1
+        return replayed, still_dead
 
     def _keys(self, table: str) -> wire.Keys:
         if not wire.valid_table_name(table):
             raise InvalidTableName(table)
         return wire.Keys(self.settings.key_prefix, table)
 
-    def _prepare(self, table: str, data: Any) -> pa.Table:
+    def _prepare(self, table: str, data: Any) -> _Pending:
         arrow = to_table(data)
         known = self._schemas.get(table)
+        evolves_from = b""
         if known is not None and not arrow.schema.equals(known):
-            arrow = conform(arrow, known, table)
-        return arrow
+            target = evolve(known, arrow.schema, table)
+            if not target.equals(known):
+                evolves_from = wire.serialize_schema(known)
+            arrow = conform(arrow, target, table)
+        item = _Pending(arrow, uuid.uuid4().hex, evolves_from)
+        self._encode(table, item)
+        return item
+
+    def _encode(self, table: str, item: _Pending) -> None:
+        item.schema_bytes = wire.serialize_schema(item.arrow.schema)
+        item.payload = wire.encode_batches(item.arrow.schema, item.arrow.to_batches())
+        if len(item.payload) > self.settings.max_batch_bytes:
+            raise BatchTooLarge(table, len(item.payload), self.settings.max_batch_bytes)
 
     def _register(self, table: str) -> None:
         # Registered before the first XADD, so no batch is ever in a stream whose table is
@@ -134,27 +211,41 @@ class Producer:
             self.redis.sadd(wire.tables_key(self.settings.key_prefix), table)
             self._registered.add(table)
 
-    @staticmethod
-    def _script_keys(keys: wire.Keys) -> list[str]:
-        return [keys.schema, keys.delta, keys.pending]
+    def _call(self, keys: wire.Keys, item: _Pending, client: Any = None) -> Any:
+        return self._append(
+            keys=[keys.schema, keys.delta, keys.pending, keys.stats,
+                  keys.dedup(item.batch_id), keys.dead],
+            args=[item.schema_bytes, item.payload, item.arrow.num_rows, item.batch_id,
+                  item.evolves_from, self.settings.max_pending_bytes, item.dead_id,
+                  DEDUP_TTL_S],
+            client=client,
+        )
 
-    @staticmethod
-    def _script_args(arrow: pa.Table) -> list[Any]:
-        payload = wire.encode_batches(arrow.schema, arrow.to_batches())
-        return [wire.serialize_schema(arrow.schema), payload, arrow.num_rows]
-
-    def _send(self, keys: wire.Keys, table: str, arrow: pa.Table) -> str:
-        for _ in range(2):
-            ok, value = self._append(keys=self._script_keys(keys), args=self._script_args(arrow))
-            if ok:
-                self._schemas.setdefault(table, arrow.schema)
+    def _send(self, keys: wire.Keys, item: _Pending, timeout_s: float | None) -> str:
+        table = keys.table
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        delay = 0.05
+        for _ in range(1000):
+            code, value = self._call(keys, item)
+            if code == 1:
+                self._schemas[table] = item.arrow.schema
                 return str(value.decode())
+            if code == 2:
+                pending = int(value)
+                if deadline is None or time.monotonic() >= deadline:
+                    raise Backpressure(table, pending, self.settings.max_pending_bytes)
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 1.0)
+                continue
+            # The table's schema is not the one this batch was made for: bring the batch
+            # to the table's schema, evolving that schema if the batch needs it.
             stored = wire.deserialize_schema(value)
             self._schemas[table] = stored
-            arrow = conform(arrow, stored, table)
-        # conform() returned a table with the stored schema, yet Redis still refused it: the
-        # schema changed again in between. Report rather than loop.
-        raise SchemaConflict(table, "*", str(self._schemas[table]), str(arrow.schema))
+            target = evolve(stored, item.arrow.schema, table)
+            item.evolves_from = b"" if target.equals(stored) else bytes(value)
+            item.arrow = conform(item.arrow, target, table)
+            self._encode(table, item)
+        raise SchemaConflict(table, "*", "a schema that keeps changing", str(item.arrow.schema))
 
     # --- flushing ---------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .errors import SchemaConflict, UnsupportedData
+from .errors import MISSING, SchemaConflict, UnsupportedData
 
 SUPPORTED = "a pyarrow.Table, a pyarrow.RecordBatch, a pandas.DataFrame or a list of dicts"
 
@@ -55,26 +55,83 @@ def _is_pandas(data: Any) -> bool:
     return cls.__name__ == "DataFrame" and cls.__module__.startswith("pandas")
 
 
-def conform(table: pa.Table, schema: pa.Schema, table_name: str) -> pa.Table:
-    """Reorder and cast ``table`` to ``schema`` where that loses nothing; otherwise raise
-    ``SchemaConflict`` naming the first column at fault."""
-    names = set(table.schema.names)
+_INT_BITS = {pa.int8(): 8, pa.int16(): 16, pa.int32(): 32, pa.int64(): 64}
+_UINT_BITS = {pa.uint8(): 8, pa.uint16(): 16, pa.uint32(): 32, pa.uint64(): 64}
+_FLOAT_BITS = {pa.float16(): 16, pa.float32(): 32, pa.float64(): 64}
+_LARGE = {pa.string(): pa.large_string(), pa.binary(): pa.large_binary(),
+          pa.utf8(): pa.large_utf8()}
+
+
+def widens(src: pa.DataType, dst: pa.DataType) -> bool:
+    """True if every value of type ``src`` converts to ``dst`` without loss."""
+    if src.equals(dst) or pa.types.is_null(src):
+        return True
+    if src in _INT_BITS:
+        if dst in _INT_BITS:
+            return _INT_BITS[dst] >= _INT_BITS[src]
+        return dst in _FLOAT_BITS and _FLOAT_BITS[dst] > _INT_BITS[src]
+    if src in _UINT_BITS:
+        if dst in _UINT_BITS:
+            return _UINT_BITS[dst] >= _UINT_BITS[src]
+        if dst in _INT_BITS:
+            return _INT_BITS[dst] > _UINT_BITS[src]
+        return dst in _FLOAT_BITS and _FLOAT_BITS[dst] > _UINT_BITS[src]
+    if src in _FLOAT_BITS:
+        return dst in _FLOAT_BITS and _FLOAT_BITS[dst] >= _FLOAT_BITS[src]
+    return _LARGE.get(src) == dst
+
+
+def evolve(schema: pa.Schema, batch: pa.Schema, table_name: str) -> pa.Schema:
+    """The table schema that holds both ``schema`` and ``batch`` losslessly.
+
+    Compatible changes: new columns (they become nullable; older rows read as null),
+    missing nullable columns (null in this batch), and widening of a column's type (integers
+    to wider integers or floats that hold them, float32 to float64, string to large_string).
+    Anything else raises ``SchemaConflict`` naming the column.
+    """
+    fields = []
     for field in schema:
-        if field.name not in names:
-            raise SchemaConflict(table_name, field.name, str(field.type), "no such column")
-    for field in table.schema:
-        idx = schema.get_field_index(field.name)
+        idx = batch.get_field_index(field.name)
         if idx < 0:
-            raise SchemaConflict(table_name, field.name, "no such column", str(field.type))
-        want = schema.field(idx)
-        if not field.type.equals(want.type) and not pa.types.is_null(field.type):
-            raise SchemaConflict(table_name, field.name, str(want.type), str(field.type))
-        if field.nullable and not want.nullable and table.column(field.name).null_count:
+            if not field.nullable:
+                raise SchemaConflict(table_name, field.name, f"{field.type} not null", MISSING)
+            fields.append(field)
+            continue
+        other = batch.field(idx)
+        if widens(other.type, field.type):
+            fields.append(field)
+        elif widens(field.type, other.type):
+            fields.append(field.with_type(other.type))
+        else:
+            raise SchemaConflict(table_name, field.name, str(field.type), str(other.type))
+    for other in batch:
+        if schema.get_field_index(other.name) < 0:
+            fields.append(other.with_nullable(True))
+    return pa.schema(fields)
+
+
+def conform(table: pa.Table, schema: pa.Schema, table_name: str) -> pa.Table:
+    """Return ``table`` with exactly ``schema``: columns reordered, missing nullable columns
+    filled with nulls, narrower types widened. Raise ``SchemaConflict`` naming the first
+    column that cannot be brought to the schema without loss."""
+    columns = []
+    for field in schema:
+        idx = table.schema.get_field_index(field.name)
+        if idx < 0:
+            if not field.nullable:
+                raise SchemaConflict(table_name, field.name, f"{field.type} not null", MISSING)
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        have = table.schema.field(idx)
+        column = table.column(idx)
+        if not widens(have.type, field.type):
+            raise SchemaConflict(table_name, field.name, str(field.type), str(have.type))
+        if not field.nullable and column.null_count:
             raise SchemaConflict(
-                table_name, field.name, f"{want.type} not null", f"{field.type} with nulls"
+                table_name, field.name, f"{field.type} not null", f"{have.type} with nulls"
             )
-    if table.schema.names != schema.names:
-        table = table.select(schema.names)
-    if not table.schema.equals(schema, check_metadata=True):
-        table = table.cast(schema)
-    return table
+        columns.append(column if have.type.equals(field.type) else column.cast(field.type))
+    for field in table.schema:
+        if schema.get_field_index(field.name) < 0:
+            raise SchemaConflict(table_name, field.name, MISSING, str(field.type))
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -7,7 +7,9 @@
     ├── InvalidInput(ValueError)           the caller's data is at fault: fix the input
     │   ├── InvalidTableName
     │   ├── UnsupportedData
+    │   ├── BatchTooLarge                  split the batch
     │   └── SchemaConflict                 names the column, the table's type and the batch's
+    ├── Backpressure                       the table is too far behind: retry later
     └── FlushError                         raised on the worker side
         ├── LeaseLost                      another flusher took the table over: stop, do not commit
         └── ClaimMismatch                  the delta no longer holds the claimed range
@@ -43,6 +45,35 @@ class InvalidTableName(InvalidInput):
 
 class UnsupportedData(InvalidInput):
     """``append`` was given something it cannot turn into Arrow, or an empty batch."""
+
+
+class BatchTooLarge(InvalidInput):
+    """One batch's Arrow IPC payload is over ``max_batch_bytes``."""
+
+    def __init__(self, table: str, size: int, limit: int) -> None:
+        self.table, self.size, self.limit = table, size, limit
+        super().__init__(
+            f"a batch of {size} bytes for table {table!r} is over the limit of {limit} bytes "
+            "(DELTAFLUSH_MAX_BATCH_BYTES): split it, e.g. with "
+            "append_many(table, data.to_batches(max_chunksize=...))"
+        )
+
+
+class Backpressure(DeltaflushError):
+    """The table has more than ``max_pending_bytes`` waiting for a flush. Nothing was written.
+
+    Retryable: wait for the workers to catch up (``retry_after_s`` is a hint), or pass
+    ``timeout_s`` to ``append`` to wait inside it. Add workers if it persists.
+    """
+
+    def __init__(self, table: str, pending_bytes: int, limit: int) -> None:
+        self.table, self.pending_bytes, self.limit = table, pending_bytes, limit
+        self.retry_after_s = 1.0
+        super().__init__(
+            f"table {table!r} has {pending_bytes} bytes pending, over the limit of {limit} "
+            "(DELTAFLUSH_MAX_PENDING_BYTES); nothing was written. Retry after the workers "
+            "catch up, or add workers."
+        )
 
 
 MISSING = "no such column"

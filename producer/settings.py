@@ -23,6 +23,8 @@ _ENV = {
     "lease_s": "DELTAFLUSH_LEASE_S",
     "key_prefix": "DELTAFLUSH_KEY_PREFIX",
     "task_time_limit_s": "DELTAFLUSH_TASK_TIME_LIMIT_S",
+    "max_batch_bytes": "DELTAFLUSH_MAX_BATCH_BYTES",
+    "max_pending_bytes": "DELTAFLUSH_MAX_PENDING_BYTES",
 }
 
 
@@ -43,6 +45,11 @@ class Settings:
     # Hard time limit of one flush_table task. A flush stops taking new claims well before it
     # (see workers.flusher), so the limit only ever ends a flush that is stuck.
     task_time_limit_s: float = 600.0
+    # Largest Arrow IPC payload one append may write.
+    max_batch_bytes: int = 64 * 1024 * 1024
+    # Appends to a table are refused (Backpressure) while this many bytes are pending;
+    # 0 turns backpressure off.
+    max_pending_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not self.broker_url:
@@ -53,6 +60,11 @@ class Settings:
         if self.max_file_bytes < 1024:
             raise ConfigError(
                 f"max_file_bytes must be at least 1024, got {self.max_file_bytes!r}"
+            )
+        if self.max_batch_bytes < 1 or self.max_pending_bytes < 0:
+            raise ConfigError(
+                "max_batch_bytes must be > 0 and max_pending_bytes >= 0 (0: no limit), got "
+                f"{self.max_batch_bytes!r} and {self.max_pending_bytes!r}"
             )
         if not self.key_prefix or any(c in self.key_prefix for c in "{} "):
             raise ConfigError(

@@ -23,6 +23,7 @@ key                              type    content
 ``{prefix}:{<table>}:claim``     hash    the range the current flush is writing (see
                                          ``workers.flusher``)
 ``{prefix}:{<table>}:queued``    string  set while a ``flush_table`` for the table is queued
+``{prefix}:{<table>}:batch:<id>`` string the entry ID of a recent batch ID (dedups retries)
 ===============================  ======  =====================================================
 
 Task messages carry only table names: ``flush_table(table)`` on the queue :data:`QUEUE`,
@@ -40,6 +41,8 @@ import pyarrow as pa
 FIELD_ARROW = b"arrow"
 #: Optional field: the number of rows in the batch, as ASCII digits.
 FIELD_ROWS = b"rows"
+#: Optional field: the producer's ID of the batch (a retried append is not added twice).
+FIELD_BATCH = b"batch"
 #: Field added to a dead-letter entry: why it could not be flushed.
 FIELD_ERROR = b"error"
 #: Field added to a dead-letter entry: its ID in the delta stream.
@@ -106,6 +109,10 @@ class Keys:
     @property
     def queued(self) -> str:
         return self._k("queued")
+
+    def dedup(self, batch_id: str) -> str:
+        """Remembers, for a short while, the entry ID a batch ID was appended as."""
+        return self._k(f"batch:{batch_id}")
 
 
 def tables_key(prefix: str) -> str:

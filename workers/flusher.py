@@ -294,18 +294,32 @@ class Flusher:
         writer: ParquetFile | None = None
         try:
             for entry_id, fields in entries:
+                payload = fields.get(wire.FIELD_ARROW)
+                batch: pa.Table | None = None
+                error: str | None = None
+                try:
+                    batch = _decode(payload, schema, table)
+                except ValueError as exc:
+                    error = str(exc)
+                    newer = self._evolved_schema(keys, schema) if claim is None else None
+                    if newer is not None:
+                        try:
+                            candidate = _decode(payload, newer, table)
+                        except ValueError:
+                            pass
+                        else:
+                            if writer is not None:
+                                break  # the table's schema moved on: end this file here
+                            schema, batch, error = newer, candidate, None
                 if part is None:
                     part = Part(first=entry_id, last=entry_id, count=0, schema=b"")
                 part.last = entry_id
                 part.count += 1
-                payload = fields.get(wire.FIELD_ARROW)
                 if wire.FIELD_ROWS in fields and payload is not None:
                     part.pending_rows += int(fields[wire.FIELD_ROWS] or 0)
                     part.pending_bytes += len(payload)
-                try:
-                    batch = _decode(payload, schema, table)
-                except ValueError as exc:
-                    part.dead.append((entry_id, str(exc)))
+                if batch is None:
+                    part.dead.append((entry_id, error or "undecodable"))
                     continue
                 if schema is None:
                     schema = batch.schema
@@ -349,6 +363,14 @@ class Flusher:
             if part is not None and part.temp is not None:
                 self.storage.discard(part.temp)
             raise
+
+    def _evolved_schema(self, keys: wire.Keys, schema: pa.Schema | None) -> pa.Schema | None:
+        """The table's schema if it is no longer ``schema`` (it evolved during this flush)."""
+        stored = self.redis.get(keys.schema)
+        if not stored:
+            return None
+        current = wire.deserialize_schema(stored)
+        return None if schema is not None and current.equals(schema) else current
 
     def _record_claim(self, lease: Lease, keys: wire.Keys, part: Part) -> None:
         lease.check()

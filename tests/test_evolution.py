@@ -1,0 +1,172 @@
+"""Schema evolution, batch limits, backpressure, idempotent retries and dead-letter replay."""
+
+import threading
+
+import pyarrow as pa
+import pytest
+
+from producer import Producer, SchemaConflict, Settings, wire
+from producer.convert import widens
+from producer.errors import Backpressure, BatchTooLarge
+from tests.conftest import assert_exactly_once, id_batch
+from workers.flusher import Flusher
+from workers.storage import Storage
+
+K = wire.Keys("deltaflush", "events")
+
+
+def producer(client, **kw):
+    return Producer(client=client, settings=Settings(**kw))
+
+
+@pytest.mark.parametrize("src,dst,ok", [
+    (pa.int8(), pa.int64(), True), (pa.int64(), pa.int32(), False),
+    (pa.uint32(), pa.int64(), True), (pa.uint64(), pa.int64(), False),
+    (pa.int32(), pa.float64(), True), (pa.int64(), pa.float64(), False),
+    (pa.float32(), pa.float64(), True), (pa.float64(), pa.float32(), False),
+    (pa.string(), pa.large_string(), True), (pa.large_string(), pa.string(), False),
+    (pa.null(), pa.timestamp("ms"), True), (pa.timestamp("ms"), pa.timestamp("us"), False),
+    (pa.string(), pa.int64(), False),
+])
+def test_only_lossless_widening_is_allowed(src, dst, ok):
+    assert widens(src, dst) is ok
+
+
+def test_new_nullable_columns_and_widening_evolve_the_schema(any_redis, storage_dir):
+    p1 = producer(any_redis)
+    p1.append("events", pa.table({"id": pa.array([0, 1], pa.int32())}))
+    # a newer producer adds a column and widens id
+    p2 = producer(any_redis)
+    p2.append("events", pa.table({"id": pa.array([2], pa.int64()), "tag": ["x"]}))
+    # the old producer keeps sending its old shape: conformed to the evolved schema
+    p1.append("events", pa.table({"id": pa.array([3], pa.int32())}))
+    stored = wire.deserialize_schema(any_redis.get(K.schema))
+    assert stored.field("id").type == pa.int64() and stored.field("tag").nullable
+    result = Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("events")
+    assert result.rows == 4 and result.files == 1 and result.dead == 0
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(str(storage_dir / "events")).to_table().sort_by("id")
+    assert t.schema.field("id").type == pa.int64()
+    assert t.column("tag").to_pylist() == [None, None, "x", None]
+
+
+def test_a_backlog_spanning_schema_versions_is_read_as_one_table(any_redis, storage_dir):
+    """Entries appended under v1 and v2 flush into files of the latest schema."""
+    p = producer(any_redis)
+    for i in range(5):
+        p.append("events", id_batch(i * 10, 10))
+    for i in range(5, 10):
+        p.append("events", id_batch(i * 10, 10).append_column("extra", pa.array([1.5] * 10)))
+    Flusher(any_redis, Storage(str(storage_dir)), Settings(max_file_bytes=2000)).flush("events")
+    import duckdb
+
+    con = duckdb.connect()
+    n, extras = con.execute(
+        f"select count(*), count(extra) from read_parquet('{storage_dir}/events/*.parquet')"
+    ).fetchone()
+    assert (n, extras) == (100, 50)
+    assert_exactly_once(storage_dir, "events", 100)
+
+
+def test_schema_evolving_during_a_flush_rolls_the_file(any_redis, storage_dir, monkeypatch):
+    p = producer(any_redis)
+    p.append("events", id_batch(0, 10))
+    f = Flusher(any_redis, Storage(str(storage_dir)), Settings())
+    real_get = any_redis.get
+    # The flusher reads the (v1) schema; a v2 batch lands right after.
+    fired = []
+
+    def get_then_evolve(key):
+        value = real_get(key)
+        if key == K.schema and not fired:
+            fired.append(True)
+            producer(any_redis).append(
+                "events", id_batch(10, 10).append_column("extra", pa.array([1] * 10)))
+        return value
+
+    monkeypatch.setattr(any_redis, "get", get_then_evolve)
+    first = f.flush("events")
+    monkeypatch.undo()
+    assert first.dead == 0 and first.rows == 20 and first.files == 2
+    assert_exactly_once(storage_dir, "events", 20)
+
+
+def test_incompatible_changes_are_still_conflicts(any_redis):
+    p = producer(any_redis)
+    p.append("events", id_batch(0, 2))
+    with pytest.raises(SchemaConflict, match="'value'.*double.*string"):
+        p.append("events", id_batch(2, 2).set_column(3, "value", pa.array(["a", "b"])))
+    with pytest.raises(SchemaConflict, match="'id'"):
+        p.append("events", id_batch(2, 2).set_column(0, "id", pa.array([1.5, 2.5])))
+    assert any_redis.xlen(K.delta) == 1
+
+
+def test_batch_over_the_size_limit_is_refused(any_redis):
+    p = producer(any_redis, max_batch_bytes=10_000)
+    with pytest.raises(BatchTooLarge, match="DELTAFLUSH_MAX_BATCH_BYTES") as err:
+        p.append("events", id_batch(0, 1000))
+    assert isinstance(err.value, ValueError) and err.value.size > 10_000
+    assert any_redis.xlen(K.delta) == 0
+    p.append_many("events", id_batch(0, 1000).to_batches(max_chunksize=100))
+    assert any_redis.xlen(K.delta) == 10
+
+
+def test_backpressure_refuses_and_counts_then_lets_through(any_redis, storage_dir):
+    p = producer(any_redis, max_pending_bytes=2000)
+    p.append("events", id_batch(0, 100))  # over the limit after this one
+    with pytest.raises(Backpressure) as err:
+        p.append("events", id_batch(100, 100))
+    assert not isinstance(err.value, ValueError)
+    assert err.value.pending_bytes >= 2000 and "DELTAFLUSH_MAX_PENDING_BYTES" in str(err.value)
+    assert any_redis.xlen(K.delta) == 1
+    assert any_redis.hget(K.stats, "backpressure") == b"1"
+    Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("events")
+    p.append("events", id_batch(100, 100))
+    assert any_redis.xlen(K.delta) == 1
+
+
+def test_append_with_timeout_waits_for_the_workers(real_redis, storage_dir):
+    p = producer(real_redis, max_pending_bytes=2000)
+    p.append("events", id_batch(0, 100))
+    f = Flusher(real_redis, Storage(str(storage_dir)), Settings())
+    waiting = threading.Thread(target=lambda: p.append("events", id_batch(100, 100),
+                                                       timeout_s=30))
+    waiting.start()
+    f.flush("events")
+    waiting.join()
+    f.flush("events")
+    assert_exactly_once(storage_dir, "events", 200)
+
+
+def test_a_retried_append_is_not_added_twice(any_redis):
+    """The reply of an append is lost and the call is sent again: one entry."""
+    p = producer(any_redis)
+    keys = p._keys("events")
+    item = p._prepare("events", id_batch(0, 3))
+    first = p._call(keys, item)
+    again = p._call(keys, item)
+    assert first == again and any_redis.xlen(K.delta) == 1
+    assert int(any_redis.hget(K.pending, "rows")) == 3
+
+
+def test_dead_letters_are_replayed_once_they_decode(any_redis, storage_dir):
+    p = producer(any_redis)
+    p.append("events", id_batch(0, 5))
+    good = id_batch(5, 5)
+    # a foreign producer wrote a batch with a wrong type, and some garbage
+    wrong = good.set_column(0, "id", pa.array([str(i) for i in range(5, 10)]))
+    any_redis.xadd(K.delta, {"arrow": wire.encode_batches(wrong.schema, wrong.to_batches())})
+    any_redis.xadd(K.delta, {"arrow": b"garbage"})
+    f = Flusher(any_redis, Storage(str(storage_dir)), Settings())
+    assert f.flush("events").dead == 2
+    assert p.replay_dead("events") == (0, 2)  # still wrong
+    # the operator fixes the entry in place (here: rewrite it with the right type)
+    entry_id = any_redis.xrange(K.dead)[0][0]
+    any_redis.xdel(K.dead, entry_id)
+    any_redis.xadd(K.dead, {"arrow": wire.encode_batches(good.schema, good.to_batches()),
+                            "error": "fixed"})
+    assert p.replay_dead("events") == (1, 1)
+    assert any_redis.xlen(K.dead) == 1
+    f.flush("events")
+    assert_exactly_once(storage_dir, "events", 10)
