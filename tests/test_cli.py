@@ -97,3 +97,17 @@ def test_demo_runs_the_pipeline_on_the_embedded_server(tmp_path):
     assert proc.stdout.count(": ok") == 2
     assert f"Parquet files are under {tmp_path}/data" in proc.stdout
     assert list((tmp_path / "data" / "demo_events_0").glob("*.parquet"))
+
+
+def test_dead_list_and_replay(cli_env, redis_server, real_redis):
+    p = Producer(redis_url=redis_server.url)
+    p.append("events", id_batch(0, 5))
+    k = wire.Keys("deltaflush", "events")
+    real_redis.xadd(k.delta, {"arrow": b"garbage"})
+    assert run(cli_env, "flush", "events", "--local").exit_code == 0
+    out = run(cli_env, "dead", "list", "events")
+    assert "not a valid Arrow IPC stream" in out.output and "1 dead letters in events" in out.output
+    out = run(cli_env, "dead", "replay", "events")
+    assert "replayed 0 dead letters of events; 1 still" in out.output
+    assert real_redis.xlen(k.dead) == 1
+    p.close()

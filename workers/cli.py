@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from producer import Producer
+from producer import Producer, wire
 from producer.client import connect
-from producer.errors import DeltaflushError
+from producer.errors import DeltaflushError, InvalidTableName
 from producer.settings import Settings
 
 from .scheduler import iter_tables
@@ -119,6 +119,48 @@ def flush(table: str | None, all_tables: bool, local: bool) -> None:
         raise click.UsageError(str(exc)) from exc
     finally:
         producer.close()
+
+
+@main.group()
+def dead() -> None:
+    """Entries that could not be flushed (corrupt bytes, impossible schema)."""
+
+
+@dead.command("list")
+@click.argument("table")
+@click.option("--limit", default=100, show_default=True)
+def dead_list(table: str, limit: int) -> None:
+    """Show TABLE's dead letters: ID, size and why."""
+    settings = _settings()
+    if not wire.valid_table_name(table):
+        raise click.UsageError(str(InvalidTableName(table)))
+    client = connect(settings.redis_url)
+    keys = wire.Keys(settings.key_prefix, table)
+    entries = client.xrange(keys.dead, count=limit)
+    total = client.xlen(keys.dead)
+    for entry_id, fields in entries:
+        size = len(fields.get(wire.FIELD_ARROW, b""))
+        error = fields.get(wire.FIELD_ERROR, b"").decode(errors="replace")
+        origin = fields.get(wire.FIELD_ENTRY_ID, b"?").decode()
+        click.echo(f"{entry_id.decode()}  (delta {origin}, {_bytes(size)}): {error}")
+    click.echo(f"{total} dead letters in {table}" + (f", first {limit} shown"
+                                                      if total > limit else ""))
+
+
+@dead.command("replay")
+@click.argument("table")
+def dead_replay(table: str) -> None:
+    """Re-append TABLE's dead letters that now decode and fit the table's schema."""
+    settings = _settings()
+    producer = Producer(settings=settings)
+    try:
+        replayed, still = producer.replay_dead(table)
+    except DeltaflushError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        producer.close()
+    click.echo(f"replayed {replayed} dead letters of {table}; {still} still do not decode "
+               "or fit the table's schema")
 
 
 @main.command()

@@ -14,12 +14,14 @@ import os
 from typing import Any
 
 import redis
+from celery.signals import worker_ready
 
 from producer import wire
 from producer.client import connect
 from producer.errors import ClaimMismatch, InvalidTableName, LeaseLost
 
 from .app import app, settings
+from .checks import warn_on_eviction
 from .flusher import Flusher
 from .scheduler import enqueue_due
 from .storage import Storage
@@ -43,6 +45,14 @@ def runtime() -> tuple[redis.Redis, Flusher]:
 
 def send_flush(table: str) -> None:
     app.send_task(wire.FLUSH_TASK, args=[table], queue=wire.QUEUE)
+
+
+@worker_ready.connect
+def _check_redis(**_: Any) -> None:
+    try:
+        warn_on_eviction(runtime()[0])
+    except redis.RedisError as exc:
+        log.warning("could not check the Redis of the delta tier: %s", exc)
 
 
 @app.task(name=wire.FLUSH_TASK, bind=True, max_retries=None)
