@@ -3,8 +3,9 @@
 ``DELTAFLUSH_FAILPOINTS`` holds ``name=action`` pairs separated by commas; ``action`` is
 ``kill`` (SIGKILL this process), ``stop`` (SIGSTOP: freeze until SIGCONT), ``raise`` (raise
 :class:`InjectedFault`, an ``OSError`` like a storage error) or ``sleep:SECONDS``.
-With ``DELTAFLUSH_FAILPOINT_ONCE_DIR`` set, each point fires once across all processes: the
-first process to reach it creates a marker file there, and later ones pass.
+With ``DELTAFLUSH_FAILPOINT_ONCE_DIR`` set, each ``kill``/``stop``/``raise`` point fires once
+across all processes: the first process to reach it writes its pid to a marker file there,
+and later ones pass. ``sleep`` fires every time.
 
 Unset (the normal case), :func:`failpoint` costs one dict lookup.
 """
@@ -30,7 +31,12 @@ def _points() -> dict[str, str]:
 
 def failpoint(name: str) -> None:
     action = _points().get(name)
-    if action is None or not _first_time(name):
+    if action is None:
+        return
+    if action.startswith("sleep:"):
+        time.sleep(float(action.split(":", 1)[1]))
+        return
+    if not _first_time(name):
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -38,8 +44,6 @@ def failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     elif action == "raise":
         raise InjectedFault(f"injected fault at {name}")
-    elif action.startswith("sleep:"):
-        time.sleep(float(action.split(":", 1)[1]))
 
 
 def _first_time(name: str) -> bool:

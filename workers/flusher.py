@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -189,8 +189,10 @@ class Flusher:
         self._claim_script = client.register_script(CLAIM_LUA)
         self._commit_script = client.register_script(COMMIT_LUA)
 
-    def flush(self, table: str, budget_s: float | None = None) -> FlushResult:
-        """Drain ``table`` until its delta is empty or ``budget_s`` is spent.
+    def flush(self, table: str, budget_s: float | None = None,
+              stop: Callable[[], bool] | None = None) -> FlushResult:
+        """Drain ``table`` until its delta is empty, ``budget_s`` is spent or ``stop()``
+        says so (checked between files, e.g. when the worker shuts down).
 
         Returns ``status="busy"`` without doing anything if another flusher holds the
         table. Raises ``LeaseLost`` if this flusher was fenced (nothing of its is
@@ -211,7 +213,8 @@ class Flusher:
                 if done is None:
                     break
                 result.add(*done)
-                if budget_s is not None and time.monotonic() - started > budget_s:
+                if (budget_s is not None and time.monotonic() - started > budget_s) or (
+                        stop is not None and stop()):
                     result.more = bool(self.redis.xlen(keys.delta))
                     break
         if result.first_id is None:

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 import redis
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from producer import wire
 from producer.client import connect
@@ -47,10 +47,26 @@ def send_flush(table: str) -> None:
     app.send_task(wire.FLUSH_TASK, args=[table], queue=wire.QUEUE)
 
 
-@worker_ready.connect
-def _check_redis(**_: Any) -> None:
+def _stopping_key(hostname: str) -> str:
+    return f"{settings.key_prefix}:stopping:{hostname}"
+
+
+@worker_shutting_down.connect
+def _on_shutdown(sender: Any = None, **_: Any) -> None:
+    """Warm shutdown (SIGTERM): running flushes finish their current file, then stop and
+    queue their continuation for another worker."""
     try:
-        warn_on_eviction(runtime()[0])
+        runtime()[0].set(_stopping_key(str(sender)), b"1", ex=3600)
+    except redis.RedisError as exc:
+        log.warning("could not tell running flushes to stop: %s", exc)
+
+
+@worker_ready.connect
+def _check_redis(sender: Any = None, **_: Any) -> None:
+    try:
+        client = runtime()[0]
+        client.delete(_stopping_key(str(getattr(sender, "hostname", ""))))
+        warn_on_eviction(client)
     except redis.RedisError as exc:
         log.warning("could not check the Redis of the delta tier: %s", exc)
 
@@ -64,7 +80,9 @@ def flush_table(self: Any, table: str) -> dict[str, Any]:
     try:
         # From here on a new request may be queued; this run takes what is pending now.
         client.delete(keys.queued)
-        result = flusher.flush(table, budget_s=settings.task_time_limit_s / 2)
+        stopping = _stopping_key(self.request.hostname or "")
+        result = flusher.flush(table, budget_s=settings.task_time_limit_s / 2,
+                               stop=lambda: bool(client.exists(stopping)))
     except LeaseLost as exc:
         log.warning("flush of %s fenced: %s", table, exc)
         return {"table": table, "status": "fenced", "error": str(exc)}

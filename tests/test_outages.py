@@ -1,0 +1,120 @@
+"""Outages: Redis killed and restarted, storage down, graceful worker shutdown. Real
+redis-server and real ``celery -A workers.app`` processes."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer import Producer, Settings, wire
+from tests.conftest import (
+    Fleet,
+    RedisServer,
+    assert_exactly_once,
+    id_batch,
+    read_ids,
+    wait_for,
+)
+from tests.test_fleet import TABLE, drained, fill, wait_drained
+
+pytestmark = pytest.mark.integration
+K = wire.Keys("deltaflush", TABLE)
+
+
+@pytest.fixture
+def aof_server(tmp_path):
+    server = RedisServer(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_killed_and_restarted_loses_no_acknowledged_append(aof_server, fleet_env,
+                                                                 tmp_path, storage_dir):
+    """SIGKILL Redis (AOF, appendfsync always) while a producer appends and a fleet flushes:
+    every append that returned lands exactly once; producer and workers reconnect alone."""
+    env = dict(fleet_env, DELTAFLUSH_REDIS_URL=aof_server.url)
+    (tmp_path / "logs").mkdir()
+    fleet = Fleet(env, tmp_path / "logs")
+    try:
+        fleet.worker(concurrency=2)
+        fleet.beat()
+        p = Producer(settings=Settings.from_env(env))
+        acked: list[int] = []
+        failed: list[int] = []
+        half = threading.Event()
+
+        def produce() -> None:
+            for i in range(120):
+                try:
+                    p.append(TABLE, id_batch(i * 50, 50))
+                    acked.append(i)
+                except redis.RedisError:
+                    failed.append(i)
+                if i == 40:
+                    half.set()
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        half.wait(60)
+        aof_server.stop(signal.SIGKILL)
+        aof_server.start()
+        thread.join()
+        client = redis.Redis.from_url(aof_server.url)
+        expected = {i * 50 + j for i in acked for j in range(50)}
+        try:
+            wait_for(lambda: client.xlen(K.delta) == 0 and not client.exists(K.claim)
+                     and not client.exists(K.lease), 90, "the fleet to drain after a restart")
+        except BaseException:
+            print(fleet.logs())
+            raise
+        ids = read_ids(storage_dir, TABLE)
+        assert len(ids) == len(set(ids)), "duplicated rows"
+        assert expected <= set(ids), f"{len(expected - set(ids))} acknowledged rows lost"
+        print(f"acked {len(acked)}, failed {len(failed)}")
+        assert len(acked) >= 100  # the producer's retries bridged the restart
+        p.close()
+        client.close()
+    finally:
+        fleet.stop()
+
+
+def test_storage_down_trims_nothing_and_everything_lands_when_it_returns(
+        fleet, fleet_env, producer_for, real_redis, tmp_path):
+    blocked = tmp_path / "mnt"
+    blocked.write_text("not a folder: the storage mount is gone")
+    fleet.env["DELTAFLUSH_STORAGE_URI"] = str(blocked / "lake")
+    p = producer_for()
+    total = fill(p, batches=10)
+    _, log = fleet.worker()
+    fleet.beat()
+    wait_for(lambda: b"retry 2 in" in log.read_bytes(), 60, "flushes to fail and retry")
+    assert real_redis.xlen(K.delta) == 10  # nothing trimmed
+    assert real_redis.hget(K.pending, "rows") == str(total).encode()
+    blocked.unlink()
+    blocked.mkdir()
+    wait_drained(fleet, real_redis, total, timeout=90)
+    assert_exactly_once(blocked / "lake", TABLE, total)
+
+
+def test_sigterm_finishes_the_current_file_and_hands_the_rest_over(fleet, producer_for,
+                                                                   real_redis, storage_dir):
+    p = producer_for()
+    total = fill(p, batches=80)  # about 5 files at 64 KiB
+    proc, log = fleet.worker(failpoints="flush.committed=sleep:0.5")
+    p.flush(TABLE)
+    wait_for(lambda: int(real_redis.hget(K.stats, "files") or 0) >= 1, 60, "a first file")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: proc.poll() is not None, 60, "the worker to exit after SIGTERM")
+    assert proc.returncode == 0, log.read_text()
+    assert not real_redis.exists(K.claim)  # it stopped between files, not mid-file
+    assert real_redis.xlen(K.delta) > 0  # and left the rest
+    fleet.worker()
+    fleet.beat()
+    wait_drained(fleet, real_redis, total)
+    assert_exactly_once(storage_dir, TABLE, total)
+    assert drained(real_redis, total)
