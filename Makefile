@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench reliability chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check producer workers tests bench
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench.memory
+
+# The fault and chaos tests, recorded into docs/reliability.md. `make chaos` is the same at
+# ten times the rows and rounds.
+RELIABILITY_TESTS := tests/test_fleet.py tests/test_outages.py tests/test_chaos.py \
+	tests/test_flusher.py tests/test_producer.py tests/test_evolution.py tests/test_fuzz.py
+reliability: $(STAMP)
+	rm -f .reliability.jsonl
+	DELTAFLUSH_RELIABILITY_LOG=.reliability.jsonl $(BIN)/python -m pytest -q $(RELIABILITY_TESTS)
+	$(BIN)/python -m bench.reliability .reliability.jsonl "make reliability" > docs/reliability.md
+
+chaos: $(STAMP)
+	rm -f .reliability.jsonl
+	DELTAFLUSH_CHAOS_SCALE=10 DELTAFLUSH_RELIABILITY_LOG=.reliability.jsonl \
+		$(BIN)/python -m pytest -q $(RELIABILITY_TESTS)
+	$(BIN)/python -m bench.reliability .reliability.jsonl "make chaos" > docs/reliability.md
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

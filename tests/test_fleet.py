@@ -13,6 +13,7 @@ import pytest
 
 from producer import Settings, wire
 from tests.conftest import Fleet, assert_exactly_once, id_batch, wait_for
+from tests.reliability import SCALE, check
 from workers.app import make_app
 
 pytestmark = pytest.mark.integration
@@ -24,6 +25,7 @@ STEPS = ["flush.leased", "flush.first_chunk", "flush.written", "flush.claimed",
 
 
 def fill(producer, table=TABLE, batches=60, rows=100) -> int:
+    batches *= SCALE
     producer.append_many(table, [id_batch(i * rows, rows) for i in range(batches)])
     return batches * rows
 
@@ -49,7 +51,7 @@ def test_worker_and_beat_flush_every_table(fleet, producer_for, real_redis, stor
     fleet.beat()
     for table, total in totals.items():
         wait_drained(fleet, real_redis, total, table)
-        assert_exactly_once(storage_dir, table, total)
+        check("none (baseline: 3 tables, worker + beat)", storage_dir, table, range(total))
     # files rolled at DELTAFLUSH_MAX_FILE_BYTES (64 KiB of Arrow data)
     assert len(list((storage_dir / "t0").glob("*.parquet"))) > 1
 
@@ -74,7 +76,7 @@ def test_sigkill_at_each_step_loses_and_duplicates_nothing(step, fleet, producer
     fleet.worker(failpoints=f"{step}=kill")
     fleet.beat()
     wait_drained(fleet, real_redis, total)
-    assert_exactly_once(storage_dir, TABLE, total)
+    check(f"worker process SIGKILLed at {step}", storage_dir, TABLE, range(total))
     once = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step
     assert once.exists(), "the failpoint never fired"
     assert "SIGKILL" in fleet.logs()
@@ -98,7 +100,8 @@ def test_whole_worker_killed_mid_flush_is_taken_over(fleet, producer_for, real_r
     assert real_redis.exists(K.claim)
     fleet.worker()
     wait_drained(fleet, real_redis, total)
-    assert_exactly_once(storage_dir, TABLE, total)
+    check("whole worker SIGKILLed holding a claim, message unacked", storage_dir, TABLE,
+          range(total))
 
 
 @pytest.mark.parametrize("step", ["flush.first_chunk", "flush.claimed", "flush.published"])
@@ -116,7 +119,8 @@ def test_a_worker_frozen_past_its_lease_is_fenced(step, fleet, producer_for, rea
     assert_exactly_once(storage_dir, TABLE, total)
     os.kill(frozen_pid, signal.SIGCONT)  # it wakes and carries on
     wait_for(lambda: b"fenced" in frozen_log.read_bytes(), 30, "the woken flusher to be fenced")
-    assert_exactly_once(storage_dir, TABLE, total)
+    check(f"worker frozen past its lease at {step}, woken after takeover", storage_dir, TABLE,
+          range(total))
     assert drained(real_redis, total)
     assert int(real_redis.hget(K.stats, "rows")) == total
 
@@ -143,7 +147,8 @@ def test_duplicate_deliveries_to_concurrent_workers(fleet, fleet_env, producer_f
     summaries = [r.get(timeout=120) for r in results]
     app.send_task("flush_table", args=[TABLE], queue=wire.QUEUE).get(timeout=60)
     wait_drained(fleet, real_redis, 4000)
-    assert_exactly_once(storage_dir, TABLE, 4000)
+    check("40 duplicate deliveries to 2 workers x 2 processes, appending meanwhile",
+          storage_dir, TABLE, range(4000))
     statuses = {s["status"] for s in summaries}
     assert statuses <= {"ok", "empty", "busy"}
     assert sum(s["rows"] for s in summaries if s["status"] == "ok") <= 4000
@@ -157,7 +162,7 @@ def test_storage_error_is_retried_with_backoff(fleet, producer_for, real_redis, 
     _, log = fleet.worker(failpoints="flush.written=raise")
     p.flush(TABLE)
     wait_drained(fleet, real_redis, total)
-    assert_exactly_once(storage_dir, TABLE, total)
+    check("storage write error, retried with backoff", storage_dir, TABLE, range(total))
     text = log.read_text()
     assert "injected fault at flush.written" in text and "retry 1 in 1s" in text
     assert not list(storage_dir.rglob("*.tmp"))

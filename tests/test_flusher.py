@@ -9,6 +9,7 @@ import pytest
 from producer import LeaseLost, Producer, Settings, wire
 from producer.errors import ClaimMismatch
 from tests.conftest import assert_exactly_once, id_batch, read_ids
+from tests.reliability import check
 from workers import lease as lease_mod
 from workers.flusher import Flusher, file_name
 from workers.storage import Storage
@@ -80,7 +81,8 @@ def test_corrupt_entries_go_to_dead_letters_and_the_rest_flushes(any_redis, stor
     p.append("events", id_batch(10, 10))
     result = f.flush("events")
     assert (result.rows, result.dead) == (20, 3)
-    assert_exactly_once(storage_dir, "events", 20)
+    check("corrupt, fieldless and wrong-schema entries between good ones", storage_dir,
+          "events", range(20))
     dead = any_redis.xrange(K.dead)
     assert len(dead) == 3
     errors = [fields[b"error"].decode() for _, fields in dead]
@@ -141,7 +143,8 @@ def test_a_recorded_claim_is_resumed_exactly(any_redis, storage_dir, monkeypatch
     assert result.files == 2  # the resumed claim, then the new entry
     files = sorted(p.name for p in (storage_dir / "events").glob("*.parquet"))
     assert first_files[0] in files and len(files) == 2
-    assert_exactly_once(storage_dir, "events", 50)
+    check("crash between recording the claim and the commit (resumed)", storage_dir, "events",
+          range(50))
 
 
 def test_a_fenced_flusher_cannot_commit(any_redis, storage_dir, monkeypatch):
@@ -164,7 +167,7 @@ def test_a_fenced_flusher_cannot_commit(any_redis, storage_dir, monkeypatch):
     with pytest.raises(LeaseLost):
         f.flush("events")
     assert taken_over["result"].rows == 30
-    assert_exactly_once(storage_dir, "events", 30)
+    check("lease lost before the commit (fenced)", storage_dir, "events", range(30))
     assert int(any_redis.hget(K.stats, "rows")) == 30
 
 
@@ -224,7 +227,8 @@ def test_concurrent_flushers_and_producers_land_every_row_once(real_redis, stora
     assert not errors
     Flusher(real_redis, Storage(str(storage_dir)), Settings()).flush("events")
     assert real_redis.xlen(K.delta) == 0
-    assert_exactly_once(storage_dir, "events", 4000)
+    check("4 flusher threads racing on one table while appending", storage_dir, "events",
+          range(4000))
     assert {r.status for r in results} >= {"busy"} or len(results) > 4
 
 

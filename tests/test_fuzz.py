@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from producer import Producer, Settings, wire
 from tests.conftest import id_batch, read_ids
+from tests.reliability import record
 from workers.flusher import Flusher, _decode
 from workers.storage import Storage
 
@@ -86,4 +87,7 @@ def test_a_flush_through_garbage_keeps_every_good_row(tmp_path_factory, garbage)
     assert client.xlen(k.dead) == result.dead
     ids = read_ids(root, "events")
     assert len(ids) == result.rows
+    record("fuzzed (mutated) payloads between good entries", "tests/test_fuzz.py::"
+           "test_a_flush_through_garbage_keeps_every_good_row", 20,
+           len(set(range(20)) - set(ids)), 0)
     assert set(range(20)) <= set(ids)  # every good row, whatever the garbage between

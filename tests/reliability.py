@@ -1,0 +1,53 @@
+"""Check a table's Parquet output for loss and duplication, and record the outcome for the
+reliability report (docs/reliability.md, made by ``make reliability`` / ``make chaos``).
+
+With ``DELTAFLUSH_RELIABILITY_LOG`` set, every check appends one JSON line: the fault, the
+test, the rows appended and the rows lost and duplicated. ``DELTAFLUSH_CHAOS_SCALE``
+multiplies the sizes and rounds of the fault tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from tests.conftest import read_ids
+
+SCALE = max(1, int(os.environ.get("DELTAFLUSH_CHAOS_SCALE", "1")))
+
+
+def record(fault: str, test: str, rows: int, lost: int, duplicated: int) -> None:
+    path = os.environ.get("DELTAFLUSH_RELIABILITY_LOG")
+    if not path:
+        return
+    line = {"fault": fault, "test": test, "rows": rows, "lost": lost, "duplicated": duplicated}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def check(fault: str, root: Path | str, table: str, expected: Iterable[int],
+          must_have: Iterable[int] | None = None) -> None:
+    """Assert every id of ``must_have`` (default: ``expected``) is in the table's files once,
+    and no id outside ``expected`` or twice; record the outcome either way."""
+    expected = set(expected)
+    must = expected if must_have is None else set(must_have)
+    ids = read_ids(root, table)
+    counts = Counter(ids)
+    duplicated = sum(n - 1 for n in counts.values() if n > 1)
+    lost = len(must - counts.keys())
+    foreign = len(counts.keys() - expected)
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    record(fault, test, len(must), lost, duplicated + foreign)
+    assert duplicated == 0, f"{fault}: {duplicated} duplicated rows in {table}"
+    assert foreign == 0, f"{fault}: {foreign} rows that were never appended in {table}"
+    assert lost == 0, f"{fault}: {lost} rows lost from {table}"
+
+
+def refused(kind: str, rows: int, entries_written: int) -> None:
+    """Record a bad input that must be refused with nothing written."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    record(f"bad input refused: {kind}", test, rows, 0, entries_written)
+    assert entries_written == 0, f"{kind}: {entries_written} entries written"
