@@ -19,6 +19,7 @@ from .errors import (
     UnsupportedData,
 )
 from .settings import Settings
+from .tablecfg import TableConfig
 
 __all__ = [
     "ClaimMismatch",
@@ -31,5 +32,6 @@ __all__ = [
     "Producer",
     "SchemaConflict",
     "Settings",
+    "TableConfig",
     "UnsupportedData",
 ]

@@ -23,6 +23,7 @@ from .errors import (
     SchemaConflict,
 )
 from .settings import Settings
+from .tablecfg import TableConfig
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,33 @@ class Producer:
             item.arrow = conform(item.arrow, target, table)
             self._encode(table, item)
         raise SchemaConflict(table, "*", "a schema that keeps changing", str(item.arrow.schema))
+
+    # --- table configuration ---------------------------------------------------------
+
+    def table_config(self, table: str) -> TableConfig:
+        """The table's configuration (defaults where nothing was set)."""
+        return TableConfig.from_json(self.redis.get(self._keys(table).config))
+
+    def configure(self, table: str, **changes: Any) -> TableConfig:
+        """Change the table's configuration; return the new one. Workers apply it from their
+        next flush. Raises ``ConfigError`` (a ``ValueError``) for unknown or invalid settings,
+        or columns the table does not have."""
+        keys = self._keys(table)
+        result: list[TableConfig] = []
+
+        def update(pipe: Any) -> None:
+            current = TableConfig.from_json(pipe.get(keys.config))
+            new = current.with_changes(**changes)
+            schema = pipe.get(keys.schema)
+            if schema:
+                new.check_schema(wire.deserialize_schema(schema), table)
+            pipe.multi()
+            pipe.set(keys.config, new.to_json())
+            result.append(new)
+
+        self.redis.transaction(update, keys.config, keys.schema)
+        self._register(table)
+        return result[-1]
 
     # --- flushing ---------------------------------------------------------------------
 

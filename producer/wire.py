@@ -23,6 +23,8 @@ key                              type    content
 ``{prefix}:{<table>}:claim``     hash    the range the current flush is writing (see
                                          ``workers.flusher``)
 ``{prefix}:{<table>}:queued``    string  set while a ``flush_table`` for the table is queued
+``{prefix}:{<table>}:config``    string  the table's layout and flush interval, JSON
+                                         (``producer.tablecfg.TableConfig``)
 ``{prefix}:{<table>}:batch:<id>`` string the entry ID of a recent batch ID (dedups retries)
 ===============================  ======  =====================================================
 
@@ -109,6 +111,10 @@ class Keys:
     @property
     def queued(self) -> str:
         return self._k("queued")
+
+    @property
+    def config(self) -> str:
+        return self._k("config")
 
     def dedup(self, batch_id: str) -> str:
         """Remembers, for a short while, the entry ID a batch ID was appended as."""

@@ -74,19 +74,18 @@ def test_schema_evolving_during_a_flush_rolls_the_file(any_redis, storage_dir, m
     p = producer(any_redis)
     p.append("events", id_batch(0, 10))
     f = Flusher(any_redis, Storage(str(storage_dir)), Settings())
-    real_get = any_redis.get
-    # The flusher reads the (v1) schema; a v2 batch lands right after.
+    real_mget = any_redis.mget
     fired = []
 
-    def get_then_evolve(key):
-        value = real_get(key)
-        if key == K.schema and not fired:
+    def mget_then_evolve(*keys):
+        value = real_mget(*keys)
+        if K.schema in keys and not fired:
             fired.append(True)
             producer(any_redis).append(
                 "events", id_batch(10, 10).append_column("extra", pa.array([1] * 10)))
         return value
 
-    monkeypatch.setattr(any_redis, "get", get_then_evolve)
+    monkeypatch.setattr(any_redis, "mget", mget_then_evolve)
     first = f.flush("events")
     monkeypatch.undo()
     assert first.dead == 0 and first.rows == 20 and first.files == 2

@@ -41,6 +41,7 @@ exactly once): exactly once.
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -53,11 +54,13 @@ from producer import wire
 from producer.convert import conform
 from producer.errors import ClaimMismatch, LeaseLost, SchemaConflict
 from producer.settings import Settings
+from producer.tablecfg import TableConfig
 
 from .failpoints import failpoint
+from .layout import Layout
 from .lease import Lease, acquire
 from .storage import Storage
-from .writer import ParquetFile
+from .writer import FileSet
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +70,12 @@ ROW_GROUP_BYTES = 64 * 1024 * 1024
 CHUNK_BYTES = 8 * 1024 * 1024
 MAX_CHUNK_ENTRIES = 1024
 
-# KEYS: lease, claim   ARGV: token, first, last, count, schema
+# KEYS: lease, claim   ARGV: token, first, last, count, schema, table config
 CLAIM_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
 if redis.call('EXISTS', KEYS[2]) == 1 then return redis.error_reply('CLAIMED claim exists') end
 redis.call('HSET', KEYS[2], 'first', ARGV[2], 'last', ARGV[3], 'count', ARGV[4],
-           'schema', ARGV[5], 'token', ARGV[1])
+           'schema', ARGV[5], 'config', ARGV[6], 'token', ARGV[1])
 return 1
 """
 
@@ -120,6 +123,7 @@ class Claim:
     last: str
     count: int
     schema: bytes
+    config: str
 
 
 @dataclass
@@ -130,9 +134,11 @@ class Part:
     last: str
     count: int
     schema: bytes
-    temp: str | None = None
+    config: str = ""
     name: str = ""
-    published: bool = False
+    #: (temporary path, final path) of each file; empty once published
+    files: list[tuple[str, str]] = field(default_factory=list)
+    published: int = 0
     rows: int = 0
     arrow_bytes: int = 0
     file_bytes: int = 0
@@ -158,16 +164,15 @@ class FlushResult:
     more: bool = False
     paths: list[str] = field(default_factory=list)
 
-    def add(self, part: Part, path: str | None) -> None:
+    def add(self, part: Part, paths: list[str]) -> None:
         self.rows += part.rows
         self.bytes += part.file_bytes
         self.arrow_bytes += part.arrow_bytes
         self.dead += len(part.dead)
         self.first_id = self.first_id or part.first
         self.last_id = part.last
-        if path:
-            self.files += 1
-            self.paths.append(path)
+        self.files += len(paths)
+        self.paths.extend(paths)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,7 +233,7 @@ class Flusher:
             )
         return result
 
-    def _flush_one(self, lease: Lease, keys: wire.Keys) -> tuple[Part, str | None] | None:
+    def _flush_one(self, lease: Lease, keys: wire.Keys) -> tuple[Part, list[str]] | None:
         claim = self._load_claim(keys)
         part = self._write(lease, keys, claim)
         if part is None:
@@ -238,18 +243,20 @@ class Flusher:
                 self._record_claim(lease, keys, part)
                 failpoint("flush.claimed")
             lease.check()
-            final = None
-            if part.temp is not None:
-                final = self.storage.final_path(keys.table, part.name)
-                self.storage.publish(part.temp, final)
-                part.temp, part.published = None, True
+            paths = []
+            while part.files:
+                temp, final = part.files[0]
+                self.storage.publish(temp, final)
+                part.files.pop(0)
+                part.published += 1
+                paths.append(self.storage.display(final))
                 failpoint("flush.published")
         finally:
-            if part.temp is not None:
-                self.storage.discard(part.temp)
+            for temp, _ in part.files:
+                self.storage.discard(temp)
         self._commit(lease, keys, part)
         failpoint("flush.committed")
-        return part, (self.storage.display(final) if final else None)
+        return part, paths
 
     # --- steps ------------------------------------------------------------------------
 
@@ -262,6 +269,7 @@ class Flusher:
             last=raw[b"last"].decode(),
             count=int(raw[b"count"]),
             schema=raw.get(b"schema", b""),
+            config=raw.get(b"config", b"").decode(),
         )
 
     def _entries(
@@ -284,17 +292,21 @@ class Flusher:
             count = max(1, min(MAX_CHUNK_ENTRIES, CHUNK_BYTES // average))
 
     def _write(self, lease: Lease, keys: wire.Keys, claim: Claim | None) -> Part | None:
-        """Write a claimed range, or a new one from the head, to a temporary file."""
+        """Write a claimed range, or a new one from the head, to temporary files (one per
+        partition folder it touches)."""
         table = keys.table
         if claim is not None:
             entries = self._entries(keys, claim.first, claim.last)
             schema = wire.deserialize_schema(claim.schema) if claim.schema else None
+            config_json = claim.config
         else:
             entries = self._entries(keys, "-", "+")
-            stored = self.redis.get(keys.schema)
+            stored, raw_config = self.redis.mget(keys.schema, keys.config)
             schema = wire.deserialize_schema(stored) if stored else None
+            config_json = raw_config.decode() if raw_config else ""
+        config = TableConfig.from_json(config_json)
         part: Part | None = None
-        writer: ParquetFile | None = None
+        files: FileSet | None = None
         try:
             for entry_id, fields in entries:
                 payload = fields.get(wire.FIELD_ARROW)
@@ -311,11 +323,12 @@ class Flusher:
                         except ValueError:
                             pass
                         else:
-                            if writer is not None:
-                                break  # the table's schema moved on: end this file here
+                            if files is not None:
+                                break  # the table's schema moved on: end this range here
                             schema, batch, error = newer, candidate, None
                 if part is None:
-                    part = Part(first=entry_id, last=entry_id, count=0, schema=b"")
+                    part = Part(first=entry_id, last=entry_id, count=0, schema=b"",
+                                config=config_json)
                 part.last = entry_id
                 part.count += 1
                 if wire.FIELD_ROWS in fields and payload is not None:
@@ -326,16 +339,12 @@ class Flusher:
                     continue
                 if schema is None:
                     schema = batch.schema
-                if writer is None:
-                    part.temp = self.storage.temp_path(table, f"part-{entry_id}", lease.token)
-                    writer = ParquetFile(
-                        self.storage.open_temp(part.temp), schema,
-                        min(ROW_GROUP_BYTES, self.settings.max_file_bytes),
-                    )
-                writer.write(batch)
+                if files is None:
+                    files = self._files(table, part.first, lease.token, config, schema)
+                files.write(batch)
                 if part.count == 1:
                     failpoint("flush.first_chunk")
-                if claim is None and writer.arrow_bytes >= self.settings.max_file_bytes:
+                if claim is None and files.arrow_bytes >= self.settings.max_file_bytes:
                     break
             if part is None:
                 if claim is not None:
@@ -348,24 +357,37 @@ class Flusher:
                 )
             part.schema = wire.serialize_schema(schema) if schema is not None else b""
             part.name = file_name(part.first, part.last)
-            if writer is not None:
-                part.rows, part.arrow_bytes = writer.rows, writer.arrow_bytes
-                part.file_bytes = writer.close({
+            if files is not None:
+                part.rows, part.arrow_bytes = files.rows, files.arrow_bytes
+                for folder, temp, size, _rows in files.close({
                     "deltaflush.table": table,
                     "deltaflush.first_id": part.first,
                     "deltaflush.last_id": part.last,
                     "deltaflush.entries": str(part.count),
-                    "deltaflush.rows": str(writer.rows),
-                })
-                writer = None
+                }):
+                    final = self.storage.final_path(table, posixpath.join(folder, part.name))
+                    part.files.append((temp, final))
+                    part.file_bytes += size
+                files = None
             failpoint("flush.written")
             return part
         except BaseException:
-            if writer is not None:
-                writer.abort()
-            if part is not None and part.temp is not None:
-                self.storage.discard(part.temp)
+            temps = files.abort() if files is not None else []
+            temps += [temp for temp, _ in (part.files if part is not None else [])]
+            for temp in temps:
+                self.storage.discard(temp)
             raise
+
+    def _files(self, table: str, first: str, token: int, config: TableConfig,
+               schema: pa.Schema) -> FileSet:
+        counter = iter(range(1 << 30))
+
+        def open_temp(folder: str) -> tuple[str, pa.NativeFile]:
+            temp = self.storage.temp_path(table, f"part-{first}-{next(counter)}", token)
+            return temp, self.storage.open_temp(temp)
+
+        return FileSet(Layout(config, schema), open_temp,
+                       min(ROW_GROUP_BYTES, self.settings.max_file_bytes), config)
 
     def _evolved_schema(self, keys: wire.Keys, schema: pa.Schema | None) -> pa.Schema | None:
         """The table's schema if it is no longer ``schema`` (it evolved during this flush)."""
@@ -380,7 +402,8 @@ class Flusher:
         try:
             self._claim_script(
                 keys=[keys.lease, keys.claim],
-                args=[lease.token, part.first, part.last, part.count, part.schema],
+                args=[lease.token, part.first, part.last, part.count, part.schema,
+                      part.config],
             )
         except redis.ResponseError as exc:
             raise _fenced(exc, keys) from exc
@@ -388,7 +411,7 @@ class Flusher:
     def _commit(self, lease: Lease, keys: wire.Keys, part: Part) -> None:
         args: list[Any] = [
             lease.token, part.last, wire.next_id(part.last), part.rows, part.arrow_bytes,
-            1 if part.published else 0, part.file_bytes, -part.pending_rows,
+            part.published, part.file_bytes, -part.pending_rows,
             -part.pending_bytes, int(time.time() * 1000),
         ]
         for entry_id, error in part.dead:

@@ -1,7 +1,9 @@
 """A Parquet file writer that streams: ``write()`` many times, ``close()`` once.
 
 Batches are buffered until a row group's worth (``row_group_bytes`` of Arrow data) has
-gathered, then encoded; so memory holds about one row group, whatever the file's size.
+gathered, then encoded; so memory holds about one row group, whatever the file's size. A
+table with a sort order buffers the whole file instead (at most ``max_file_bytes``), sorts
+it and then writes it.
 """
 
 from __future__ import annotations
@@ -11,50 +13,52 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-#: Parquet options every writer uses; readable by pyarrow, DuckDB, polars and Spark as-is.
-PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "zstd",
-    "compression_level": 3,
-    "version": "2.6",
-    "use_dictionary": True,
-    "write_statistics": True,
-    "data_page_size": 1024 * 1024,
-}
-ROW_GROUP_MAX_ROWS = 1_000_000
+from producer.tablecfg import TableConfig
+
+#: Parquet options every file gets; readable by pyarrow, DuckDB, polars and Spark as-is.
+BASE_OPTIONS: dict[str, Any] = {"version": "2.6", "data_page_size": 1024 * 1024}
 
 
 class ParquetFile:
     """Write one Parquet file to ``sink`` with ``schema``; metadata is added at close."""
 
-    def __init__(self, sink: pa.NativeFile, schema: pa.Schema, row_group_bytes: int) -> None:
+    def __init__(self, sink: pa.NativeFile, schema: pa.Schema, row_group_bytes: int,
+                 config: TableConfig | None = None) -> None:
+        config = config or TableConfig()
         self.sink = sink
         self.schema = schema
         self.row_group_bytes = row_group_bytes
-        self._writer = pq.ParquetWriter(sink, schema, **PARQUET_OPTIONS)
+        self.row_group_rows = config.row_group_rows
+        self.sort_keys = [(c, "ascending") for c in config.sort_by if c in schema.names]
+        options = {**BASE_OPTIONS, **config.parquet_options()}
+        self._writer = pq.ParquetWriter(sink, schema, **options)
         self._buffer: list[pa.Table] = []
-        self._buffered = 0
+        self.buffered = 0
         self.rows = 0
         self.arrow_bytes = 0
 
     def write(self, table: pa.Table) -> None:
         self._buffer.append(table)
-        self._buffered += table.nbytes
+        self.buffered += table.nbytes
         self.rows += table.num_rows
         self.arrow_bytes += table.nbytes
-        if self._buffered >= self.row_group_bytes:
-            self._flush_buffer()
+        if self.buffered >= self.row_group_bytes and not self.sort_keys:
+            self.flush_buffer()
 
-    def _flush_buffer(self) -> None:
+    def flush_buffer(self) -> None:
+        """Encode what is buffered as row groups now."""
         if not self._buffer:
             return
         table = pa.concat_tables(self._buffer)
         self._buffer.clear()
-        self._buffered = 0
-        self._writer.write_table(table, row_group_size=ROW_GROUP_MAX_ROWS)
+        self.buffered = 0
+        if self.sort_keys:
+            table = table.sort_by(self.sort_keys)
+        self._writer.write_table(table, row_group_size=self.row_group_rows)
 
     def close(self, metadata: dict[str, str]) -> int:
         """Encode what is buffered, add ``metadata`` and close; return the file's size."""
-        self._flush_buffer()
+        self.flush_buffer()
         self._writer.add_key_value_metadata(metadata)
         self._writer.close()
         size = self.sink.tell()
@@ -66,3 +70,60 @@ class ParquetFile:
             self._writer.close()
         finally:
             self.sink.close()
+
+
+class FileSet:
+    """The files of one claimed range: one ``ParquetFile`` per partition folder.
+
+    ``open_temp(folder)`` returns ``(temporary path, sink)`` for a new file. The buffers of
+    all files together stay under ``row_group_bytes`` (unless sorting, which holds each file
+    whole): when they pass it, the largest buffer is written out as a row group.
+    """
+
+    def __init__(self, layout: Any, open_temp: Any, row_group_bytes: int,
+                 config: TableConfig) -> None:
+        self.layout = layout
+        self.open_temp = open_temp
+        self.row_group_bytes = row_group_bytes
+        self.config = config
+        self.files: dict[str, tuple[str, ParquetFile]] = {}
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for _, f in self.files.values())
+
+    @property
+    def arrow_bytes(self) -> int:
+        return sum(f.arrow_bytes for _, f in self.files.values())
+
+    def write(self, batch: pa.Table) -> None:
+        for folder, rows in self.layout.split(batch):
+            if folder not in self.files:
+                temp, sink = self.open_temp(folder)
+                self.files[folder] = (temp, ParquetFile(
+                    sink, self.layout.file_schema, self.row_group_bytes, self.config))
+            self.files[folder][1].write(rows)
+        if len(self.files) > 1 and not self.config.sort_by:
+            while sum(f.buffered for _, f in self.files.values()) > self.row_group_bytes:
+                max((f for _, f in self.files.values()), key=lambda f: f.buffered).flush_buffer()
+
+    def close(self, metadata: dict[str, str]) -> list[tuple[str, str, int, int]]:
+        """Close every file; return ``(folder, temporary path, size, rows)`` for each."""
+        out = []
+        for folder, (temp, f) in sorted(self.files.items()):
+            size = f.close({**metadata, "deltaflush.rows": str(f.rows),
+                            "deltaflush.partition": folder})
+            out.append((folder, temp, size, f.rows))
+        self.files.clear()
+        return out
+
+    def abort(self) -> list[str]:
+        temps = []
+        for temp, f in self.files.values():
+            try:
+                f.abort()
+            except Exception:  # noqa: BLE001 - best effort, the temp file is discarded anyway
+                pass
+            temps.append(temp)
+        self.files.clear()
+        return temps

@@ -1,0 +1,160 @@
+"""Per-table configuration: how a table's files are laid out, and how often it is flushed.
+
+Kept as JSON in ``{prefix}:{<table>}:config``, set from code (``Producer.configure``) or the
+CLI (``deltaflush table set``), and read by every worker at the start of each flush. A flush
+records the configuration it used in its claim, so a resumed flush lays files out the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import pyarrow as pa
+
+from .errors import ConfigError
+
+CODECS = ("zstd", "snappy", "gzip", "lz4", "brotli", "none")
+BUCKETS = {"hour": "%Y-%m-%d-%H", "day": "%Y-%m-%d", "month": "%Y-%m"}
+
+
+@dataclass(frozen=True)
+class TimePartition:
+    """Partition by a time bucket of a timestamp column, in UTC: ``ts:day`` writes folders
+    ``ts_day=2026-11-24/``; ``ts:day:event_date`` names the folder key ``event_date``."""
+
+    column: str
+    bucket: str
+    name: str
+
+    @classmethod
+    def parse(cls, spec: str) -> TimePartition:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or not all(parts) or parts[1] not in BUCKETS:
+            raise ConfigError(
+                f"partition_time {spec!r} must be 'column:bucket' or 'column:bucket:name' "
+                f"with bucket one of {sorted(BUCKETS)}, e.g. 'ts:day:event_date'"
+            )
+        column, bucket = parts[0], parts[1]
+        return cls(column, bucket, parts[2] if len(parts) == 3 else f"{column}_{bucket}")
+
+    def __str__(self) -> str:
+        return f"{self.column}:{self.bucket}:{self.name}"
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """The layout of one table's files. Every field has a default; see ``describe()``."""
+
+    partition_by: tuple[str, ...] = ()
+    partition_time: str = ""
+    sort_by: tuple[str, ...] = ()
+    compression: str = "zstd"
+    compression_level: int | None = None
+    row_group_rows: int = 1_000_000
+    dictionary: bool = True
+    statistics: bool = True
+    flush_interval_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.compression not in CODECS:
+            raise ConfigError(
+                f"compression {self.compression!r} is not one of {', '.join(CODECS)}"
+            )
+        if self.compression_level is not None and self.compression in ("snappy", "none"):
+            raise ConfigError(f"compression {self.compression!r} takes no compression_level")
+        if self.row_group_rows < 1:
+            raise ConfigError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
+        if self.flush_interval_s is not None and self.flush_interval_s <= 0:
+            raise ConfigError(f"flush_interval_s must be > 0, got {self.flush_interval_s}")
+        if self.partition_time:
+            TimePartition.parse(self.partition_time)
+        names = list(self.partition_by) + ([self.time.name] if self.time else [])
+        if len(set(names)) != len(names):
+            raise ConfigError(f"partition keys repeat: {names}")
+        if set(self.partition_by) & set(self.sort_by):
+            raise ConfigError("a partition_by column cannot also be a sort_by column "
+                              "(it has one value per file)")
+
+    @property
+    def time(self) -> TimePartition | None:
+        return TimePartition.parse(self.partition_time) if self.partition_time else None
+
+    @property
+    def partitioned(self) -> bool:
+        return bool(self.partition_by or self.partition_time)
+
+    def parquet_options(self) -> dict[str, Any]:
+        return {
+            "compression": self.compression,
+            "compression_level": self.compression_level,
+            "use_dictionary": self.dictionary,
+            "write_statistics": self.statistics,
+        }
+
+    def check_schema(self, schema: pa.Schema, table: str) -> None:
+        """Raise ``ConfigError`` if a column this configuration names is not usable."""
+        for name in (*self.partition_by, *self.sort_by):
+            if schema.get_field_index(name) < 0:
+                raise ConfigError(f"table {table!r} has no column {name!r}; "
+                                  f"its columns are {schema.names}")
+        if self.time:
+            idx = schema.get_field_index(self.time.column)
+            if idx < 0 or not pa.types.is_timestamp(schema.field(idx).type):
+                raise ConfigError(f"partition_time needs a timestamp column of {table!r}; "
+                                  f"{self.time.column!r} is not one")
+
+    # --- (de)serialisation -------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes | None) -> TableConfig:
+        if not text:
+            return cls()
+        data = json.loads(text)
+        return cls.from_mapping(data)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> TableConfig:
+        return cls().with_changes(**data)
+
+    def with_changes(self, **changes: Any) -> TableConfig:
+        """A copy with ``changes``; values may be strings (as from a command line)."""
+        known = {f.name: f for f in fields(self)}
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown table setting(s) {unknown}; known: {sorted(known)}")
+        parsed = {name: _parse(name, value) for name, value in changes.items()}
+        return replace(self, **parsed)
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _parse(name: str, value: Any) -> Any:
+    try:
+        if name in ("partition_by", "sort_by"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return tuple(str(v) for v in value)
+        if name in ("compression", "partition_time"):
+            return "" if value is None else str(value).lower() if name == "compression" \
+                else str(value)
+        if name in ("dictionary", "statistics"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if name == "row_group_rows":
+            return int(value)
+        if name in ("compression_level", "flush_interval_s"):
+            if value in (None, "", "default"):
+                return None
+            return int(value) if name == "compression_level" else float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"table setting {name}={value!r} is not valid") from None
+    return value

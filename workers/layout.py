@@ -1,0 +1,71 @@
+"""Where each row of a flush goes: Hive-style partition folders from a table's configuration.
+
+``split()`` cuts a batch into one piece per partition it touches and names the folder of
+each (``country=de/ts_day=2026-11-24``). Partition columns are not stored in the files, as in
+Spark and ``pyarrow.dataset``: readers take them from the folder names. A null value goes to
+Hive's ``__HIVE_DEFAULT_PARTITION__``; characters that are unsafe in a path are escaped as
+``%XX`` like Hive does.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from producer.tablecfg import BUCKETS, TableConfig
+
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+_UNSAFE = set('"#%\'*/:=?\\\x7f{}[]^') | {chr(c) for c in range(0x20)}
+
+
+def escape(value: str) -> str:
+    return "".join(f"%{ord(c):02X}" if c in _UNSAFE else c for c in value)
+
+
+class Layout:
+    def __init__(self, config: TableConfig, schema: pa.Schema) -> None:
+        self.config = config
+        self.columns = [c for c in config.partition_by if c in schema.names]
+        time = config.time
+        self.time = time if time and time.column in schema.names else None
+        self.file_schema = pa.schema([f for f in schema if f.name not in self.columns])
+
+    @property
+    def partitioned(self) -> bool:
+        return bool(self.columns or self.time)
+
+    def split(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
+        """``[(folder, rows)]``: the rows of ``table`` for each partition folder it touches
+        (folder ``""`` when the table is not partitioned), partition columns removed."""
+        if not self.partitioned:
+            return [("", table)]
+        parts = [self._values(c, table.column(c)) for c in self.columns]
+        if self.time:
+            parts.append(self._bucket(table.column(self.time.column)))
+        folders = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "/")
+        encoded = pc.dictionary_encode(folders).combine_chunks()
+        data = table.drop_columns(self.columns)
+        out = []
+        for index, folder in enumerate(encoded.dictionary.to_pylist()):
+            mask = pc.equal(encoded.indices, index)
+            out.append((folder, data.filter(mask)))
+        return out
+
+    @staticmethod
+    def _values(name: str, column: pa.ChunkedArray) -> pa.Array:
+        text = column.combine_chunks()
+        if not pa.types.is_string(text.type):
+            text = pc.cast(text, pa.string())
+        uniques = pc.unique(text)
+        folders = pa.array([f"{name}={HIVE_NULL if v is None else escape(v)}"
+                            for v in uniques.to_pylist()], pa.string())
+        return pc.take(folders, pc.index_in(text, value_set=uniques, skip_nulls=False))
+
+    def _bucket(self, column: pa.ChunkedArray) -> pa.ChunkedArray:
+        assert self.time is not None
+        if column.type.tz is not None:
+            column = pc.cast(column, pa.timestamp(column.type.unit, "UTC"))
+        text = pc.strftime(column, format=BUCKETS[self.time.bucket])
+        prefix = self.time.name + "="
+        return pc.if_else(pc.is_null(text), prefix + HIVE_NULL,
+                          pc.binary_join_element_wise(prefix, text, ""))
