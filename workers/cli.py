@@ -122,6 +122,54 @@ def flush(table: str | None, all_tables: bool, local: bool) -> None:
 
 
 @main.group()
+def table() -> None:
+    """Per-table configuration: layout of the files and flush interval."""
+
+
+@table.command("set")
+@click.argument("name")
+@click.option("--partition-by", help="Comma-separated columns, as Hive folders (col=value/); "
+              "'' to clear.")
+@click.option("--partition-time", help="A time bucket of a timestamp column: "
+              "column:hour|day|month[:folder_key], e.g. ts:day:event_date; '' to clear.")
+@click.option("--sort-by", help="Comma-separated columns to sort each file by.")
+@click.option("--compression", help="zstd (default), snappy, gzip, lz4, brotli or none.")
+@click.option("--compression-level", help="Codec level, or 'default'.")
+@click.option("--row-group-rows", type=int, help="At most this many rows per row group.")
+@click.option("--dictionary/--no-dictionary", default=None, help="Dictionary encoding.")
+@click.option("--statistics/--no-statistics", default=None, help="Column statistics.")
+@click.option("--flush-interval", "flush_interval_s", help="Seconds between scheduled "
+              "flushes of this table, or 'default'.")
+def table_set(name: str, **options: object) -> None:
+    """Change TABLE's configuration; workers use it from their next flush."""
+    changes = {k: v for k, v in options.items() if v is not None}
+    if not changes:
+        raise click.UsageError("give at least one setting to change (see --help)")
+    producer = Producer(settings=_settings())
+    try:
+        config = producer.configure(name, **changes)
+    except DeltaflushError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        producer.close()
+    click.echo(json.dumps(config.describe(), indent=2))
+
+
+@table.command("show")
+@click.argument("name")
+def table_show(name: str) -> None:
+    """Print TABLE's configuration (defaults where nothing was set)."""
+    producer = Producer(settings=_settings())
+    try:
+        config = producer.table_config(name)
+    except DeltaflushError as exc:
+        raise click.UsageError(str(exc)) from exc
+    finally:
+        producer.close()
+    click.echo(json.dumps(config.describe(), indent=2))
+
+
+@main.group()
 def dead() -> None:
     """Entries that could not be flushed (corrupt bytes, impossible schema)."""
 

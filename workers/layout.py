@@ -43,7 +43,9 @@ class Layout:
         if self.time:
             parts.append(self._bucket(table.column(self.time.column)))
         folders = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "/")
-        encoded = pc.dictionary_encode(folders).combine_chunks()
+        if isinstance(folders, pa.ChunkedArray):
+            folders = folders.combine_chunks()
+        encoded = pc.dictionary_encode(folders)
         data = table.drop_columns(self.columns)
         out = []
         for index, folder in enumerate(encoded.dictionary.to_pylist()):
