@@ -43,6 +43,8 @@ def check(fault: str, root: Path | str, table: str, expected: Iterable[int],
     record(fault, test, len(must), lost, duplicated + foreign)
     assert duplicated == 0, f"{fault}: {duplicated} duplicated rows in {table}"
     assert foreign == 0, f"{fault}: {foreign} rows that were never appended in {table}"
+    if lost:
+        print(diagnose(root, table, must - counts.keys()))
     assert lost == 0, f"{fault}: {lost} rows lost from {table}"
 
 
@@ -51,3 +53,17 @@ def refused(kind: str, rows: int, entries_written: int) -> None:
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
     record(f"bad input refused: {kind}", test, rows, 0, entries_written)
     assert entries_written == 0, f"{kind}: {entries_written} entries written"
+
+
+def diagnose(root: Path | str, table: str, missing: set[int]) -> str:
+    """What the files hold, to tell a lost range from a lost file."""
+    import pyarrow.parquet as pq
+
+    lines = [f"missing ids: {len(missing)}, from {min(missing)} to {max(missing)}"]
+    for path in sorted(Path(root, table).rglob("*.parquet")):
+        md = pq.read_metadata(path)
+        kv = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
+        ids = pq.read_table(path, columns=["id"])["id"].to_pylist()
+        lines.append(f"{path.name}: rows={md.num_rows} ids={min(ids)}..{max(ids)} "
+                     f"entries={kv.get('deltaflush.entries')}")
+    return "\n".join(lines)
