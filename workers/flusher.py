@@ -44,6 +44,7 @@ import logging
 import posixpath
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -275,21 +276,26 @@ class Flusher:
     def _entries(
         self, keys: wire.Keys, first: str, last: str
     ) -> Iterator[tuple[str, dict[bytes, bytes]]]:
-        """Entries ``first..last`` (inclusive) in chunks of about ``CHUNK_BYTES``."""
-        start, count = first, 16
-        while True:
-            chunk = self.redis.xrange(keys.delta, start, last, count=count)
-            if not chunk:
-                return
-            size = 0
-            for entry_id, fields in chunk:
-                size += len(fields.get(wire.FIELD_ARROW, b""))
-                yield entry_id.decode(), fields
-            if len(chunk) < count:
-                return
-            start = "(" + chunk[-1][0].decode()
-            average = max(1, size // len(chunk))
-            count = max(1, min(MAX_CHUNK_ENTRIES, CHUNK_BYTES // average))
+        """Entries ``first..last`` (inclusive) in chunks of about ``CHUNK_BYTES``; the next
+        chunk is fetched in the background while the caller decodes and encodes this one."""
+        with ThreadPoolExecutor(1, thread_name_prefix="xrange") as pool:
+            count = 16
+            pending = pool.submit(self.redis.xrange, keys.delta, first, last, count=count)
+            while True:
+                chunk = pending.result()
+                if not chunk:
+                    return
+                full = len(chunk) >= count
+                if full:
+                    size = sum(len(fields.get(wire.FIELD_ARROW, b"")) for _, fields in chunk)
+                    average = max(1, size // len(chunk))
+                    count = max(1, min(MAX_CHUNK_ENTRIES, CHUNK_BYTES // average))
+                    pending = pool.submit(self.redis.xrange, keys.delta,
+                                          "(" + chunk[-1][0].decode(), last, count=count)
+                for entry_id, fields in chunk:
+                    yield entry_id.decode(), fields
+                if not full:
+                    return
 
     def _write(self, lease: Lease, keys: wire.Keys, claim: Claim | None) -> Part | None:
         """Write a claimed range, or a new one from the head, to temporary files (one per
