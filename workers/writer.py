@@ -1,13 +1,15 @@
 """A Parquet file writer that streams: ``write()`` many times, ``close()`` once.
 
 Batches are buffered until a row group's worth (``row_group_bytes`` of Arrow data) has
-gathered, then encoded; so memory holds about one row group, whatever the file's size. A
-table with a sort order buffers the whole file instead (at most ``max_file_bytes``), sorts
-it and then writes it.
+gathered, then encoded in a background thread while the next row group gathers (pyarrow
+releases the GIL while encoding, so reading from Redis and encoding overlap on two cores).
+Memory holds about two row groups, whatever the file's size. A table with a sort order
+buffers the whole file instead (at most ``max_file_bytes``), sorts it and then writes it.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -32,6 +34,8 @@ class ParquetFile:
         self.sort_keys = [(c, "ascending") for c in config.sort_by if c in schema.names]
         options = {**BASE_OPTIONS, **config.parquet_options()}
         self._writer = pq.ParquetWriter(sink, schema, **options)
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
+        self._encoding: Future[None] | None = None
         self._buffer: list[pa.Table] = []
         self.buffered = 0
         self.rows = 0
@@ -54,11 +58,20 @@ class ParquetFile:
         self.buffered = 0
         if self.sort_keys:
             table = table.sort_by(self.sort_keys)
-        self._writer.write_table(table, row_group_size=self.row_group_rows)
+        self._wait()  # at most one row group being encoded while the next one gathers
+        self._encoding = self._encoder.submit(
+            self._writer.write_table, table, row_group_size=self.row_group_rows)
+
+    def _wait(self) -> None:
+        if self._encoding is not None:
+            encoding, self._encoding = self._encoding, None
+            encoding.result()
 
     def close(self, metadata: dict[str, str]) -> int:
         """Encode what is buffered, add ``metadata`` and close; return the file's size."""
         self.flush_buffer()
+        self._wait()
+        self._encoder.shutdown()
         self._writer.add_key_value_metadata(metadata)
         self._writer.close()
         size = self.sink.tell()
@@ -67,7 +80,11 @@ class ParquetFile:
 
     def abort(self) -> None:
         try:
-            self._writer.close()
+            try:
+                self._wait()
+            finally:
+                self._encoder.shutdown()
+                self._writer.close()
         finally:
             self.sink.close()
 
