@@ -25,7 +25,8 @@ class ParquetFile:
     """Write one Parquet file to ``sink`` with ``schema``; metadata is added at close."""
 
     def __init__(self, sink: pa.NativeFile, schema: pa.Schema, row_group_bytes: int,
-                 config: TableConfig | None = None) -> None:
+                 config: TableConfig | None = None,
+                 encoder: ThreadPoolExecutor | None = None) -> None:
         config = config or TableConfig()
         self.sink = sink
         self.schema = schema
@@ -34,7 +35,8 @@ class ParquetFile:
         self.sort_keys = [(c, "ascending") for c in config.sort_by if c in schema.names]
         options = {**BASE_OPTIONS, **config.parquet_options()}
         self._writer = pq.ParquetWriter(sink, schema, **options)
-        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
+        self._own_encoder = encoder is None
+        self._encoder = encoder or ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
         self._encoding: Future[None] | None = None
         self._buffer: list[pa.Table] = []
         self.buffered = 0
@@ -71,7 +73,8 @@ class ParquetFile:
         """Encode what is buffered, add ``metadata`` and close; return the file's size."""
         self.flush_buffer()
         self._wait()
-        self._encoder.shutdown()
+        if self._own_encoder:
+            self._encoder.shutdown()
         self._writer.add_key_value_metadata(metadata)
         self._writer.close()
         size = self.sink.tell()
@@ -83,7 +86,8 @@ class ParquetFile:
             try:
                 self._wait()
             finally:
-                self._encoder.shutdown()
+                if self._own_encoder:
+                    self._encoder.shutdown()
                 self._writer.close()
         finally:
             self.sink.close()
@@ -94,7 +98,8 @@ class FileSet:
 
     ``open_temp(folder)`` returns ``(temporary path, sink)`` for a new file. The buffers of
     all files together stay under ``row_group_bytes`` (unless sorting, which holds each file
-    whole): when they pass it, the largest buffer is written out as a row group.
+    whole): when they pass it, the largest buffer is written out as a row group. All files
+    share one background encoder thread.
     """
 
     def __init__(self, layout: Any, open_temp: Any, row_group_bytes: int,
@@ -104,6 +109,7 @@ class FileSet:
         self.row_group_bytes = row_group_bytes
         self.config = config
         self.files: dict[str, tuple[str, ParquetFile]] = {}
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
 
     @property
     def rows(self) -> int:
@@ -118,7 +124,8 @@ class FileSet:
             if folder not in self.files:
                 temp, sink = self.open_temp(folder)
                 self.files[folder] = (temp, ParquetFile(
-                    sink, self.layout.file_schema, self.row_group_bytes, self.config))
+                    sink, self.layout.file_schema, self.row_group_bytes, self.config,
+                    self.encoder))
             self.files[folder][1].write(rows)
         if len(self.files) > 1 and not self.config.sort_by:
             while sum(f.buffered for _, f in self.files.values()) > self.row_group_bytes:
@@ -132,6 +139,7 @@ class FileSet:
                             "deltaflush.partition": folder})
             out.append((folder, temp, size, f.rows))
         self.files.clear()
+        self.encoder.shutdown()
         return out
 
     def abort(self) -> list[str]:
@@ -143,4 +151,5 @@ class FileSet:
                 pass
             temps.append(temp)
         self.files.clear()
+        self.encoder.shutdown()
         return temps
