@@ -9,6 +9,7 @@ import signal
 import threading
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from producer import Settings, wire
@@ -166,3 +167,23 @@ def test_storage_error_is_retried_with_backoff(fleet, producer_for, real_redis, 
     text = log.read_text()
     assert "injected fault at flush.written" in text and "retry 1 in 1s" in text
     assert not list(storage_dir.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("step", ["flush.claimed", "flush.published", "flush.committed"])
+def test_partitioned_table_survives_sigkill(step, fleet, producer_for, real_redis,
+                                            storage_dir):
+    """A range spans several partition files; the kill lands between their publishes."""
+    p = producer_for()
+    rows = 100
+    for i in range(40 * SCALE):
+        batch = id_batch(i * rows, rows)
+        p.append(TABLE, batch.append_column("bucket", pa.array([j % 5 for j in range(rows)])))
+        if i == 0:
+            p.configure(TABLE, partition_by="bucket")
+    total = 40 * SCALE * rows
+    fleet.worker(failpoints=f"{step}=kill")
+    fleet.beat()
+    wait_drained(fleet, real_redis, total)
+    check(f"partitioned table, worker SIGKILLed at {step}", storage_dir, TABLE, range(total))
+    folders = {path.parent.name for path in (storage_dir / TABLE).rglob("*.parquet")}
+    assert {f"bucket={i}" for i in range(5)} <= folders
