@@ -16,6 +16,7 @@ from redis.retry import Retry
 
 from . import wire
 from .convert import conform, evolve, to_table
+from .due import DUE_LUA, due_keys
 from .errors import (
     Backpressure,
     BatchTooLarge,
@@ -32,10 +33,10 @@ log = logging.getLogger(__name__)
 #   KEYS: schema, delta, pending, stats, dedup key of this batch, dead
 #   ARGV: schema bytes, payload, rows, batch id, schema it evolves from ('' if none),
 #         max pending bytes (0: no limit), dead-letter ID to delete ('' if none), dedup TTL s
-#   returns {1, entry id} | {0, current schema bytes} | {2, pending bytes}
+#   returns {1, entry id, pending bytes} | {0, current schema bytes} | {2, pending bytes}
 APPEND_LUA = """
 local done = redis.call('GET', KEYS[5])
-if done then return {1, done} end
+if done then return {1, done, tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')} end
 local current = redis.call('GET', KEYS[1])
 if current and current ~= ARGV[1] and (ARGV[5] == '' or current ~= ARGV[5]) then
   return {0, current}
@@ -51,10 +52,10 @@ end
 if current ~= ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) end
 local id = redis.call('XADD', KEYS[2], '*', 'arrow', ARGV[2], 'rows', ARGV[3], 'batch', ARGV[4])
 redis.call('HINCRBY', KEYS[3], 'rows', ARGV[3])
-redis.call('HINCRBY', KEYS[3], 'bytes', string.len(ARGV[2]))
+local pending = redis.call('HINCRBY', KEYS[3], 'bytes', string.len(ARGV[2]))
 redis.call('SET', KEYS[5], id, 'EX', ARGV[8])
 if ARGV[7] ~= '' then redis.call('XDEL', KEYS[6], ARGV[7]) end
-return {1, id}
+return {1, id, pending}
 """
 
 #: How long a batch ID is remembered, so that a retried append is not added twice.
@@ -116,6 +117,8 @@ class Producer:
         self._append = self.redis.register_script(APPEND_LUA)
         self._registered: set[str] = set()
         self._schemas: dict[str, pa.Schema] = {}
+        self._pending: dict[str, int] = {}
+        self._due = self.redis.register_script(DUE_LUA)
         self._celery: Any = None
 
     # --- appending --------------------------------------------------------------------
@@ -135,7 +138,9 @@ class Producer:
         keys = self._keys(table)
         item = self._prepare(table, data)
         self._register(table)
-        return self._send(keys, item, timeout_s)
+        entry_id = self._send(keys, item, timeout_s)
+        self._maybe_trigger(keys)
+        return entry_id
 
     def append_many(self, table: str, batches: Iterable[Any], *,
                     timeout_s: float | None = None) -> list[str]:
@@ -155,8 +160,13 @@ class Producer:
             self._call(keys, item, pipe)
         replies = pipe.execute()
         ids: list[str] = []
-        for item, (code, value) in zip(items, replies, strict=True):
-            ids.append(value.decode() if code == 1 else self._send(keys, item, timeout_s))
+        for item, (code, value, *rest) in zip(items, replies, strict=True):
+            if code == 1:
+                ids.append(value.decode())
+                self._pending[table] = int(rest[0]) if rest else 0
+            else:
+                ids.append(self._send(keys, item, timeout_s))
+        self._maybe_trigger(keys)
         return ids
 
     def replay_dead(self, table: str) -> tuple[int, int]:
@@ -227,9 +237,10 @@ class Producer:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         delay = 0.05
         for _ in range(1000):
-            code, value = self._call(keys, item)
+            code, value, *rest = self._call(keys, item)
             if code == 1:
                 self._schemas[table] = item.arrow.schema
+                self._pending[table] = int(rest[0]) if rest else 0
                 return str(value.decode())
             if code == 2:
                 pending = int(value)
@@ -269,13 +280,30 @@ class Producer:
                 new.check_schema(wire.deserialize_schema(schema), table)
             pipe.multi()
             pipe.set(keys.config, new.to_json())
+            if new.flush_interval_s is None:
+                pipe.hdel(keys.sched, "interval_ms")
+            else:
+                pipe.hset(keys.sched, "interval_ms", int(new.flush_interval_s * 1000))
             result.append(new)
 
-        self.redis.transaction(update, keys.config, keys.schema)
+        self.redis.transaction(update, keys.config, keys.schema, keys.sched)
         self._register(table)
         return result[-1]
 
     # --- flushing ---------------------------------------------------------------------
+
+    def _maybe_trigger(self, keys: wire.Keys) -> None:
+        """Size trigger: once a table's pending bytes pass ``flush_at_bytes``, queue a flush
+        now instead of waiting for beat (unless one is queued or running already)."""
+        if self._pending.pop(keys.table, 0) < self.settings.flush_at_bytes:
+            return
+        if self._due(keys=due_keys(keys), args=[self.settings.lease_ms, 0, 1]):
+            try:
+                self._celery_app().send_task(wire.FLUSH_TASK, args=[keys.table],
+                                             queue=wire.QUEUE)
+            except Exception:
+                self.redis.delete(keys.queued)
+                raise
 
     def flush(self, table: str) -> bool:
         """Enqueue ``flush_table(table)`` now, unless one is already queued.

@@ -25,6 +25,7 @@ _ENV = {
     "task_time_limit_s": "DELTAFLUSH_TASK_TIME_LIMIT_S",
     "max_batch_bytes": "DELTAFLUSH_MAX_BATCH_BYTES",
     "max_pending_bytes": "DELTAFLUSH_MAX_PENDING_BYTES",
+    "flush_at_bytes": "DELTAFLUSH_FLUSH_AT_BYTES",
 }
 
 
@@ -50,10 +51,15 @@ class Settings:
     # Appends to a table are refused (Backpressure) while this many bytes are pending;
     # 0 turns backpressure off.
     max_pending_bytes: int = 1024 * 1024 * 1024
+    # A producer queues a flush at once when a table's pending bytes pass this (0: the
+    # file size target), rather than waiting for the next scheduled flush.
+    flush_at_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.broker_url:
             object.__setattr__(self, "broker_url", self.redis_url)
+        if not self.flush_at_bytes:
+            object.__setattr__(self, "flush_at_bytes", self.max_file_bytes)
         for name in ("flush_interval_s", "lease_s", "task_time_limit_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -25,6 +25,8 @@ key                              type    content
 ``{prefix}:{<table>}:queued``    string  set while a ``flush_table`` for the table is queued
 ``{prefix}:{<table>}:config``    string  the table's layout and flush interval, JSON
                                          (``producer.tablecfg.TableConfig``)
+``{prefix}:{<table>}:sched``     hash    ``interval_ms`` (the table's own flush interval)
+                                         and ``last_ms`` (when it was last scheduled)
 ``{prefix}:{<table>}:batch:<id>`` string the entry ID of a recent batch ID (dedups retries)
 ===============================  ======  =====================================================
 
@@ -115,6 +117,10 @@ class Keys:
     @property
     def config(self) -> str:
         return self._k("config")
+
+    @property
+    def sched(self) -> str:
+        return self._k("sched")
 
     def dedup(self, batch_id: str) -> str:
         """Remembers, for a short while, the entry ID a batch ID was appended as."""

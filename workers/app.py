@@ -50,9 +50,11 @@ def make_app(settings: Settings) -> Celery:
         beat_schedule={
             "deltaflush-schedule-flushes": {
                 "task": wire.SCHEDULE_TASK,
-                "schedule": settings.flush_interval_s,
-                # A round that waited longer than an interval is superseded by the next.
-                "options": {"expires": settings.flush_interval_s},
+                # Every second, so per-table intervals shorter than the default are kept;
+                # each table is scheduled at its own interval (workers.scheduler).
+                "schedule": min(1.0, settings.flush_interval_s),
+                # A round that waited longer than that is superseded by the next.
+                "options": {"expires": min(1.0, settings.flush_interval_s)},
             }
         },
         # Flower: task events on, results shown in its task list.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 import click
 
@@ -13,6 +14,7 @@ from producer.client import connect
 from producer.errors import DeltaflushError, InvalidTableName
 from producer.settings import Settings
 
+from .logs import configure_logging
 from .scheduler import iter_tables
 from .status import TableStatus, table_status
 
@@ -28,8 +30,7 @@ def _settings() -> Settings:
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
     """deltaflush: Arrow batches in Redis Streams, flushed to Parquet by a Celery fleet."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO if verbose else logging.WARNING)
 
 
 def _age(seconds: float | None) -> str:
@@ -72,19 +73,31 @@ def render(rows: list[TableStatus]) -> str:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, one object per table.")
+@click.option("--watch", type=float, default=None, metavar="SECONDS",
+              help="Refresh every SECONDS until interrupted.")
 @click.argument("tables", nargs=-1)
-def status(as_json: bool, tables: tuple[str, ...]) -> None:
+def status(as_json: bool, watch: float | None, tables: tuple[str, ...]) -> None:
     """Per table: pending rows and bytes, age of the oldest pending entry, files and rows
     flushed, dead letters."""
     settings = _settings()
     client = connect(settings.redis_url)
-    rows = table_status(client, settings.key_prefix, list(tables) or None)
-    if as_json:
-        click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
-    elif not rows:
-        click.echo("no tables yet: append to one with producer.Producer().append(...)")
-    else:
-        click.echo(render(rows))
+    while True:
+        rows = table_status(client, settings.key_prefix, list(tables) or None)
+        if as_json:
+            text = json.dumps([r.as_dict() for r in rows], indent=2)
+        elif not rows:
+            text = "no tables yet: append to one with producer.Producer().append(...)"
+        else:
+            text = render(rows)
+        if watch is None:
+            click.echo(text)
+            return
+        click.clear()
+        click.echo(f"deltaflush status, every {watch:g}s (Ctrl-C to stop)\n{text}")
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
 
 
 @main.command()

@@ -1,13 +1,10 @@
 """One scheduling round: which tables get a ``flush_table`` now.
 
-Beat sends the scheduling task every ``flush_interval_s``; a worker runs :func:`due_tables`
-and enqueues one flush per table it returns. A table is due when it has something pending
-(entries in its delta, or a claim left by a crashed flusher), no flush of it is queued
-(``{T}:queued``) and none is running (``{T}:lease``). The check and the setting of
-``{T}:queued`` happen in one script per table, so two scheduling rounds never both queue a
-flush of the same table; the scripts of all tables go out in pipelined batches.
-
-``{T}:queued`` expires after a lease period: a lost message delays a table by at most that.
+Beat sends the scheduling task every second (or every ``flush_interval_s`` if shorter); a
+worker runs :func:`due_tables` and enqueues one flush per table it returns. Whether a table
+is due is decided, and ``{T}:queued`` set, by one script per table (``producer.due``), so
+two rounds never both queue a flush of the same table; the scripts of all tables go out in
+pipelined batches of 1,000.
 """
 
 from __future__ import annotations
@@ -17,14 +14,7 @@ from collections.abc import Callable, Iterator
 import redis
 
 from producer import wire
-
-# KEYS: queued, lease, delta, claim   ARGV: queued ttl ms
-DUE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-if redis.call('XLEN', KEYS[3]) == 0 and redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-return 1
-"""
+from producer.due import DUE_LUA, due_keys
 
 BATCH = 1000
 
@@ -34,8 +24,11 @@ def iter_tables(client: redis.Redis, prefix: str) -> Iterator[str]:
         yield name.decode()
 
 
-def due_tables(client: redis.Redis, prefix: str, queued_ttl_ms: int) -> list[str]:
-    """Mark and return the tables that need a flush now."""
+def due_tables(client: redis.Redis, prefix: str, queued_ttl_ms: int,
+               interval_ms: int = 0) -> list[str]:
+    """Mark and return the tables that need a flush now: something pending, none queued or
+    running, and their flush interval (``interval_ms`` unless the table sets its own) passed
+    since they were last scheduled."""
     sha = client.script_load(DUE_LUA)
     due: list[str] = []
     batch: list[str] = []
@@ -43,8 +36,8 @@ def due_tables(client: redis.Redis, prefix: str, queued_ttl_ms: int) -> list[str
     def run(names: list[str]) -> None:
         pipe = client.pipeline(transaction=False)
         for name in names:
-            k = wire.Keys(prefix, name)
-            pipe.evalsha(sha, 4, k.queued, k.lease, k.delta, k.claim, queued_ttl_ms)
+            pipe.evalsha(sha, 5, *due_keys(wire.Keys(prefix, name)), queued_ttl_ms,
+                         interval_ms, 0)
         due.extend(n for n, hit in zip(names, pipe.execute(), strict=True) if hit)
 
     for name in iter_tables(client, prefix):
@@ -58,11 +51,12 @@ def due_tables(client: redis.Redis, prefix: str, queued_ttl_ms: int) -> list[str
 
 
 def enqueue_due(
-    client: redis.Redis, prefix: str, queued_ttl_ms: int, send: Callable[[str], object]
+    client: redis.Redis, prefix: str, queued_ttl_ms: int, send: Callable[[str], object],
+    interval_ms: int = 0,
 ) -> list[str]:
     """Run a round and ``send`` each due table; unmark a table whose send failed."""
     sent = []
-    for table in due_tables(client, prefix, queued_ttl_ms):
+    for table in due_tables(client, prefix, queued_ttl_ms, interval_ms):
         try:
             send(table)
         except Exception:

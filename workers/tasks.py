@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 import redis
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
 from producer import wire
 from producer.client import connect
@@ -23,6 +23,7 @@ from producer.errors import ClaimMismatch, InvalidTableName, LeaseLost
 from .app import app, settings
 from .checks import warn_on_eviction
 from .flusher import Flusher
+from .logs import configure_logging, json_logs
 from .scheduler import enqueue_due
 from .storage import Storage
 
@@ -45,6 +46,13 @@ def runtime() -> tuple[redis.Redis, Flusher]:
 
 def send_flush(table: str) -> None:
     app.send_task(wire.FLUSH_TASK, args=[table], queue=wire.QUEUE)
+
+
+if json_logs():  # DELTAFLUSH_LOG_JSON=1: JSON lines instead of Celery's own format
+
+    @setup_logging.connect
+    def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+        configure_logging(loglevel or logging.INFO)
 
 
 def _stopping_key(hostname: str) -> str:
@@ -103,7 +111,8 @@ def flush_table(self: Any, table: str) -> dict[str, Any]:
 @app.task(name=wire.SCHEDULE_TASK, ignore_result=True)
 def schedule_flushes() -> int:
     client, flusher = runtime()
-    sent = enqueue_due(client, settings.key_prefix, settings.lease_ms, send_flush)
+    sent = enqueue_due(client, settings.key_prefix, settings.lease_ms, send_flush,
+                       interval_ms=int(settings.flush_interval_s * 1000))
     # Temporary files of flushers killed long ago (past twice the hard time limit).
     flusher.storage.sweep_temp(older_than_s=2 * settings.task_time_limit_s)
     return len(sent)

@@ -1,0 +1,60 @@
+"""Cost of one scheduling round with many registered tables, few of them with data.
+
+    python -m bench.scheduling [--tables 10000] [--with-data 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+
+from bench.memory import machine
+from bench.throughput import start_redis
+from producer import Producer, Settings, wire
+from producer.client import connect
+from workers.scheduler import due_tables
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tables", type=int, default=10_000)
+    parser.add_argument("--with-data", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp()
+    proc, url = start_redis(workdir)
+    try:
+        client = connect(url)
+        pipe = client.pipeline(transaction=False)
+        for i in range(args.tables):
+            pipe.sadd(wire.tables_key("deltaflush"), f"t{i}")
+        pipe.execute()
+        p = Producer(settings=Settings(redis_url=url))
+        step = max(1, args.tables // max(1, args.with_data))
+        busy = [f"t{i}" for i in range(0, args.tables, step)][: args.with_data]
+        for name in busy:
+            p.append(name, [{"id": 1}])
+        best = float("inf")
+        for _ in range(args.repeat):
+            for name in busy:
+                client.delete(wire.Keys("deltaflush", name).queued)
+            started = time.perf_counter()
+            due = due_tables(client, "deltaflush", 30_000)
+            best = min(best, time.perf_counter() - started)
+            assert len(due) == len(busy), (len(due), len(busy))
+        print(f"machine: {json.dumps(machine())}")
+        print(f"| tables | with data | one round (best of {args.repeat}) | Redis round trips |")
+        print("| --- | --- | --- | --- |")
+        print(f"| {args.tables} | {len(busy)} | {best * 1000:.1f} ms "
+              f"| {2 + (args.tables + 999) // 1000 * 2} |")
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
