@@ -134,6 +134,23 @@ def flush(table: str | None, all_tables: bool, local: bool) -> None:
         producer.close()
 
 
+@main.command()
+@click.option("--port", default=9808, show_default=True, help="Port of /metrics.")
+@click.option("--addr", default="0.0.0.0", show_default=True, help="Address to bind.")
+def exporter(port: int, addr: str) -> None:
+    """Serve Prometheus metrics for every table at http://ADDR:PORT/metrics."""
+    from .metrics import serve
+
+    settings = _settings()
+    serve(connect(settings.redis_url), settings.key_prefix, port, addr)
+    click.echo(f"serving deltaflush metrics on http://{addr}:{port}/metrics")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
 @main.group()
 def table() -> None:
     """Per-table configuration: layout of the files and flush interval."""

@@ -60,6 +60,7 @@ from producer.tablecfg import TableConfig
 from .failpoints import failpoint
 from .layout import Layout
 from .lease import Lease, acquire
+from .metrics import record_duration
 from .storage import Storage
 from .writer import FileSet
 
@@ -235,6 +236,7 @@ class Flusher:
         return result
 
     def _flush_one(self, lease: Lease, keys: wire.Keys) -> tuple[Part, list[str]] | None:
+        started = time.monotonic()
         claim = self._load_claim(keys)
         part = self._write(lease, keys, claim)
         if part is None:
@@ -257,6 +259,10 @@ class Flusher:
                 self.storage.discard(temp)
         self._commit(lease, keys, part)
         failpoint("flush.committed")
+        try:
+            record_duration(self.redis, keys, time.monotonic() - started)
+        except redis.RedisError as exc:  # a metric is not worth failing a committed flush
+            log.warning("could not record the flush duration of %s: %s", keys.table, exc)
         return part, paths
 
     # --- steps ------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""Prometheus metrics, served by ``deltaflush exporter`` (one small process per fleet).
+
+Every scrape reads each table's state from Redis in pipelined round trips, so the numbers
+are the fleet's, whichever worker did the work, and the exporter holds no state of its own.
+Flush durations are kept as histogram buckets in ``{T}:stats`` by the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from producer import wire
+
+from .scheduler import iter_tables
+from .status import table_status
+
+log = logging.getLogger(__name__)
+
+#: Upper bounds (seconds) of the flush duration histogram buckets.
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def record_duration(client: redis.Redis, keys: wire.Keys, seconds: float) -> None:
+    """Count one range's flush duration into the table's histogram buckets."""
+    pipe = client.pipeline(transaction=False)
+    for bound in DURATION_BUCKETS:
+        if seconds <= bound:
+            pipe.hincrby(keys.stats, f"dur_le_{bound:g}", 1)
+    pipe.hincrby(keys.stats, "dur_count", 1)
+    pipe.hincrbyfloat(keys.stats, "dur_sum", round(seconds, 6))
+    pipe.execute()
+
+
+class DeltaflushCollector(Collector):
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def collect(self) -> Iterator[Any]:
+        tables = sorted(iter_tables(self.client, self.prefix))
+        rows = table_status(self.client, self.prefix, tables)
+        pipe = self.client.pipeline(transaction=False)
+        for name in tables:
+            pipe.hgetall(wire.Keys(self.prefix, name).stats)
+        stats = dict(zip(tables, pipe.execute(), strict=True))
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"deltaflush_{name}", doc, labels=["table"])
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"deltaflush_{name}", doc, labels=["table"])
+
+        pending_rows = gauge("pending_rows", "Rows appended and not yet in Parquet.")
+        pending_bytes = gauge("pending_bytes", "Arrow IPC bytes appended and not yet flushed.")
+        pending_entries = gauge("pending_entries", "Entries in the table's delta stream.")
+        oldest = gauge("oldest_pending_age_seconds",
+                       "Age of the oldest pending entry (0 when nothing is pending).")
+        flushing = gauge("flushing", "1 while a flush of the table holds its lease.")
+        dead = gauge("dead_letters", "Entries in the table's dead-letter stream.")
+        rows_total = counter("rows_flushed", "Rows written to Parquet.")
+        bytes_total = counter("bytes_flushed", "Parquet bytes written.")
+        files_total = counter("files_written", "Parquet files written.")
+        refused = counter("backpressure_refusals", "Appends refused by backpressure.")
+        durations = HistogramMetricFamily("deltaflush_flush_duration_seconds",
+                                          "Seconds to flush one file's range.",
+                                          labels=["table"])
+        for s in rows:
+            t = [s.table]
+            pending_rows.add_metric(t, s.pending_rows)
+            pending_bytes.add_metric(t, s.pending_bytes)
+            pending_entries.add_metric(t, s.pending_entries)
+            oldest.add_metric(t, s.oldest_pending_age_s or 0.0)
+            flushing.add_metric(t, 1 if s.flushing else 0)
+            dead.add_metric(t, s.dead_entries)
+            rows_total.add_metric(t, s.rows_flushed)
+            bytes_total.add_metric(t, s.bytes_flushed)
+            files_total.add_metric(t, s.files_flushed)
+            st = stats.get(s.table, {})
+            refused.add_metric(t, int(st.get(b"backpressure", 0)))
+            buckets = [(f"{b:g}", int(st.get(f"dur_le_{b:g}".encode(), 0)))
+                       for b in DURATION_BUCKETS]
+            buckets.append(("+Inf", int(st.get(b"dur_count", 0))))
+            durations.add_metric(t, buckets, float(st.get(b"dur_sum", 0.0)))
+        yield from (pending_rows, pending_bytes, pending_entries, oldest, flushing, dead,
+                    rows_total, bytes_total, files_total, refused, durations)
+
+
+def serve(client: redis.Redis, prefix: str, port: int, addr: str = "0.0.0.0") -> Any:
+    """Start the HTTP server in a thread; return it (``.shutdown()`` stops it)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(DeltaflushCollector(client, prefix))
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server
