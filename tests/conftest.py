@@ -182,12 +182,11 @@ class Fleet:
                                     cwd=self.logdir, stdout=out, stderr=subprocess.STDOUT,
                                     **popen)  # type: ignore[call-overload]
 
-    def beat(self) -> subprocess.Popen[bytes]:
-        log = self.logdir / "beat.log"
-        proc = self.spawn(["beat", "--loglevel=INFO", "-s", str(self.logdir / "beat-schedule")],
-                          log, self.env)
+    def beat(self) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.logdir / f"beat-{len(self.procs)}.log"
+        proc = self.spawn(["beat", "--loglevel=INFO"], log, self.env)
         self.procs.append((proc, log))
-        return proc
+        return proc, log
 
     def logs(self) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}"

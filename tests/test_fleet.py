@@ -187,3 +187,21 @@ def test_partitioned_table_survives_sigkill(step, fleet, producer_for, real_redi
     check(f"partitioned table, worker SIGKILLed at {step}", storage_dir, TABLE, range(total))
     folders = {path.parent.name for path in (storage_dir / TABLE).rglob("*.parquet")}
     assert {f"bucket={i}" for i in range(5)} <= folders
+
+
+def test_beat_is_not_a_single_point_of_failure(fleet, producer_for, real_redis, storage_dir):
+    """Two beat replicas (RedBeat: the schedule and a lock in Redis): the first schedules;
+    SIGKILL it, and the standby takes over within a lease period."""
+    p = producer_for()
+    fleet.worker()
+    leader, leader_log = fleet.beat()
+    total = fill(p, "before", batches=5)
+    wait_drained(fleet, real_redis, total, "before")
+    assert b"Acquired lock" in leader_log.read_bytes()
+    _, standby_log = fleet.beat()  # blocks on the lock
+    leader.kill()
+    leader.wait()
+    wait_for(lambda: b"Acquired lock" in standby_log.read_bytes(), 30, "the standby to lead")
+    total = fill(p, "after", batches=5)
+    wait_drained(fleet, real_redis, total, "after")
+    check("beat leader SIGKILLed, standby took over", storage_dir, "after", range(total))

@@ -47,6 +47,15 @@ def make_app(settings: Settings) -> Celery:
             wire.FLUSH_TASK: {"queue": wire.QUEUE},
             wire.SCHEDULE_TASK: {"queue": wire.SCHEDULE_QUEUE},
         },
+        # Beat without a single point of failure: RedBeat keeps the schedule in Redis behind
+        # a lock, so several `celery -A workers.app beat` replicas can run and one schedules;
+        # if it dies, another takes over within a lease period.
+        beat_scheduler="redbeat.RedBeatScheduler",
+        redbeat_redis_url=settings.redis_url,
+        redbeat_key_prefix=f"{settings.key_prefix}:redbeat:",
+        redbeat_lock_key=f"{settings.key_prefix}:redbeat:lock",
+        redbeat_lock_timeout=max(2, int(settings.lease_s)),
+        beat_max_loop_interval=max(1, int(settings.lease_s) // 3),
         beat_schedule={
             "deltaflush-schedule-flushes": {
                 "task": wire.SCHEDULE_TASK,
