@@ -26,7 +26,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check producer workers tests bench
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.memory --target-mib 128
+	$(BIN)/python -m bench.throughput --rows 2000000
+	$(BIN)/python -m bench.scheduling
 
 # The fault and chaos tests, recorded into docs/reliability.md. `make chaos` is the same at
 # ten times the rows and rounds.
