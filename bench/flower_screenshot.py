@@ -18,8 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.memory import free_port
-from bench.throughput import realistic, start_redis
+from bench.common import free_port, start_redis
+from bench.throughput import realistic
 from producer import Producer, Settings, wire
 from workers.app import make_app
 

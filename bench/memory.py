@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,8 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 import redis
+
+from bench.common import machine, start_redis
 
 
 def batch(start: int, rows: int) -> pa.Table:
@@ -37,23 +37,6 @@ def batch(start: int, rows: int) -> pa.Table:
         "value": pc.multiply(pc.cast(ids, pa.float64()), 1.5),
         "score": pc.cast(pc.bit_wise_and(ids, pa.scalar(1023, pa.int64())), pa.float32()),
     })
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def machine() -> dict[str, str]:
-    info = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
-    return {
-        "cores": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "pyarrow": pa.__version__,
-        "redis": info.stdout.split()[2] if info.stdout else "?",
-        "platform": platform.platform(),
-    }
 
 
 def flush_child(url: str, storage: str, target: int) -> None:
@@ -78,18 +61,8 @@ def run(target_mib: int, multiples: list[int]) -> list[dict[str, float]]:
     from producer import Producer, Settings
 
     workdir = tempfile.mkdtemp(prefix="deltaflush-bench-")
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", workdir], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
+    server, url = start_redis(workdir)
+    client = redis.Redis.from_url(url)
     target = target_mib * 1024 * 1024
     rows = []
     try:

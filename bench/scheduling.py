@@ -11,8 +11,7 @@ import shutil
 import tempfile
 import time
 
-from bench.memory import machine
-from bench.throughput import start_redis
+from bench.common import machine, start_redis
 from producer import Producer, Settings, wire
 from producer.client import connect
 from workers.scheduler import due_tables

@@ -16,16 +16,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import redis
 
-from bench.memory import free_port, machine
+from bench.common import machine, start_redis
 from producer import Producer, Settings, wire
 from producer.client import connect
 from producer.tablecfg import TableConfig
@@ -51,20 +49,6 @@ def realistic(start: int, rows: int) -> pa.Table:
         "price": pc.multiply(pc.cast(pc.bit_wise_and(ids, 0xFFFF), pa.float64()), 0.01),
         "score": pc.cast(pc.bit_wise_and(ids, 0xFF), pa.float32()),
     })
-
-
-def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly",
-                             "no", "--dir", workdir], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def raw_parquet(payloads: list[bytes], path: str) -> float:
