@@ -33,7 +33,8 @@ bench: $(STAMP)
 # The fault and chaos tests, recorded into docs/reliability.md. `make chaos` is the same at
 # ten times the rows and rounds.
 RELIABILITY_TESTS := tests/test_fleet.py tests/test_outages.py tests/test_chaos.py \
-	tests/test_flusher.py tests/test_producer.py tests/test_evolution.py tests/test_fuzz.py
+	tests/test_flusher.py tests/test_producer.py tests/test_evolution.py tests/test_fuzz.py \
+	tests/test_layout.py
 reliability: $(STAMP)
 	rm -f .reliability.jsonl
 	DELTAFLUSH_RELIABILITY_LOG=.reliability.jsonl $(BIN)/python -m pytest -q $(RELIABILITY_TESTS)

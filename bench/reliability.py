@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 
 def main() -> None:
@@ -35,6 +36,9 @@ def main() -> None:
         tests = ", ".join(f"`{t}`" for t in sorted(a["tests"]))
         print(f"| {fault} | {a['tries']} | {a['rows']} | {a['lost']} | {a['duplicated']} "
               f"| {tests} |")
+    notes = Path(__file__).resolve().parent.parent / "docs" / "reliability-notes.md"
+    if notes.exists():
+        print("\n" + notes.read_text().strip())
 
 
 if __name__ == "__main__":
