@@ -58,6 +58,7 @@ def test_worker_and_beat_flush_every_table(fleet, producer_for, real_redis, stor
 
 
 def test_flush_table_returns_a_json_summary(fleet, fleet_env, producer_for, real_redis):
+    fleet_env["DELTAFLUSH_FLUSH_AT_BYTES"] = str(2**40)  # no size-triggered flush first
     p = producer_for()
     total = fill(p, batches=5)
     fleet.worker()

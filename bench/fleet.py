@@ -1,0 +1,174 @@
+"""Fleet benchmarks with real ``celery -A workers.app worker`` processes.
+
+* scale-out: 1, 2 and 4 worker processes draining the same backlog spread over 4 tables;
+  rows per second from the first ``flush_table`` sent to the last table drained.
+* freshness: a steady append load with beat running; for each batch, the time from
+  ``append`` returning to its rows being in a published Parquet file; p50 and p99.
+
+    python -m bench.fleet [--rows-per-table 500000] [--freshness-s 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from bench.common import machine, start_redis
+from bench.throughput import realistic
+from producer import Producer, Settings, wire
+from producer.client import connect
+from workers.app import make_app
+
+CELERY = [str(Path(sys.executable).with_name("celery")), "-A", "workers.app"]
+
+
+def _worker(env: dict[str, str], concurrency: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(CELERY + ["worker", "-c", str(concurrency), "--loglevel=INFO",
+                                          "--without-mingle", "--without-gossip"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while b" ready." not in log.read_bytes():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.1)
+    return proc
+
+
+def scale_out(workdir: str, url: str, rows_per_table: int, tables: int = 4) -> list[dict]:
+    results = []
+    for processes in (1, 2, 4):
+        lake = os.path.join(workdir, f"lake-{processes}")
+        env = dict(os.environ, DELTAFLUSH_REDIS_URL=url, DELTAFLUSH_STORAGE_URI=lake,
+                   DELTAFLUSH_MAX_FILE_BYTES=str(32 * 2**20), DELTAFLUSH_MAX_PENDING_BYTES="0")
+        client = connect(url)
+        client.flushall()
+        settings = Settings.from_env(env)
+        producer = Producer(settings=settings)
+        names = [f"t{i}" for i in range(tables)]
+        for name in names:
+            for start in range(0, rows_per_table, 10_000 * 16):
+                producer.append_many(name, [realistic(s, 10_000) for s in
+                                            range(start, min(rows_per_table, start + 160_000),
+                                                  10_000)])
+        proc = _worker(env, processes, Path(workdir) / f"worker-{processes}.log")
+        app = make_app(settings)
+        started = time.perf_counter()
+        for name in names:
+            app.send_task(wire.FLUSH_TASK, args=[name], queue=wire.QUEUE)
+        while any(client.xlen(wire.Keys("deltaflush", n).delta)
+                  or client.exists(wire.Keys("deltaflush", n).lease) for n in names):
+            time.sleep(0.05)
+        seconds = time.perf_counter() - started
+        proc.terminate()
+        proc.wait()
+        app.close()
+        producer.close()
+        shutil.rmtree(lake, ignore_errors=True)
+        results.append({"processes": processes, "rows": rows_per_table * tables,
+                        "seconds": round(seconds, 2),
+                        "rows_s": round(rows_per_table * tables / seconds)})
+    base = results[0]["rows_s"]
+    for r in results:
+        r["speedup"] = round(r["rows_s"] / base, 2)
+    return results
+
+
+def freshness(workdir: str, url: str, seconds: float, interval_s: float) -> dict:
+    lake = os.path.join(workdir, "lake-fresh")
+    env = dict(os.environ, DELTAFLUSH_REDIS_URL=url, DELTAFLUSH_STORAGE_URI=lake,
+               DELTAFLUSH_FLUSH_INTERVAL_S=str(interval_s))
+    connect(url).flushall()
+    worker = _worker(env, 2, Path(workdir) / "worker-fresh.log")
+    with (Path(workdir) / "beat.log").open("wb") as out:
+        beat = subprocess.Popen(CELERY + ["beat", "--loglevel=INFO"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    producer = Producer(settings=Settings.from_env(env))
+    appended: dict[str, float] = {}
+    landed: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        seen: set[str] = set()
+        table_dir = Path(lake) / "fresh"
+        while not done.is_set() or len(landed) < len(appended):
+            for path in table_dir.glob("*.parquet") if table_dir.exists() else []:
+                if path.name in seen:
+                    continue
+                seen.add(path.name)
+                now = time.monotonic()
+                md = pq.read_metadata(path).metadata
+                first = wire.parse_id(md[b"deltaflush.first_id"])
+                last = wire.parse_id(md[b"deltaflush.last_id"])
+                for entry_id in list(appended):
+                    if entry_id not in landed and first <= wire.parse_id(entry_id) <= last:
+                        landed[entry_id] = now
+            if done.is_set() and time.monotonic() - stop_at > interval_s * 3 + 30:
+                return
+            time.sleep(0.02)
+
+    stop_at = float("inf")
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        entry_id = producer.append("fresh", realistic(i * 1000, 1000))
+        appended[entry_id] = time.monotonic()
+        i += 1
+        time.sleep(0.05)
+    stop_at = time.monotonic()
+    done.set()
+    watcher.join()
+    beat.terminate()
+    worker.terminate()
+    beat.wait()
+    worker.wait()
+    producer.close()
+    delays = sorted(landed[e] - appended[e] for e in landed)
+    pct = lambda q: round(delays[min(len(delays) - 1, int(q * len(delays)))], 3)  # noqa: E731
+    return {"batches": len(appended), "landed": len(landed), "interval_s": interval_s,
+            "p50_s": pct(0.5), "p99_s": pct(0.99), "max_s": round(delays[-1], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows-per-table", type=int, default=500_000)
+    parser.add_argument("--freshness-s", type=float, default=30)
+    parser.add_argument("--interval-s", type=float, default=2)
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="deltaflush-fleet-")
+    proc, url = start_redis(workdir)
+    try:
+        scale = scale_out(workdir, url, args.rows_per_table)
+        fresh = freshness(workdir, url, args.freshness_s, args.interval_s)
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"machine: {json.dumps(machine())}\n")
+    print("| worker processes | rows | seconds | rows/s | speed-up |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in scale:
+        print(f"| {r['processes']} | {r['rows']} | {r['seconds']} | {r['rows_s']} "
+              f"| {r['speedup']}x |")
+    print(f"\nfreshness under a steady load of 20 batches/s of 1,000 rows for "
+          f"{args.freshness_s:g}s, flush interval {fresh['interval_s']:g}s:\n")
+    print("| batches | landed | p50 | p99 | max |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| {fresh['batches']} | {fresh['landed']} | {fresh['p50_s']}s | {fresh['p99_s']}s "
+          f"| {fresh['max_s']}s |")
+
+
+if __name__ == "__main__":
+    main()
