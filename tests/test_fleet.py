@@ -190,15 +190,17 @@ def test_partitioned_table_survives_sigkill(step, fleet, producer_for, real_redi
     assert {f"bucket={i}" for i in range(5)} <= folders
 
 
-def test_beat_is_not_a_single_point_of_failure(fleet, producer_for, real_redis, storage_dir):
+def test_beat_is_not_a_single_point_of_failure(fleet, fleet_env, producer_for, real_redis,
+                                              storage_dir):
     """Two beat replicas (RedBeat: the schedule and a lock in Redis): the first schedules;
     SIGKILL it, and the standby takes over within a lease period."""
+    fleet_env["DELTAFLUSH_FLUSH_AT_BYTES"] = str(2**40)  # only beat schedules here
     p = producer_for()
     fleet.worker()
     leader, leader_log = fleet.beat()
+    wait_for(lambda: b"Acquired lock" in leader_log.read_bytes(), 30, "the first beat to lead")
     total = fill(p, "before", batches=5)
     wait_drained(fleet, real_redis, total, "before")
-    assert b"Acquired lock" in leader_log.read_bytes()
     _, standby_log = fleet.beat()  # blocks on the lock
     leader.kill()
     leader.wait()
