@@ -26,8 +26,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check producer workers tests bench
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.memory --target-mib 128
-	$(BIN)/python -m bench.throughput --rows 2000000
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench --out bench/results
 	$(BIN)/python -m bench.scheduling
 
 # The fault and chaos tests, recorded into docs/reliability.md. `make chaos` is the same at

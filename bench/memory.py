@@ -1,7 +1,7 @@
 """Peak memory of one flush against the size of the backlog.
 
 Starts its own redis-server, appends a backlog of 1x, 5x and 10x ``DELTAFLUSH_MAX_FILE_BYTES``
-of Arrow data, then flushes it in a fresh process and reports that process's peak RSS and
+of Arrow data, then flushes it in a fresh process and reports that process's peak RSS (VmHWM) and
 its throughput. The claim under test: memory is bounded by the file size target, not by the
 backlog.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,15 @@ def batch(start: int, rows: int) -> pa.Table:
     })
 
 
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc (``VmHWM``: peak RSS since exec; unlike
+    ``getrusage``'s ``ru_maxrss`` it does not include the parent's RSS before the fork)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def flush_child(url: str, storage: str, target: int) -> None:
     """Run in a fresh process: flush the table, print JSON with peak RSS and timing."""
     from producer import Settings
@@ -47,11 +55,11 @@ def flush_child(url: str, storage: str, target: int) -> None:
     from workers.storage import Storage
 
     settings = Settings(redis_url=url, storage_uri=storage, max_file_bytes=target)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = _status_kib("VmHWM")
     started = time.perf_counter()
     result = Flusher(connect(url), Storage(storage), settings).flush("bench")
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(json.dumps({"rows": result.rows, "files": result.files,
                       "arrow_bytes": result.arrow_bytes, "seconds": seconds,
                       "peak_rss_kib": peak, "baseline_rss_kib": baseline}))
