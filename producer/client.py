@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,15 +169,17 @@ class Producer:
         self._maybe_trigger(keys)
         return ids
 
-    def replay_dead(self, table: str) -> tuple[int, int]:
+    def replay_dead(self, table: str,
+                    progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
         """Re-append the dead letters of ``table`` that now decode and fit its schema.
 
         Each one is appended and removed from ``{table}:dead`` in one atomic step. Returns
-        ``(replayed, still_dead)``.
+        ``(replayed, still_dead)``; ``progress(done, total)`` is called after each entry.
         """
         keys = self._keys(table)
         replayed = still_dead = 0
-        for entry_id, fields in self.redis.xrange(keys.dead):
+        entries = self.redis.xrange(keys.dead)
+        for done, (entry_id, fields) in enumerate(entries, 1):
             try:
                 arrow = to_table(wire.decode_payload(fields.get(wire.FIELD_ARROW, b"")))
                 item = self._prepare(table, arrow)
@@ -189,6 +191,8 @@ class Producer:
                 still_dead += 1
             else:
                 replayed += 1
+            if progress is not None:
+                progress(done, len(entries))
         return replayed, still_dead
 
     def _keys(self, table: str) -> wire.Keys:

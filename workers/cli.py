@@ -231,8 +231,13 @@ def dead_replay(table: str) -> None:
     """Re-append TABLE's dead letters that now decode and fit the table's schema."""
     settings = _settings()
     producer = Producer(settings=settings)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 100 == 0:
+            click.echo(f"[{done}/{total}] dead letters of {table} tried", err=True)
+
     try:
-        replayed, still = producer.replay_dead(table)
+        replayed, still = producer.replay_dead(table, progress)
     except DeltaflushError as exc:
         raise click.UsageError(str(exc)) from exc
     finally:
