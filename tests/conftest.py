@@ -158,6 +158,8 @@ class Fleet:
         self.env = env
         self.logdir = logdir
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self.workers: list[tuple[subprocess.Popen[bytes], int, str]] = []
+        self.restarts = 0
 
     def worker(self, concurrency: int = 1, failpoints: str = "", pool: str = "prefork",
                wait: bool = True) -> tuple[subprocess.Popen[bytes], Path]:
@@ -168,11 +170,25 @@ class Fleet:
             ["worker", "-c", str(concurrency), "-n", f"{name}@%h", "-P", pool,
              "--loglevel=INFO", "--without-mingle", "--without-gossip"], log, env)
         self.procs.append((proc, log))
+        self.workers.append((proc, concurrency, failpoints))
         if wait:
             wait_for(lambda: b" ready." in log.read_bytes() or proc.poll() is not None, 60,
                      f"worker {name} to start")
             assert proc.poll() is None, log.read_text()
         return proc, log
+
+    def restart_dead_workers(self) -> int:
+        """What a supervisor does (compose `restart: unless-stopped`, Kubernetes): start a
+        worker again whose process has exited. Returns how many were restarted."""
+        restarted = 0
+        for i, (proc, concurrency, failpoints) in enumerate(list(self.workers)):
+            if proc.poll() is not None:
+                self.workers[i] = (proc, 0, "")  # replaced; never restarted twice
+                if concurrency:
+                    self.worker(concurrency, failpoints, wait=False)
+                    restarted += 1
+        self.restarts += restarted
+        return restarted
 
     def spawn(self, args: list[str], log: Path, env: dict[str, str],
               **popen: object) -> subprocess.Popen[bytes]:

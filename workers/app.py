@@ -38,9 +38,10 @@ def make_app(settings: Settings) -> Celery:
         task_soft_time_limit=limit * 0.9,
         broker_transport_options={"visibility_timeout": max(3600, int(limit * 4))},
         broker_connection_retry_on_startup=True,
-        # On a broker connection loss, late-acked messages are redelivered anyway: stop
-        # their running copies rather than run both (either is harmless; this wastes less).
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # On a broker connection loss, let running flushes finish: their messages may be
+        # redelivered, which is harmless (leases). Cancelling them made a worker hit
+        # Celery/kombu 5.7's "Unrecoverable error" on a Redis restart far more often.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_queues=[_queue(wire.QUEUE), _queue(wire.SCHEDULE_QUEUE)],
         task_default_queue=wire.QUEUE,
         task_routes={
