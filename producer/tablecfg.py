@@ -81,10 +81,6 @@ class TableConfig:
     def time(self) -> TimePartition | None:
         return TimePartition.parse(self.partition_time) if self.partition_time else None
 
-    @property
-    def partitioned(self) -> bool:
-        return bool(self.partition_by or self.partition_time)
-
     def parquet_options(self) -> dict[str, Any]:
         return {
             "compression": self.compression,
