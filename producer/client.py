@@ -16,7 +16,7 @@ from redis.retry import Retry
 
 from . import wire
 from .convert import conform, evolve, to_table
-from .due import DUE_LUA, due_keys
+from .due import DUE_LUA, due_keys, queue_flush, send_or_unmark
 from .errors import (
     Backpressure,
     BatchTooLarge,
@@ -302,12 +302,7 @@ class Producer:
         if self._pending.pop(keys.table, 0) < self.settings.flush_at_bytes:
             return
         if self._due(keys=due_keys(keys), args=[self.settings.lease_ms, 0, 1]):
-            try:
-                self._celery_app().send_task(wire.FLUSH_TASK, args=[keys.table],
-                                             queue=wire.QUEUE)
-            except Exception:
-                self.redis.delete(keys.queued)
-                raise
+            send_or_unmark(self.redis, keys, self._send_flush)
 
     def flush(self, table: str) -> bool:
         """Enqueue ``flush_table(table)`` now, unless one is already queued.
@@ -315,16 +310,12 @@ class Producer:
         Returns True if a task was sent. A flush that is already *running* does not stop a
         new one from being queued: it runs after, and takes whatever arrived meanwhile.
         """
-        keys = self._keys(table)
-        # The marker expires after a lease period, so a lost message never blocks the table.
-        if not self.redis.set(keys.queued, b"1", nx=True, px=self.settings.lease_ms):
-            return False
-        try:
-            self._celery_app().send_task(wire.FLUSH_TASK, args=[table], queue=wire.QUEUE)
-        except Exception:
-            self.redis.delete(keys.queued)
-            raise
-        return True
+        # The mark expires after a lease period, so a lost message never blocks the table.
+        return queue_flush(self.redis, self._keys(table), self.settings.lease_ms,
+                           self._send_flush)
+
+    def _send_flush(self, table: str) -> None:
+        self._celery_app().send_task(wire.FLUSH_TASK, args=[table], queue=wire.QUEUE)
 
     def _celery_app(self) -> Any:
         if self._celery is None:

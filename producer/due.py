@@ -11,6 +11,9 @@ sets ``{T}:queued`` for a lease period, so a lost message delays the table by at
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from . import wire
 
 # KEYS: queued, lease, delta, claim, sched
@@ -33,3 +36,23 @@ return 1
 
 def due_keys(keys: wire.Keys) -> list[str]:
     return [keys.queued, keys.lease, keys.delta, keys.claim, keys.sched]
+
+
+def send_or_unmark(client: Any, keys: wire.Keys, send: Callable[[str], object]) -> None:
+    """Send ``flush_table`` for a table just marked ``{T}:queued``; if the send fails,
+    remove the mark so the next round or request can queue it."""
+    try:
+        send(keys.table)
+    except Exception:
+        client.delete(keys.queued)
+        raise
+
+
+def queue_flush(client: Any, keys: wire.Keys, ttl_ms: int,
+                send: Callable[[str], object]) -> bool:
+    """Mark and send a flush unless one is queued already (a running one does not count:
+    the new one runs after it and takes what arrived meanwhile). True if sent."""
+    if not client.set(keys.queued, b"1", nx=True, px=ttl_ms):
+        return False
+    send_or_unmark(client, keys, send)
+    return True

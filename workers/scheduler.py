@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import redis
 
 from producer import wire
-from producer.due import DUE_LUA, due_keys
+from producer.due import DUE_LUA, due_keys, send_or_unmark
 
 BATCH = 1000
 
@@ -57,10 +57,6 @@ def enqueue_due(
     """Run a round and ``send`` each due table; unmark a table whose send failed."""
     sent = []
     for table in due_tables(client, prefix, queued_ttl_ms, interval_ms):
-        try:
-            send(table)
-        except Exception:
-            client.delete(wire.Keys(prefix, table).queued)
-            raise
+        send_or_unmark(client, wire.Keys(prefix, table), send)
         sent.append(table)
     return sent

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import redis
@@ -18,6 +19,7 @@ from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
 from producer import wire
 from producer.client import connect
+from producer.due import queue_flush
 from producer.errors import ClaimMismatch, InvalidTableName, LeaseLost
 
 from .app import app, settings
@@ -33,6 +35,8 @@ TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError, ClaimMismatch)
 MAX_BACKOFF_S = 60
 
 _runtime: tuple[int, redis.Redis, Flusher] | None = None
+SWEEP_EVERY_S = 300
+_last_sweep = float("-inf")
 
 
 def runtime() -> tuple[redis.Redis, Flusher]:
@@ -103,8 +107,8 @@ def flush_table(self: Any, table: str) -> dict[str, Any]:
         except redis.RedisError:
             pass
         raise self.retry(exc=exc, countdown=countdown) from exc
-    if result.more and client.set(keys.queued, b"1", nx=True, px=settings.lease_ms):
-        send_flush(table)
+    if result.more:  # the time budget ran out or the worker is stopping: hand the rest on
+        queue_flush(client, keys, settings.lease_ms, send_flush)
     return result.as_dict()
 
 
@@ -113,6 +117,10 @@ def schedule_flushes() -> int:
     client, flusher = runtime()
     sent = enqueue_due(client, settings.key_prefix, settings.lease_ms, send_flush,
                        interval_ms=int(settings.flush_interval_s * 1000))
-    # Temporary files of flushers killed long ago (past twice the hard time limit).
-    flusher.storage.sweep_temp(older_than_s=2 * settings.task_time_limit_s)
+    # Temporary files of flushers killed long ago (past twice the hard time limit). Rounds
+    # run every second; a listing of the storage (an S3 LIST) every few minutes is enough.
+    global _last_sweep
+    if time.monotonic() - _last_sweep > SWEEP_EVERY_S:
+        _last_sweep = time.monotonic()
+        flusher.storage.sweep_temp(older_than_s=2 * settings.task_time_limit_s)
     return len(sent)

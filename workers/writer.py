@@ -25,9 +25,7 @@ class ParquetFile:
     """Write one Parquet file to ``sink`` with ``schema``; metadata is added at close."""
 
     def __init__(self, sink: pa.NativeFile, schema: pa.Schema, row_group_bytes: int,
-                 config: TableConfig | None = None,
-                 encoder: ThreadPoolExecutor | None = None) -> None:
-        config = config or TableConfig()
+                 config: TableConfig, encoder: ThreadPoolExecutor) -> None:
         self.sink = sink
         self.schema = schema
         self.row_group_bytes = row_group_bytes
@@ -35,8 +33,7 @@ class ParquetFile:
         self.sort_keys = [(c, "ascending") for c in config.sort_by if c in schema.names]
         options = {**BASE_OPTIONS, **config.parquet_options()}
         self._writer = pq.ParquetWriter(sink, schema, **options)
-        self._own_encoder = encoder is None
-        self._encoder = encoder or ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
+        self._encoder = encoder  # shared by the files of one range (FileSet)
         self._encoding: Future[None] | None = None
         self._buffer: list[pa.Table] = []
         self.buffered = 0
@@ -73,8 +70,6 @@ class ParquetFile:
         """Encode what is buffered, add ``metadata`` and close; return the file's size."""
         self.flush_buffer()
         self._wait()
-        if self._own_encoder:
-            self._encoder.shutdown()
         self._writer.add_key_value_metadata(metadata)
         self._writer.close()
         size = self.sink.tell()
@@ -86,8 +81,6 @@ class ParquetFile:
             try:
                 self._wait()
             finally:
-                if self._own_encoder:
-                    self._encoder.shutdown()
                 self._writer.close()
         finally:
             self.sink.close()
