@@ -46,6 +46,13 @@ def test_flower_shows_flush_results_behind_auth(fleet, fleet_env, producer_for, 
         get(f"{base}/api/tasks")
     assert denied.value.code == 401
 
+    # Flower learns of tasks only through events it captures from the moment its receiver is
+    # subscribed; a worker it reports alive from events (not from inspect) proves that it is.
+    def worker_seen_by_events():
+        return any(get(f"{base}/api/workers?status=1", "ops:s3cret").values())
+
+    wait_for(worker_seen_by_events, 60, "flower to receive the worker's events")
+
     p = producer_for()
     total = fill(p, batches=5)
     app = make_app(Settings.from_env(fleet_env))
