@@ -12,9 +12,11 @@ from typing import Any
 import pyarrow as pa
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 from . import wire
+from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, queue_append
 from .convert import conform, evolve, to_table
 from .due import DUE_LUA, due_keys, queue_flush, send_or_unmark
 from .errors import (
@@ -28,40 +30,6 @@ from .tablecfg import TableConfig
 
 log = logging.getLogger(__name__)
 
-# Append one batch, atomically: deduplicate a retried call, check (or evolve) the table's
-# schema, apply backpressure, XADD, count. Touches only keys of one table (one Cluster slot).
-#   KEYS: schema, delta, pending, stats, dedup key of this batch, dead
-#   ARGV: schema bytes, payload, rows, batch id, schema it evolves from ('' if none),
-#         max pending bytes (0: no limit), dead-letter ID to delete ('' if none), dedup TTL s
-#   returns {1, entry id, pending bytes} | {0, current schema bytes} | {2, pending bytes}
-APPEND_LUA = """
-local done = redis.call('GET', KEYS[5])
-if done then return {1, done, tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')} end
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] and (ARGV[5] == '' or current ~= ARGV[5]) then
-  return {0, current}
-end
-local limit = tonumber(ARGV[6])
-if limit > 0 then
-  local pending = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
-  if pending >= limit and redis.call('XLEN', KEYS[2]) > 0 then
-    redis.call('HINCRBY', KEYS[4], 'backpressure', 1)
-    return {2, tostring(pending)}
-  end
-end
-if current ~= ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) end
-local id = redis.call('XADD', KEYS[2], '*', 'arrow', ARGV[2], 'rows', ARGV[3], 'batch', ARGV[4])
-redis.call('HINCRBY', KEYS[3], 'rows', ARGV[3])
-local pending = redis.call('HINCRBY', KEYS[3], 'bytes', string.len(ARGV[2]))
-redis.call('SET', KEYS[5], id, 'EX', ARGV[8])
-if ARGV[7] ~= '' then redis.call('XDEL', KEYS[6], ARGV[7]) end
-return {1, id, pending}
-"""
-
-#: How long a batch ID is remembered, so that a retried append is not added twice.
-DEDUP_TTL_S = 120
-
-
 def connect(url: str, retries: int = 0) -> redis.Redis:
     """A Redis client for the delta tier that reconnects by itself.
 
@@ -71,8 +39,13 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
     """
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries) if retries else \
         Retry(NoBackoff(), 0)
+    # redis-py's own serializer sends a large payload as it is (one ``sendall`` of the
+    # buffer); the hiredis one, its default once hiredis is installed, first copies every
+    # command into one string, which halves append throughput. hiredis still parses replies.
+    packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
     return redis.Redis.from_url(
         url,
+        command_packer=packer,
         retry=retry,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retries else [],
         health_check_interval=30,
@@ -89,7 +62,7 @@ class _Pending:
     batch_id: str
     evolves_from: bytes = b""
     dead_id: str = ""
-    payload: bytes = b""
+    payload: Any = b""  # the Arrow IPC stream, bytes or a buffer
     schema_bytes: bytes = b""
 
 
@@ -114,7 +87,6 @@ class Producer:
             redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix
         )
         self.redis = client if client is not None else connect(self.settings.redis_url, retries=8)
-        self._append = self.redis.register_script(APPEND_LUA)
         self._registered: set[str] = set()
         self._schemas: dict[str, pa.Schema] = {}
         self._pending: dict[str, int] = {}
@@ -136,15 +108,13 @@ class Producer:
         (the batch carries an ID, so a retry never adds it twice).
         """
         keys = self._keys(table)
-        item = self._prepare(table, data)
-        self._register(table)
-        entry_id = self._send(keys, item, timeout_s)
+        entry_id = self._send(keys, self._prepare(table, data), timeout_s)
         self._maybe_trigger(keys)
         return entry_id
 
     def append_many(self, table: str, batches: Iterable[Any], *,
                     timeout_s: float | None = None) -> list[str]:
-        """Append several batches in one pipelined round trip; return their entry IDs.
+        """Append several batches in one round trip (one transaction); return their IDs.
 
         Every batch is converted and checked first, so a bad batch raises before anything
         is sent. A batch that Redis refuses (the table's schema changed meanwhile, or
@@ -154,18 +124,9 @@ class Producer:
         items = [self._prepare(table, data) for data in batches]
         if not items:
             return []
-        self._register(table)
-        pipe = self.redis.pipeline(transaction=False)
-        for item in items:
-            self._call(keys, item, pipe)
-        replies = pipe.execute()
-        ids: list[str] = []
-        for item, (code, value, *rest) in zip(items, replies, strict=True):
-            if code == 1:
-                ids.append(value.decode())
-                self._pending[table] = int(rest[0]) if rest else 0
-            else:
-                ids.append(self._send(keys, item, timeout_s))
+        verdicts = self._transaction(keys, items)
+        ids = [self._accepted(keys, item, verdict) or self._send(keys, item, timeout_s)
+               for item, verdict in zip(items, verdicts, strict=True)]
         self._maybe_trigger(keys)
         return ids
 
@@ -184,7 +145,6 @@ class Producer:
                 arrow = to_table(wire.decode_payload(fields.get(wire.FIELD_ARROW, b"")))
                 item = self._prepare(table, arrow)
                 item.dead_id = entry_id.decode()
-                self._register(table)
                 self._send(keys, item, None)
             except (ValueError, Backpressure) as exc:
                 log.info("dead letter %s of %s stays: %s", entry_id, table, exc)
@@ -215,38 +175,65 @@ class Producer:
 
     def _encode(self, table: str, item: _Pending) -> None:
         item.schema_bytes = wire.serialize_schema(item.arrow.schema)
-        item.payload = wire.encode_batches(item.arrow.schema, item.arrow.to_batches())
-        if len(item.payload) > self.settings.max_batch_bytes:
-            raise BatchTooLarge(table, len(item.payload), self.settings.max_batch_bytes)
+        item.payload = wire.encode_table(item.arrow)
+        if item.payload.nbytes > self.settings.max_batch_bytes:
+            raise BatchTooLarge(table, item.payload.nbytes, self.settings.max_batch_bytes)
 
-    def _register(self, table: str) -> None:
-        # Registered before the first XADD, so no batch is ever in a stream whose table is
-        # unknown to the scheduler. Idempotent; done once per table per process.
-        if table not in self._registered:
-            self.redis.sadd(wire.tables_key(self.settings.key_prefix), table)
-            self._registered.add(table)
+    def _transaction(self, keys: wire.Keys, items: list[_Pending]) -> list[list[Any]]:
+        """Append ``items`` in one round trip, each in a ``MULTI``/``EXEC`` of its own (see
+        ``producer.append``); return the check script's verdict on each.
 
-    def _call(self, keys: wire.Keys, item: _Pending, client: Any = None) -> Any:
-        return self._append(
-            keys=[keys.schema, keys.delta, keys.pending, keys.stats,
-                  keys.dedup(item.batch_id), keys.dead],
-            args=[item.schema_bytes, item.payload, item.arrow.num_rows, item.batch_id,
-                  item.evolves_from, self.settings.max_pending_bytes, item.dead_id,
-                  DEDUP_TTL_S],
-            client=client,
-        )
+        One transaction per batch, not one for all: Redis runs each as soon as it has
+        arrived, while the next ones are still being sent.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for n, item in enumerate(items):
+            pipe.execute_command("MULTI")
+            if n == 0 and keys.table not in self._registered:
+                # In the same transaction as the XADD: no batch is ever in a stream whose
+                # table the scheduler does not know. Once per table per process.
+                pipe.sadd(wire.tables_key(self.settings.key_prefix), keys.table)
+            queue_append(pipe, keys, item.payload, item.arrow.num_rows, item.batch_id,
+                         item.schema_bytes, item.evolves_from,
+                         self.settings.max_pending_bytes, item.dead_id)
+            pipe.execute_command("EXEC")
+        replies = pipe.execute(raise_on_error=False)
+        verdicts = []
+        for reply in replies:
+            # e.g. EXECABORT: Redis refused a command at queueing; nothing of it ran
+            for error in (reply if isinstance(reply, list) else [reply]):
+                if isinstance(error, Exception):
+                    raise error
+            if isinstance(reply, list):  # an EXEC: [SADD,] XADD, check
+                verdicts.append(reply[-1])
+        self._registered.add(keys.table)
+        return verdicts
+
+    def _accepted(self, keys: wire.Keys, item: _Pending, verdict: list[Any]) -> str | None:
+        """The entry ID if Redis accepted ``item``, else None."""
+        code, value, *rest = verdict
+        if code == NO_MEMORY:
+            raise redis.ResponseError(
+                f"Redis refused the batch for table {keys.table!r}: {value.decode()}; "
+                "it holds more than its maxmemory. Nothing was appended; flush or give "
+                "Redis more memory, then retry")
+        if code in (CONFLICT, BACKPRESSURE):
+            return None
+        self._schemas[keys.table] = item.arrow.schema
+        self._pending[keys.table] = int(rest[0])
+        return str(value.decode())
 
     def _send(self, keys: wire.Keys, item: _Pending, timeout_s: float | None) -> str:
         table = keys.table
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         delay = 0.05
         for _ in range(1000):
-            code, value, *rest = self._call(keys, item)
-            if code == 1:
-                self._schemas[table] = item.arrow.schema
-                self._pending[table] = int(rest[0]) if rest else 0
-                return str(value.decode())
-            if code == 2:
+            verdict = self._transaction(keys, [item])[0]
+            entry_id = self._accepted(keys, item, verdict)
+            if entry_id is not None:
+                return entry_id
+            code, value = verdict[0], verdict[1]
+            if code == BACKPRESSURE:
                 pending = int(value)
                 if deadline is None or time.monotonic() >= deadline:
                     raise Backpressure(table, pending, self.settings.max_pending_bytes)
@@ -283,6 +270,7 @@ class Producer:
             if schema:
                 new.check_schema(wire.deserialize_schema(schema), table)
             pipe.multi()
+            pipe.sadd(wire.tables_key(self.settings.key_prefix), table)
             pipe.set(keys.config, new.to_json())
             if new.flush_interval_s is None:
                 pipe.hdel(keys.sched, "interval_ms")
@@ -291,7 +279,6 @@ class Producer:
             result.append(new)
 
         self.redis.transaction(update, keys.config, keys.schema, keys.sched)
-        self._register(table)
         return result[-1]
 
     # --- flushing ---------------------------------------------------------------------

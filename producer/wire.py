@@ -143,6 +143,19 @@ def encode_batches(schema: pa.Schema, batches: list[pa.RecordBatch]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def encode_table(table: pa.Table) -> memoryview:
+    """Like ``encode_batches`` for a whole table, without the copy into ``bytes``: the
+    producer hands the buffer to the socket as it is. Sized first, then written into one
+    allocation (a growing buffer would copy and fault in its pages again as it grows)."""
+    size = pa.MockOutputStream()
+    with pa.ipc.new_stream(size, table.schema) as writer:
+        writer.write_table(table)
+    buffer = pa.allocate_buffer(size.size())
+    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(buffer), table.schema) as writer:
+        writer.write_table(table)
+    return memoryview(buffer)
+
+
 def decode_payload(payload: bytes) -> pa.Table:
     """Decode and fully validate one payload; raise ``ValueError`` if it is not a valid
     Arrow IPC stream (truncated, garbage, or buffers inconsistent with the schema)."""

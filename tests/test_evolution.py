@@ -145,9 +145,10 @@ def test_a_retried_append_is_not_added_twice(any_redis):
     p = producer(any_redis)
     keys = p._keys("events")
     item = p._prepare("events", id_batch(0, 3))
-    first = p._call(keys, item)
-    again = p._call(keys, item)
+    first = p._accepted(keys, item, p._transaction(keys, [item])[0])
+    again = p._accepted(keys, item, p._transaction(keys, [item])[0])
     assert first == again and any_redis.xlen(K.delta) == 1
+    assert [e[0].decode() for e in any_redis.xrange(K.delta)] == [first]
     assert int(any_redis.hget(K.pending, "rows")) == 3
 
 

@@ -3,6 +3,7 @@
 import pandas as pd
 import pyarrow as pa
 import pytest
+import redis
 
 from producer import (
     InvalidInput,
@@ -13,7 +14,7 @@ from producer import (
     UnsupportedData,
     wire,
 )
-from tests.conftest import id_batch
+from tests.conftest import RedisServer, id_batch
 from tests.reliability import refused
 
 K = wire.Keys("deltaflush", "events")
@@ -151,3 +152,24 @@ def test_flush_enqueues_one_json_task_naming_the_table(real_redis, redis_server)
 def test_flush_refuses_bad_table_names(p):
     with pytest.raises(InvalidTableName):
         p.flush("no such!")
+
+
+def test_append_when_redis_is_out_of_memory_leaves_no_unchecked_entry(tmp_path):
+    """The XADD and its check are one transaction: when Redis refuses it for lack of memory
+    the append raises, and every entry in the stream is one the producer was told about,
+    counted in the pending counters."""
+    server = RedisServer(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    producer = Producer(client=client, settings=Settings(max_pending_bytes=0))
+    try:
+        accepted = []
+        with pytest.raises(redis.ResponseError, match="OOM|maxmemory"):
+            for i in range(2000):
+                accepted.append(producer.append("events", id_batch(i * 1000, 1000)))
+        assert accepted, "Redis refused the very first batch: raise maxmemory"
+        assert [e[0].decode() for e in client.xrange(K.delta)] == accepted
+        assert int(client.hget(K.pending, "rows")) == 1000 * len(accepted)
+    finally:
+        client.close()
+        server.stop()
