@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,9 @@ from .settings import Settings
 from .tablecfg import TableConfig
 
 log = logging.getLogger(__name__)
+
+#: ``append_many`` sends its batches in groups of about this many payload bytes.
+SEND_GROUP_BYTES = 8 * 1024 * 1024
 
 def connect(url: str, retries: int = 0) -> redis.Redis:
     """A Redis client for the delta tier that reconnects by itself.
@@ -62,7 +66,8 @@ class _Pending:
     batch_id: str
     evolves_from: bytes = b""
     dead_id: str = ""
-    payload: Any = b""  # the Arrow IPC stream, bytes or a buffer
+    payload: Any = None  # the Arrow IPC stream (a buffer), once encoded
+    size: int = 0  # the payload's size, known before it is encoded
     schema_bytes: bytes = b""
 
 
@@ -114,17 +119,38 @@ class Producer:
 
     def append_many(self, table: str, batches: Iterable[Any], *,
                     timeout_s: float | None = None) -> list[str]:
-        """Append several batches in one round trip (one transaction); return their IDs.
+        """Append several batches, pipelined; return their entry IDs.
 
-        Every batch is converted and checked first, so a bad batch raises before anything
-        is sent. A batch that Redis refuses (the table's schema changed meanwhile, or
-        backpressure) is retried alone, after the others.
+        Each batch is one transaction; they are sent in groups of about 8 MiB, the next
+        group encoded while the last one is on its way. Every batch is converted and
+        checked first, so a bad batch raises before anything is sent. A batch that Redis
+        refuses (the table's schema changed meanwhile, or backpressure) is retried alone,
+        after the others.
         """
         keys = self._keys(table)
         items = [self._prepare(table, data) for data in batches]
-        if not items:
-            return []
-        verdicts = self._transaction(keys, items)
+        groups: list[list[_Pending]] = []
+        size = SEND_GROUP_BYTES
+        for item in items:
+            if size >= SEND_GROUP_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += item.size
+        verdicts: list[list[Any]] = []
+        if len(groups) == 1:
+            verdicts = self._transaction(keys, self._encode(groups[0]))
+        elif groups:
+            # Encode the next group while the last one is on its way and Redis appends it.
+            with ThreadPoolExecutor(1, thread_name_prefix="deltaflush-send") as sender:
+                sending = None
+                for group in groups:
+                    self._encode(group)
+                    if sending is not None:
+                        verdicts += sending.result()
+                    sending = sender.submit(self._transaction, keys, group)
+                assert sending is not None
+                verdicts += sending.result()
         ids = [self._accepted(keys, item, verdict) or self._send(keys, item, timeout_s)
                for item, verdict in zip(items, verdicts, strict=True)]
         self._maybe_trigger(keys)
@@ -170,14 +196,23 @@ class Producer:
                 evolves_from = wire.serialize_schema(known)
             arrow = conform(arrow, target, table)
         item = _Pending(arrow, uuid.uuid4().hex, evolves_from)
-        self._encode(table, item)
+        self._measure(table, item)
         return item
 
-    def _encode(self, table: str, item: _Pending) -> None:
+    def _measure(self, table: str, item: _Pending) -> None:
+        """Size the batch's payload (and refuse it if too large) without encoding it yet."""
         item.schema_bytes = wire.serialize_schema(item.arrow.schema)
-        item.payload = wire.encode_table(item.arrow)
-        if item.payload.nbytes > self.settings.max_batch_bytes:
-            raise BatchTooLarge(table, item.payload.nbytes, self.settings.max_batch_bytes)
+        item.size = wire.payload_size(item.arrow)
+        item.payload = None
+        if item.size > self.settings.max_batch_bytes:
+            raise BatchTooLarge(table, item.size, self.settings.max_batch_bytes)
+
+    @staticmethod
+    def _encode(items: list[_Pending]) -> list[_Pending]:
+        for item in items:
+            if item.payload is None:
+                item.payload = wire.encode_table(item.arrow, item.size)
+        return items
 
     def _transaction(self, keys: wire.Keys, items: list[_Pending]) -> list[list[Any]]:
         """Append ``items`` in one round trip, each in a ``MULTI``/``EXEC`` of its own (see
@@ -228,7 +263,7 @@ class Producer:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         delay = 0.05
         for _ in range(1000):
-            verdict = self._transaction(keys, [item])[0]
+            verdict = self._transaction(keys, self._encode([item]))[0]
             entry_id = self._accepted(keys, item, verdict)
             if entry_id is not None:
                 return entry_id
@@ -247,7 +282,7 @@ class Producer:
             target = evolve(stored, item.arrow.schema, table)
             item.evolves_from = b"" if target.equals(stored) else bytes(value)
             item.arrow = conform(item.arrow, target, table)
-            self._encode(table, item)
+            self._measure(table, item)
         raise SchemaConflict(table, "*", "a schema that keeps changing", str(item.arrow.schema))
 
     # --- table configuration ---------------------------------------------------------

@@ -143,14 +143,20 @@ def encode_batches(schema: pa.Schema, batches: list[pa.RecordBatch]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def encode_table(table: pa.Table) -> memoryview:
-    """Like ``encode_batches`` for a whole table, without the copy into ``bytes``: the
-    producer hands the buffer to the socket as it is. Sized first, then written into one
-    allocation (a growing buffer would copy and fault in its pages again as it grows)."""
-    size = pa.MockOutputStream()
-    with pa.ipc.new_stream(size, table.schema) as writer:
+def payload_size(table: pa.Table) -> int:
+    """The size ``encode_table(table)`` will have, found without copying any data."""
+    sink = pa.MockOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    buffer = pa.allocate_buffer(size.size())
+    return int(sink.size())
+
+
+def encode_table(table: pa.Table, size: int | None = None) -> memoryview:
+    """Like ``encode_batches`` for a whole table, without the copy into ``bytes``: the
+    producer hands the buffer to the socket as it is. Written into one allocation of
+    ``size`` (``payload_size(table)``): a growing buffer would copy and fault in its pages
+    again as it grows."""
+    buffer = pa.allocate_buffer(payload_size(table) if size is None else size)
     with pa.ipc.new_stream(pa.FixedSizeBufferWriter(buffer), table.schema) as writer:
         writer.write_table(table)
     return memoryview(buffer)

@@ -144,7 +144,7 @@ def test_a_retried_append_is_not_added_twice(any_redis):
     """The reply of an append is lost and the call is sent again: one entry."""
     p = producer(any_redis)
     keys = p._keys("events")
-    item = p._prepare("events", id_batch(0, 3))
+    [item] = p._encode([p._prepare("events", id_batch(0, 3))])
     first = p._accepted(keys, item, p._transaction(keys, [item])[0])
     again = p._accepted(keys, item, p._transaction(keys, [item])[0])
     assert first == again and any_redis.xlen(K.delta) == 1
