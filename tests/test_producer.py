@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 import redis
 
+import producer.client as client_module
 from producer import (
     InvalidInput,
     InvalidTableName,
@@ -49,6 +50,24 @@ def test_append_many_pipelines_and_keeps_order(p):
     assert len(ids) == 5 and ids == sorted(ids, key=wire.parse_id)
     got = [t.column("id")[0].as_py() for t in entries(p.redis)]
     assert got == [0, 10, 20, 30, 40]
+
+
+def test_append_many_in_several_send_groups_keeps_order_and_retries_the_refused(
+        any_redis, monkeypatch):
+    """Groups are encoded while the previous one is sent; a batch refused in the middle
+    (here: the table's schema evolved meanwhile) is conformed and sent again, after."""
+    monkeypatch.setattr(client_module, "SEND_GROUP_BYTES", 1)  # one batch per group
+    p = Producer(settings=Settings(), client=any_redis)
+    p.append("events", id_batch(0, 1))
+    other = Producer(settings=Settings(), client=any_redis)
+    other.append("events", id_batch(1, 1).append_column("extra", pa.array([1], pa.int64())))
+    ids = p.append_many("events", [id_batch(i * 10, 10) for i in range(1, 6)])
+    assert len(ids) == 5 and len(set(ids)) == 5
+    got = sorted(t.column("id")[0].as_py() for t in entries(any_redis))
+    assert got == [0, 1, 10, 20, 30, 40, 50]
+    assert int(any_redis.hget(K.pending, "rows")) == 52
+    stored = [e[0].decode() for e in any_redis.xrange(K.delta)]
+    assert set(ids) <= set(stored) and len(stored) == 7
 
 
 def test_pandas_index_and_metadata_are_not_part_of_the_schema(p):
