@@ -4,6 +4,8 @@ redis-server and real ``celery -A workers.app`` processes."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -115,3 +117,46 @@ def test_sigterm_finishes_the_current_file_and_hands_the_rest_over(fleet, produc
     wait_drained(fleet, real_redis, total)
     check("SIGTERM to a worker mid-flush", storage_dir, TABLE, range(total))
     assert drained(real_redis, total)
+
+
+PRODUCER_LOOP = """
+import sys
+from producer import Producer
+from tests.conftest import id_batch
+p = Producer(redis_url=sys.argv[1])
+start = 0
+while True:
+    p.append_many("events", [id_batch(start + i * 500, 500, "x" * 200) for i in range(20)])
+    start += 10_000
+"""
+
+
+@pytest.mark.parametrize("kill_after_entries", [1, 150, 400])
+def test_producer_killed_mid_append_many_leaves_only_whole_counted_batches(
+        redis_server, real_redis, tmp_path, kill_after_entries):
+    """SIGKILL a producer process in the middle of pipelined appends (its transactions
+    half-sent): every entry in the stream is a whole, decodable batch, each batch is there
+    once, and the pending counters match the stream exactly."""
+    log = tmp_path / "producer.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", PRODUCER_LOOP, redis_server.url],
+                                stdout=out, stderr=subprocess.STDOUT)
+    keys = wire.Keys("deltaflush", "events")
+    try:
+        wait_for(lambda: real_redis.xlen(keys.delta) >= kill_after_entries or
+                 proc.poll() is not None, 60, "the producer to append")
+        assert proc.poll() is None, log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+    entries = real_redis.xrange(keys.delta)
+    rows = [wire.decode_payload(f[wire.FIELD_ARROW]).num_rows for _, f in entries]
+    assert rows and set(rows) == {500}
+    assert len({f[wire.FIELD_BATCH] for _, f in entries}) == len(entries)
+    firsts = [wire.decode_payload(f[wire.FIELD_ARROW]).column("id")[0].as_py()
+              for _, f in entries]
+    assert firsts == sorted(firsts) and len(set(firsts)) == len(firsts)
+    assert int(real_redis.hget(keys.pending, "rows")) == sum(rows)
+    assert int(real_redis.hget(keys.pending, "bytes")) == sum(
+        len(f[wire.FIELD_ARROW]) for _, f in entries)
+    assert real_redis.sismember(wire.tables_key("deltaflush"), "events")
