@@ -3,6 +3,7 @@ redis-server and real ``celery -A workers.app`` processes."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import redis
 
 from producer import Producer, Settings, wire
 from tests.conftest import Fleet, RedisServer, id_batch, wait_for
-from tests.reliability import check
+from tests.reliability import check, record
 from tests.test_fleet import TABLE, drained, fill, wait_drained
 
 pytestmark = pytest.mark.integration
@@ -160,3 +161,6 @@ def test_producer_killed_mid_append_many_leaves_only_whole_counted_batches(
     assert int(real_redis.hget(keys.pending, "bytes")) == sum(
         len(f[wire.FIELD_ARROW]) for _, f in entries)
     assert real_redis.sismember(wire.tables_key("deltaflush"), "events")
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    record("producer SIGKILLed mid append_many (half-sent transactions)", test, sum(rows),
+           0, len(entries) - len({f[wire.FIELD_BATCH] for _, f in entries}))
