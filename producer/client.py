@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 #: ``append_many`` sends its batches in groups of about this many payload bytes.
 SEND_GROUP_BYTES = 8 * 1024 * 1024
 
+
 def connect(url: str, retries: int = 0) -> redis.Redis:
     """A Redis client for the delta tier that reconnects by itself.
 
