@@ -23,6 +23,7 @@ from .due import DUE_LUA, due_keys, queue_flush, send_or_unmark
 from .errors import (
     Backpressure,
     BatchTooLarge,
+    DeltaflushError,
     InvalidTableName,
     SchemaConflict,
 )
@@ -142,20 +143,37 @@ class Producer:
         if len(groups) == 1:
             verdicts = self._transaction(keys, self._encode(groups[0]))
         elif groups:
-            # Encode the next group while the last one is on its way and Redis appends it.
+            # Encode the next group while the last one is on its way and Redis appends it;
+            # once Redis refuses one for backpressure, send no more (they wait in _send).
             with ThreadPoolExecutor(1, thread_name_prefix="deltaflush-send") as sender:
                 sending = None
                 for group in groups:
                     self._encode(group)
                     if sending is not None:
                         verdicts += sending.result()
+                        if any(v[0] == BACKPRESSURE for v in verdicts):
+                            sending = None
+                            break
                     sending = sender.submit(self._transaction, keys, group)
-                assert sending is not None
-                verdicts += sending.result()
-        ids = [self._accepted(keys, item, verdict) or self._send(keys, item, timeout_s)
-               for item, verdict in zip(items, verdicts, strict=True)]
+                if sending is not None:
+                    verdicts += sending.result()
+        ids: list[str | None] = [self._accepted(keys, item, verdict)
+                                 for item, verdict in zip(items, verdicts, strict=False)]
+        ids += [None] * (len(items) - len(ids))
+        for n, item in enumerate(items):
+            if ids[n] is None:
+                try:
+                    ids[n] = self._send(keys, item, timeout_s,
+                                        verdicts[n] if n < len(verdicts) else None)
+                except DeltaflushError as exc:
+                    exc.appended = ids  # type: ignore[attr-defined]
+                    exc.add_note(
+                        f"append_many: {sum(i is not None for i in ids)} of the {len(ids)} "
+                        "batches of this call are appended; `.appended` has their entry "
+                        "IDs (None for the others), so retry only the others.")
+                    raise
         self._maybe_trigger(keys)
-        return ids
+        return [str(i) for i in ids]
 
     def replay_dead(self, table: str,
                     progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
@@ -238,6 +256,12 @@ class Producer:
         for reply in replies:
             # e.g. EXECABORT: Redis refused a command at queueing; nothing of it ran
             for error in (reply if isinstance(reply, list) else [reply]):
+                if isinstance(error, redis.OutOfMemoryError):
+                    raise redis.OutOfMemoryError(
+                        f"Redis is out of memory (over its maxmemory) and refused a batch for "
+                        f"table {keys.table!r}; nothing of that batch was appended. Let the "
+                        f"workers flush, or give Redis more memory, then retry ({error})"
+                    ) from error
                 if isinstance(error, Exception):
                     raise error
             if isinstance(reply, list):  # an EXEC: [SADD,] XADD, check
@@ -259,22 +283,23 @@ class Producer:
         self._pending[keys.table] = int(rest[0])
         return str(value.decode())
 
-    def _send(self, keys: wire.Keys, item: _Pending, timeout_s: float | None) -> str:
+    def _send(self, keys: wire.Keys, item: _Pending, timeout_s: float | None,
+              verdict: list[Any] | None = None) -> str:
+        """Append ``item`` alone until Redis accepts it; ``verdict`` is Redis's answer to an
+        earlier try, if there was one."""
         table = keys.table
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        delay = 0.05
         for _ in range(1000):
-            verdict = self._transaction(keys, self._encode([item]))[0]
+            if verdict is None:
+                verdict = self._transaction(keys, self._encode([item]))[0]
             entry_id = self._accepted(keys, item, verdict)
             if entry_id is not None:
                 return entry_id
             code, value = verdict[0], verdict[1]
+            verdict = None
             if code == BACKPRESSURE:
-                pending = int(value)
-                if deadline is None or time.monotonic() >= deadline:
-                    raise Backpressure(table, pending, self.settings.max_pending_bytes)
-                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 1.0)
+                if deadline is None or not self._wait_for_room(keys, deadline):
+                    raise Backpressure(table, int(value), self.settings.max_pending_bytes)
                 continue
             # The table's schema is not the one this batch was made for: bring the batch
             # to the table's schema, evolving that schema if the batch needs it.
@@ -285,6 +310,19 @@ class Producer:
             item.arrow = conform(item.arrow, target, table)
             self._measure(table, item)
         raise SchemaConflict(table, "*", "a schema that keeps changing", str(item.arrow.schema))
+
+    def _wait_for_room(self, keys: wire.Keys, deadline: float) -> bool:
+        """Wait, polling the pending counter (not resending the payload), until the table is
+        under its pending limit again; False if ``deadline`` passes first."""
+        delay = 0.05
+        while time.monotonic() < deadline:
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+            pending, length = self.redis.pipeline().hget(keys.pending, "bytes") \
+                .xlen(keys.delta).execute()
+            if int(pending or 0) < self.settings.max_pending_bytes or not length:
+                return True
+        return False
 
     # --- table configuration ---------------------------------------------------------
 

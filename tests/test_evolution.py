@@ -127,6 +127,23 @@ def test_backpressure_refuses_and_counts_then_lets_through(any_redis, storage_di
     assert any_redis.xlen(K.delta) == 1
 
 
+def test_append_many_refused_midway_says_which_batches_are_in(any_redis, monkeypatch):
+    """Backpressure after some batches of one append_many call: the error carries the IDs
+    of those appended (None for the rest), so the caller retries only the rest."""
+    import producer.client as client_module
+
+    size = len(wire.encode_batches(id_batch(0, 100).schema, id_batch(0, 100).to_batches()))
+    p = producer(any_redis, max_pending_bytes=int(size * 2.5))
+    monkeypatch.setattr(client_module, "SEND_GROUP_BYTES", size * 2)  # several groups
+    with pytest.raises(Backpressure) as err:
+        p.append_many("events", [id_batch(i * 100, 100) for i in range(6)])
+    appended = err.value.appended
+    assert [i is not None for i in appended] == [True, True, True, False, False, False]
+    assert [e[0].decode() for e in any_redis.xrange(K.delta)] == appended[:3]
+    assert "3 of the 6 batches" in "".join(err.value.__notes__)
+    assert int(any_redis.hget(K.pending, "rows")) == 300
+
+
 def test_append_with_timeout_waits_for_the_workers(real_redis, storage_dir):
     p = producer(real_redis, max_pending_bytes=2000)
     p.append("events", id_batch(0, 100))
