@@ -62,7 +62,7 @@ def raw_parquet(payloads: list[bytes], path: str) -> float:
         table = pa.ipc.open_stream(payload).read_all()
         if writer is None:
             writer = pq.ParquetWriter(path, table.schema,
-                                      **{**BASE_OPTIONS, **config.parquet_options()})
+                                      **{**BASE_OPTIONS, **config.parquet_options(table.schema)})
         buffer.append(table)
         buffered += table.nbytes
         if buffered >= ROW_GROUP_BYTES:

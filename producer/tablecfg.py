@@ -53,7 +53,12 @@ class TableConfig:
     compression: str = "zstd"
     compression_level: int | None = None
     row_group_rows: int = 1_000_000
-    dictionary: bool = True
+    #: "auto": dictionary-encode string, binary and dictionary columns only; True: every
+    #: column; False: none. Numbers of high cardinality (ids, timestamps, prices) gain
+    #: nothing from a dictionary the writer abandons after 1 MiB, and building it made
+    #: encoding 43% slower and files 30% larger on the benchmark schema
+    #: (docs/performance.md).
+    dictionary: bool | str = "auto"
     statistics: bool = True
     flush_interval_s: float | None = None
 
@@ -81,11 +86,15 @@ class TableConfig:
     def time(self) -> TimePartition | None:
         return TimePartition.parse(self.partition_time) if self.partition_time else None
 
-    def parquet_options(self) -> dict[str, Any]:
+    def parquet_options(self, schema: pa.Schema) -> dict[str, Any]:
+        """``pyarrow.parquet.ParquetWriter`` options for files of ``schema``."""
+        dictionary: bool | list[str] = self.dictionary is True
+        if self.dictionary == "auto":
+            dictionary = [f.name for f in schema if _dictionary_worthy(f.type)]
         return {
             "compression": self.compression,
             "compression_level": self.compression_level,
-            "use_dictionary": self.dictionary,
+            "use_dictionary": dictionary,
             "write_statistics": self.statistics,
         }
 
@@ -130,6 +139,11 @@ class TableConfig:
         return asdict(self)
 
 
+def _dictionary_worthy(t: pa.DataType) -> bool:
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t) or pa.types.is_dictionary(t))
+
+
 def _parse(name: str, value: Any) -> Any:
     try:
         if name in ("partition_by", "sort_by"):
@@ -139,6 +153,8 @@ def _parse(name: str, value: Any) -> Any:
         if name in ("compression", "partition_time"):
             return "" if value is None else str(value).lower() if name == "compression" \
                 else str(value)
+        if name == "dictionary" and str(value).lower() == "auto":
+            return "auto"
         if name in ("dictionary", "statistics"):
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

@@ -81,6 +81,23 @@ def test_sort_order_and_codec_options_reach_the_files(any_redis, storage_dir):
     assert values == sorted(values)
 
 
+@pytest.mark.parametrize("dictionary,dict_columns", [
+    ("auto", {"name"}), (True, {"id", "ts", "name", "value"}), (False, set())])
+def test_dictionary_encoding_by_default_only_for_strings(any_redis, storage_dir, dictionary,
+                                                         dict_columns):
+    p = Producer(client=any_redis, settings=Settings())
+    if dictionary != "auto":
+        p.configure("events", dictionary=dictionary)
+    assert p.table_config("events").dictionary == dictionary
+    p.append("events", id_batch(0, 100))
+    flush_all(any_redis, storage_dir)
+    (path,) = (storage_dir / "events").glob("*.parquet")
+    rg = pq.read_metadata(path).row_group(0)
+    encoded = {rg.column(i).path_in_schema for i in range(rg.num_columns)
+               if "RLE_DICTIONARY" in rg.column(i).encodings}
+    assert encoded == dict_columns
+
+
 @pytest.mark.parametrize("codec", ["zstd", "snappy", "gzip", "lz4", "none"])
 def test_every_codec_is_readable_by_duckdb(any_redis, storage_dir, codec):
     p = Producer(client=any_redis, settings=Settings())

@@ -166,7 +166,8 @@ def table() -> None:
 @click.option("--compression", help="zstd (default), snappy, gzip, lz4, brotli or none.")
 @click.option("--compression-level", help="Codec level, or 'default'.")
 @click.option("--row-group-rows", type=int, help="At most this many rows per row group.")
-@click.option("--dictionary/--no-dictionary", default=None, help="Dictionary encoding.")
+@click.option("--dictionary", help="Dictionary encoding: auto (string and binary columns, "
+              "the default), true (every column) or false.")
 @click.option("--statistics/--no-statistics", default=None, help="Column statistics.")
 @click.option("--flush-interval", "flush_interval_s", help="Seconds between scheduled "
               "flushes of this table, or 'default'.")

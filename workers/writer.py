@@ -3,9 +3,11 @@
 Batches are buffered until a row group's worth (``row_group_bytes`` of Arrow data) has
 gathered, then encoded in a background thread while the next row group gathers (pyarrow
 releases the GIL while encoding, so reading from Redis and encoding overlap on two cores).
-The first row group of a file is a quarter of the others, so that the encoder starts
-after a quarter of the reading instead of a whole row group's (measured in
-docs/performance.md: a 2-million-row flush goes from about 0.8 to 0.87 of pyarrow alone).
+The first row group of a file is an eighth of a full one and each next one 1.5 times the
+last, up to full size: the encoder starts after an eighth of a row group has been read,
+and each row group is gathered while the smaller one before it encodes (reading runs
+faster than encoding, but not twice as fast), so the encoder never waits on Redis after
+the start. Measured in docs/performance.md.
 Memory holds about two row groups, whatever the file's size. A table with a sort order
 buffers the whole file instead (at most ``max_file_bytes``), sorts it and then writes it.
 """
@@ -22,8 +24,10 @@ from producer.tablecfg import TableConfig
 
 #: Parquet options every file gets; readable by pyarrow, DuckDB, polars and Spark as-is.
 BASE_OPTIONS: dict[str, Any] = {"version": "2.6", "data_page_size": 1024 * 1024}
-#: The first row group of a file holds 1/this of a full one (see ``ParquetFile``).
-FIRST_ROW_GROUP_FRACTION = 4
+#: The first row group of a file holds 1/this of a full one, and each next one ``RAMP``
+#: times the last, up to full size (see ``ParquetFile``).
+FIRST_ROW_GROUP_FRACTION = 8
+RAMP = 1.5
 
 
 class ParquetFile:
@@ -36,13 +40,12 @@ class ParquetFile:
         self.row_group_bytes = row_group_bytes
         self.row_group_rows = config.row_group_rows
         self.sort_keys = [(c, "ascending") for c in config.sort_by if c in schema.names]
-        options = {**BASE_OPTIONS, **config.parquet_options()}
+        options = {**BASE_OPTIONS, **config.parquet_options(schema)}
         self._writer = pq.ParquetWriter(sink, schema, **options)
         self._encoder = encoder  # shared by the files of one range (FileSet)
         self._encoding: Future[None] | None = None
         self._buffer: list[pa.Table] = []
-        # The first row group is smaller, so that encoding starts (and overlaps the reading
-        # of the rest) sooner; later ones are full size.
+        # Row groups ramp up to full size, so that encoding starts sooner (see above).
         self._threshold = max(1, row_group_bytes // FIRST_ROW_GROUP_FRACTION)
         self.buffered = 0
         self.rows = 0
@@ -63,7 +66,7 @@ class ParquetFile:
         table = pa.concat_tables(self._buffer)
         self._buffer.clear()
         self.buffered = 0
-        self._threshold = self.row_group_bytes
+        self._threshold = min(self.row_group_bytes, int(self._threshold * RAMP))
         if self.sort_keys:
             table = table.sort_by(self.sort_keys)
         self._wait()  # at most one row group being encoded while the next one gathers
