@@ -87,14 +87,25 @@ def plot(r: dict, path: Path) -> None:
     ax.set_title("Throughput against the limit")
     ax = axes[1]
     procs = [s["processes"] for s in r["scale_out"]]
-    ax.plot(procs, [s["rows_s"] / 1e6 for s in r["scale_out"]], marker="o")
+    ax.plot(procs, [s["rows_s"] / 1e6 for s in r["scale_out"]], marker="o", label="measured")
+    base = r["scale_out"][0]["rows_s"] / 1e6
+    cores = int(r["machine"]["cores"])
+    ax.plot(procs, [base * min(p, cores) for p in procs], linestyle="--", color="C7",
+            label=f"linear up to {cores} cores")
+    ax.set_ylim(bottom=0)
+    ax.legend()
     ax.set_xticks(procs)
     ax.set_xlabel("worker processes")
     ax.set_ylabel("million rows/s")
     ax.set_title("Scale-out (2 cores)")
     ax = axes[2]
     mem = r["memory"]
-    ax.plot([m["backlog_mib"] for m in mem], [m["peak_rss_mib"] for m in mem], marker="o")
+    ax.plot([m["backlog_mib"] for m in mem], [m["peak_rss_mib"] for m in mem], marker="o",
+            label="measured")
+    target = mem[0]["backlog_mib"] / mem[0]["multiple"]
+    ax.axhline(2 * target + 150, linestyle="--", color="C7",
+               label="target: 2x file size + 150 MiB")
+    ax.legend()
     ax.set_xlabel("backlog MiB")
     ax.set_ylabel("peak RSS MiB")
     ax.set_ylim(bottom=0)
