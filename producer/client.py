@@ -131,32 +131,7 @@ class Producer:
         """
         keys = self._keys(table)
         items = [self._prepare(table, data) for data in batches]
-        groups: list[list[_Pending]] = []
-        size = SEND_GROUP_BYTES
-        for item in items:
-            if size >= SEND_GROUP_BYTES:
-                groups.append([])
-                size = 0
-            groups[-1].append(item)
-            size += item.size
-        verdicts: list[list[Any]] = []
-        if len(groups) == 1:
-            verdicts = self._transaction(keys, self._encode(groups[0]))
-        elif groups:
-            # Encode the next group while the last one is on its way and Redis appends it;
-            # once Redis refuses one for backpressure, send no more (they wait in _send).
-            with ThreadPoolExecutor(1, thread_name_prefix="deltaflush-send") as sender:
-                sending = None
-                for group in groups:
-                    self._encode(group)
-                    if sending is not None:
-                        verdicts += sending.result()
-                        if any(v[0] == BACKPRESSURE for v in verdicts):
-                            sending = None
-                            break
-                    sending = sender.submit(self._transaction, keys, group)
-                if sending is not None:
-                    verdicts += sending.result()
+        verdicts = self._send_groups(keys, items)
         ids: list[str | None] = [self._accepted(keys, item, verdict)
                                  for item, verdict in zip(items, verdicts, strict=False)]
         ids += [None] * (len(items) - len(ids))
@@ -174,6 +149,34 @@ class Producer:
                     raise
         self._maybe_trigger(keys)
         return [str(i) for i in ids]
+
+    def _send_groups(self, keys: wire.Keys, items: list[_Pending]) -> list[list[Any]]:
+        """Send ``items`` in groups of about ``SEND_GROUP_BYTES``, encoding the next group
+        while the last one is on its way and Redis appends it; return Redis's verdicts, in
+        order. Once Redis refuses a batch for backpressure, stop: the verdicts end there
+        and the rest wait in ``_send``."""
+        groups: list[list[_Pending]] = []
+        size = SEND_GROUP_BYTES
+        for item in items:
+            if size >= SEND_GROUP_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += item.size
+        if len(groups) <= 1:
+            return self._transaction(keys, self._encode(groups[0])) if groups else []
+        verdicts: list[list[Any]] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="deltaflush-send") as sender:
+            sending = None
+            for group in groups:
+                self._encode(group)
+                if sending is not None:
+                    verdicts += sending.result()
+                    if any(v[0] == BACKPRESSURE for v in verdicts):
+                        return verdicts
+                sending = sender.submit(self._transaction, keys, group)
+            assert sending is not None
+            return verdicts + sending.result()
 
     def replay_dead(self, table: str,
                     progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
