@@ -30,6 +30,10 @@ def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
             break
         except redis.ConnectionError:
             time.sleep(0.02)
+    # the server answering must be ours (the port may have been taken since it was free)
+    if client.info("server")["process_id"] != proc.pid:
+        proc.kill()
+        raise RuntimeError(f"port {port} is answered by another redis-server")
     client.close()
     return proc, f"redis://127.0.0.1:{port}/0"
 

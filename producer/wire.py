@@ -164,11 +164,18 @@ def encode_table(table: pa.Table, size: int | None = None) -> memoryview:
 
 def decode_payload(payload: bytes) -> pa.Table:
     """Decode and fully validate one payload; raise ``ValueError`` if it is not a valid
-    Arrow IPC stream (truncated, garbage, or buffers inconsistent with the schema)."""
+    Arrow IPC stream (truncated, garbage, or buffers inconsistent with the schema).
+
+    Running out of memory is not the payload's fault: ``MemoryError`` passes through, so a
+    flush fails and is retried instead of setting a good entry aside as a dead letter (and
+    a retry must decode the same entries the same way, or a resumed range would differ).
+    """
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(payload))
         table = reader.read_all()
         table.validate(full=True)
+    except MemoryError:
+        raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ValueError(f"not a valid Arrow IPC stream: {exc}") from exc
     return table

@@ -70,8 +70,18 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port)
-        wait_for(lambda: _ping(client), 10, "redis-server to start")
+        proc = self.proc
+        wait_for(lambda: _ping(client) or proc.poll() is not None, 10, "redis-server to start")
+        # The port was free when chosen, but another process may have taken it since: make
+        # sure the server answering is this one, not another test session's.
+        assert proc.poll() is None, f"redis-server exited at start: {self._log_tail()}"
+        pid = client.info("server")["process_id"]
         client.close()
+        assert pid == proc.pid, f"port {self.port} is answered by another redis-server ({pid})"
+
+    def _log_tail(self) -> str:
+        log = self.workdir / "redis.log"
+        return log.read_text()[-2000:] if log.exists() else "(no log)"
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

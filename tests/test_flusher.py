@@ -147,6 +147,18 @@ def test_a_recorded_claim_is_resumed_exactly(any_redis, storage_dir, monkeypatch
           range(50))
 
 
+def test_a_commit_never_trims_entries_before_the_claimed_range(any_redis, storage_dir):
+    """A claim that does not start at the head of the delta (which the protocol never
+    makes) is refused at commit: nothing is trimmed, the flush fails loudly."""
+    p, f = make(any_redis, storage_dir)
+    ids = [p.append("events", id_batch(i * 10, 10)) for i in range(3)]
+    any_redis.hset(K.claim, mapping={"first": ids[1], "last": ids[2], "count": 2,
+                                     "schema": b"", "config": "", "token": 0})
+    with pytest.raises(ClaimMismatch, match="NOTHEAD"):
+        f.flush("events")
+    assert any_redis.xlen(K.delta) == 3
+
+
 def test_a_fenced_flusher_cannot_commit(any_redis, storage_dir, monkeypatch):
     """A flusher whose lease expired (frozen) and was taken over fails its commit."""
     p, f = make(any_redis, storage_dir, lease_s=30)

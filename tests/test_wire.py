@@ -42,6 +42,20 @@ def test_decode_rejects_truncated_payload():
         wire.decode_payload(payload[: len(payload) // 2])
 
 
+def test_decode_lets_out_of_memory_through(monkeypatch):
+    """Out of memory is not the payload's fault: it must fail the flush (and be retried),
+    not turn a good entry into a dead letter."""
+    t = pa.table({"a": list(range(100))})
+    payload = wire.encode_batches(t.schema, t.to_batches())
+
+    def no_memory(*args, **kwargs):
+        raise pa.ArrowMemoryError("malloc of size 4096 failed")
+
+    monkeypatch.setattr(pa.ipc, "open_stream", no_memory)
+    with pytest.raises(MemoryError):
+        wire.decode_payload(payload)
+
+
 def test_next_id_is_the_smallest_greater_id():
     assert wire.next_id(b"1732480000000-7") == "1732480000000-8"
     assert wire.parse_id("5-0") == (5, 0)

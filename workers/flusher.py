@@ -89,6 +89,13 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED l
 if redis.call('HGET', KEYS[2], 'last') ~= ARGV[2] then
   return redis.error_reply('NOCLAIM the claim is not the one written')
 end
+-- The claimed range starts at the head of the delta, or trimming up to its end would
+-- remove entries no file holds: refuse (the flush fails loudly) instead of losing them.
+local head = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)[1]
+if head and head[1] ~= redis.call('HGET', KEYS[2], 'first') then
+  return redis.error_reply('NOTHEAD the delta starts at ' .. head[1] ..
+                           ', before the claimed range')
+end
 local ndead = 0
 for i = 11, #ARGV, 2 do
   local e = redis.call('XRANGE', KEYS[3], ARGV[i], ARGV[i])
