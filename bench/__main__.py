@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from bench import fleet, memory, throughput
-from bench.common import machine, start_redis
+from bench.common import machine, redis_server
 
 
 def main() -> None:
@@ -28,15 +26,9 @@ def main() -> None:
     rows = 200_000 if args.quick else 2_000_000
     tp = throughput.run(rows, 10_000, 1 if args.quick else 3)
     mem = memory.run(8 if args.quick else 128, [1, 5, 10])
-    workdir = tempfile.mkdtemp()
-    proc, url = start_redis(workdir)
-    try:
+    with redis_server() as (workdir, url):
         scale = fleet.scale_out(workdir, url, 50_000 if args.quick else 1_000_000)
         fresh = fleet.freshness(workdir, url, 5 if args.quick else 30, 2)
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
     results = {"machine": machine(), "throughput": tp, "memory": mem, "scale_out": scale,
                "freshness": fresh}
     (out / "results.json").write_text(json.dumps(results, indent=2))

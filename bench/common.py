@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 import redis
@@ -36,6 +40,20 @@ def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
         raise RuntimeError(f"port {port} is answered by another redis-server")
     client.close()
     return proc, f"redis://127.0.0.1:{port}/0"
+
+
+@contextmanager
+def redis_server(prefix: str = "deltaflush-bench-") -> Iterator[tuple[str, str]]:
+    """A scratch folder with a redis-server of its own: yields ``(folder, URL)``; the server
+    is stopped and the folder removed afterwards."""
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    proc, url = start_redis(workdir)
+    try:
+        yield workdir, url
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def machine() -> dict[str, str]:

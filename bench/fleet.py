@@ -16,14 +16,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bench.common import machine, start_redis
+from bench.common import machine, redis_server
 from bench.throughput import realistic
 from producer import Producer, Settings, wire
 from producer.client import connect
@@ -147,15 +146,9 @@ def main() -> None:
     parser.add_argument("--freshness-s", type=float, default=30)
     parser.add_argument("--interval-s", type=float, default=2)
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp(prefix="deltaflush-fleet-")
-    proc, url = start_redis(workdir)
-    try:
+    with redis_server("deltaflush-fleet-") as (workdir, url):
         scale = scale_out(workdir, url, args.rows_per_table)
         fresh = freshness(workdir, url, args.freshness_s, args.interval_s)
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
     print(f"machine: {json.dumps(machine())}\n")
     print("| worker processes | rows | seconds | rows/s | speed-up |")
     print("| --- | --- | --- | --- | --- |")

@@ -16,14 +16,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import redis
 
-from bench.common import machine, start_redis
+from bench.common import machine, redis_server
 
 
 def batch(start: int, rows: int) -> pa.Table:
@@ -68,12 +67,10 @@ def flush_child(url: str, storage: str, target: int) -> None:
 def run(target_mib: int, multiples: list[int]) -> list[dict[str, float]]:
     from producer import Producer, Settings
 
-    workdir = tempfile.mkdtemp(prefix="deltaflush-bench-")
-    server, url = start_redis(workdir)
-    client = redis.Redis.from_url(url)
     target = target_mib * 1024 * 1024
     rows = []
-    try:
+    with redis_server() as (workdir, url):
+        client = redis.Redis.from_url(url)
         for m in multiples:
             client.flushall()
             storage = os.path.join(workdir, f"lake-{m}")
@@ -99,10 +96,6 @@ def run(target_mib: int, multiples: list[int]) -> list[dict[str, float]]:
                 "rows_s": round(r["rows"] / r["seconds"]),
             })
             shutil.rmtree(storage, ignore_errors=True)
-    finally:
-        server.terminate()
-        server.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 

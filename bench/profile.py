@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
-import tempfile
 import time
 
 from pyinstrument import Profiler
 
-from bench.common import machine, start_redis
+from bench.common import machine, redis_server
 from bench.throughput import realistic
 from producer import Producer, Settings
 from producer.client import connect
@@ -35,9 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=2_000_000)
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp(prefix="deltaflush-profile-")
-    proc, url = start_redis(workdir)
-    try:
+    with redis_server("deltaflush-profile-") as (workdir, url):
         client = connect(url)
         settings = Settings(redis_url=url, max_pending_bytes=0, max_file_bytes=2**40)
         tables = [realistic(i, 10_000) for i in range(0, args.rows, 10_000)]
@@ -68,10 +64,6 @@ def main() -> None:
                   f"redis-server {redis_cpu() - rcpu:.3f} s CPU\n")
             print(profiler.output_text(unicode=False, color=False))
         producer.close()
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

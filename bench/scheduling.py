@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import time
 
-from bench.common import machine, start_redis
+from bench.common import machine, redis_server
 from producer import Producer, Settings, wire
 from producer.client import connect
 from workers.scheduler import due_tables
@@ -23,9 +21,7 @@ def main() -> None:
     parser.add_argument("--with-data", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp()
-    proc, url = start_redis(workdir)
-    try:
+    with redis_server() as (_, url):
         client = connect(url)
         pipe = client.pipeline(transaction=False)
         for i in range(args.tables):
@@ -48,10 +44,6 @@ def main() -> None:
         print(f"| tables | with data | one round (best of {args.repeat}) |")
         print("| --- | --- | --- |")
         print(f"| {args.tables} | {len(busy)} | {best * 1000:.1f} ms |")
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

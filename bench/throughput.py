@@ -16,14 +16,13 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bench.common import machine, start_redis
+from bench.common import machine, redis_server
 from producer import Producer, Settings, wire
 from producer.client import connect
 from producer.tablecfg import TableConfig
@@ -76,9 +75,7 @@ def raw_parquet(payloads: list[bytes], path: str) -> float:
 
 
 def run(rows: int, batch_rows: int, repeat: int) -> dict[str, float]:
-    workdir = tempfile.mkdtemp(prefix="deltaflush-bench-")
-    proc, url = start_redis(workdir)
-    try:
+    with redis_server() as (workdir, url):
         tables = [realistic(i, batch_rows) for i in range(0, rows, batch_rows)]
         payloads = [wire.encode_batches(t.schema, t.to_batches()) for t in tables]
         arrow_mib = sum(t.nbytes for t in tables) / 2**20
@@ -159,10 +156,6 @@ def run(rows: int, batch_rows: int, repeat: int) -> dict[str, float]:
         out["flush_mib_s"] = round(arrow_mib / best_ours, 1)
         out["flush_ratio"] = round(best_raw / best_ours, 2)
         return out
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> None:
