@@ -134,32 +134,32 @@ def tables_key(prefix: str) -> str:
 # --- Arrow IPC ---------------------------------------------------------------------------
 
 
-def encode_batches(schema: pa.Schema, batches: list[pa.RecordBatch]) -> bytes:
-    """One payload: the Arrow IPC stream format, one schema and the given batches."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema) as writer:
-        for batch in batches:
-            writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+def encode_table(table: pa.Table, size: int | None = None) -> memoryview:
+    """One payload: the Arrow IPC stream format, the table's schema and its batches.
+
+    The buffer is handed to the socket as it is (no copy into ``bytes``), and written into
+    one allocation of ``size`` (``payload_size(table)``): a growing buffer would copy and
+    fault in its pages again as it grows."""
+    buffer = pa.allocate_buffer(payload_size(table) if size is None else size)
+    _write_stream(pa.FixedSizeBufferWriter(buffer), table)
+    return memoryview(buffer)
 
 
 def payload_size(table: pa.Table) -> int:
     """The size ``encode_table(table)`` will have, found without copying any data."""
     sink = pa.MockOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+    _write_stream(sink, table)
     return int(sink.size())
 
 
-def encode_table(table: pa.Table, size: int | None = None) -> memoryview:
-    """Like ``encode_batches`` for a whole table, without the copy into ``bytes``: the
-    producer hands the buffer to the socket as it is. Written into one allocation of
-    ``size`` (``payload_size(table)``): a growing buffer would copy and fault in its pages
-    again as it grows."""
-    buffer = pa.allocate_buffer(payload_size(table) if size is None else size)
-    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(buffer), table.schema) as writer:
+def encode_batches(schema: pa.Schema, batches: list[pa.RecordBatch]) -> bytes:
+    """``encode_table`` of ``batches``, as ``bytes`` (for tests and tools)."""
+    return bytes(encode_table(pa.Table.from_batches(batches, schema)))
+
+
+def _write_stream(sink: pa.NativeFile, table: pa.Table) -> None:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return memoryview(buffer)
 
 
 def decode_payload(payload: bytes) -> pa.Table:
