@@ -260,11 +260,7 @@ class Producer:
             # e.g. EXECABORT: Redis refused a command at queueing; nothing of it ran
             for error in (reply if isinstance(reply, list) else [reply]):
                 if isinstance(error, redis.OutOfMemoryError):
-                    raise redis.OutOfMemoryError(
-                        f"Redis is out of memory (over its maxmemory) and refused a batch for "
-                        f"table {keys.table!r}; nothing of that batch was appended. Let the "
-                        f"workers flush, or give Redis more memory, then retry ({error})"
-                    ) from error
+                    raise _out_of_memory(keys.table, error) from error
                 if isinstance(error, Exception):
                     raise error
             if isinstance(reply, list):  # an EXEC: [SADD,] XADD, check
@@ -275,11 +271,8 @@ class Producer:
     def _accepted(self, keys: wire.Keys, item: _Pending, verdict: list[Any]) -> str | None:
         """The entry ID if Redis accepted ``item``, else None."""
         code, value, *rest = verdict
-        if code == NO_MEMORY:
-            raise redis.ResponseError(
-                f"Redis refused the batch for table {keys.table!r}: {value.decode()}; "
-                "it holds more than its maxmemory. Nothing was appended; flush or give "
-                "Redis more memory, then retry")
+        if code == NO_MEMORY:  # refused inside the script (see producer.append)
+            raise _out_of_memory(keys.table, value.decode())
         if code in (CONFLICT, BACKPRESSURE):
             return None
         self._schemas[keys.table] = item.arrow.schema
@@ -401,3 +394,10 @@ class Producer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _out_of_memory(table: str, reason: object) -> redis.OutOfMemoryError:
+    return redis.OutOfMemoryError(
+        f"Redis is out of memory (over its maxmemory) and refused a batch for table "
+        f"{table!r}; nothing of that batch was appended. Let the workers flush, or give "
+        f"Redis more memory, then retry ({reason})")
