@@ -15,6 +15,7 @@ from producer import (
     UnsupportedData,
     wire,
 )
+from producer.errors import Backpressure
 from tests.conftest import RedisServer, id_batch
 from tests.reliability import refused
 
@@ -192,3 +193,32 @@ def test_append_when_redis_is_out_of_memory_leaves_no_unchecked_entry(tmp_path):
     finally:
         client.close()
         server.stop()
+
+
+def test_a_producer_needs_only_the_documented_acl(redis_server, real_redis):
+    """docs/protocol.md lists what a producer's Redis user needs for appending; a user with
+    exactly that appends, evolves the schema, is deduplicated and meets backpressure."""
+    real_redis.acl_setuser(
+        "appender", enabled=True, passwords=["+s3cret"], keys=["deltaflush:*"],
+        commands=["+multi", "+exec", "+sadd", "+xadd", "+eval", "+get", "+set", "+hget",
+                  "+hincrby", "+xlen", "+xdel", "+xgroup|setid", "+xgroup|create",
+                  "+xinfo|groups", "+xrevrange"])
+    try:
+        url = redis_server.url.replace("redis://", "redis://appender:s3cret@")
+        p = Producer(settings=Settings(redis_url=url, max_pending_bytes=0))
+        p.append("events", id_batch(0, 10))
+        p.append_many("events", [id_batch(10, 10), id_batch(20, 10).append_column(
+            "extra", pa.array([1] * 10, pa.int64()))])
+        [item] = p._encode([p._prepare("events", id_batch(30, 10))])
+        keys = p._keys("events")
+        assert p._accepted(keys, item, p._transaction(keys, [item])[0]) == \
+            p._accepted(keys, item, p._transaction(keys, [item])[0])
+        assert real_redis.xlen(K.delta) == 4
+        p.close()
+        tight = Producer(settings=Settings(redis_url=url, max_pending_bytes=1))
+        with pytest.raises(Backpressure):
+            tight.append("events", id_batch(40, 10))
+        tight.close()
+        assert real_redis.xlen(K.delta) == 4
+    finally:
+        real_redis.acl_deluser("appender")
