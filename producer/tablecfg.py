@@ -69,6 +69,8 @@ class TableConfig:
             )
         if self.compression_level is not None and self.compression in ("snappy", "none"):
             raise ConfigError(f"compression {self.compression!r} takes no compression_level")
+        if self.dictionary not in (True, False, "auto"):
+            raise ConfigError(f"dictionary must be true, false or 'auto', got {self.dictionary!r}")
         if self.row_group_rows < 1:
             raise ConfigError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
         if self.flush_interval_s is not None and self.flush_interval_s <= 0:

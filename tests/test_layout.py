@@ -117,6 +117,7 @@ def test_every_codec_is_readable_by_duckdb(any_redis, storage_dir, codec):
     ({"partition_by": "nope"}, "has no column 'nope'"),
     ({"partition_time": "value:day"}, "needs a timestamp column"),
     ({"row_group_rows": "many"}, "row_group_rows='many' is not valid"),
+    ({"dictionary": "sometimes"}, "dictionary=.sometimes. is not valid"),
 ])
 def test_invalid_table_settings_are_refused_clearly(any_redis, changes, message):
     p = Producer(client=any_redis, settings=Settings())
