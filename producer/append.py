@@ -89,7 +89,8 @@ if ARGV[6] ~= '' then redis.call('XDEL', KEYS[6], ARGV[6]) end
 return {1, id, total}
 """
 
-OK, CONFLICT, BACKPRESSURE, NO_MEMORY = 1, 0, 2, 3
+#: The script's refusals (1 is accepted).
+CONFLICT, BACKPRESSURE, NO_MEMORY = 0, 2, 3
 
 
 def queue_append(pipe: Any, keys: wire.Keys, payload: Any, rows: int, batch_id: str,

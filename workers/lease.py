@@ -75,10 +75,6 @@ class Lease:
         except redis.RedisError as err:  # it expires by itself
             log.warning("could not release the lease of %s: %s", self.keys.table, err)
 
-    @property
-    def lost(self) -> bool:
-        return self._lost.is_set()
-
     def check(self) -> None:
         """Raise ``LeaseLost`` if the lease is, or may be, held by someone else now."""
         if time.monotonic() - self._last_ok > self.lease_ms / 1000:
