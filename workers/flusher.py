@@ -71,6 +71,8 @@ ROW_GROUP_BYTES = 64 * 1024 * 1024
 #: Target size of one XRANGE chunk.
 CHUNK_BYTES = 8 * 1024 * 1024
 MAX_CHUNK_ENTRIES = 1024
+#: Entries in the first XRANGE chunk, before their size is known.
+FIRST_CHUNK_ENTRIES = 2
 
 # KEYS: lease, claim   ARGV: token, first, last, count, schema, table config
 CLAIM_LUA = """
@@ -292,7 +294,7 @@ class Flusher:
         """Entries ``first..last`` (inclusive) in chunks of about ``CHUNK_BYTES``; the next
         chunk is fetched in the background while the caller decodes and encodes this one."""
         with ThreadPoolExecutor(1, thread_name_prefix="xrange") as pool:
-            count = 16
+            count = FIRST_CHUNK_ENTRIES
             pending = pool.submit(self.redis.xrange, keys.delta, first, last, count=count)
             while True:
                 chunk = pending.result()
