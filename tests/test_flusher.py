@@ -56,6 +56,31 @@ def test_files_roll_at_max_file_bytes_and_carry_their_range(any_redis, storage_d
         assert md.row_group(0).column(0).compression == "ZSTD"
 
 
+def test_written_row_groups_go_to_the_disk_while_the_next_ones_encode(
+        any_redis, storage_dir, monkeypatch):
+    """Each row group of a local file is handed to the disk (posix_fadvise) once written,
+    so that the fsync at publish finds little left; the file stays whole."""
+    import os
+
+    from workers import writer
+
+    advised = []
+
+    def fadvise(fd, offset, length, advice):
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), advice))
+
+    monkeypatch.setattr(writer.os, "posix_fadvise", fadvise)
+    p, f = make(any_redis, storage_dir, max_file_bytes=4 << 20)
+    for i in range(40):
+        p.append("events", id_batch(i * 5000, 5000))
+    assert f.flush("events").files >= 1
+    assert len(advised) >= 3  # row groups ramp up: several per file
+    # only temporary files, while they are being written
+    assert all(advice == os.POSIX_FADV_DONTNEED and path.endswith(".tmp")
+               for path, advice in advised)
+    assert_exactly_once(storage_dir, "events", 200_000)
+
+
 def test_output_is_readable_by_duckdb_and_polars(any_redis, storage_dir):
     import duckdb
     import polars as pl

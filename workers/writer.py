@@ -8,12 +8,16 @@ last, up to full size: the encoder starts after an eighth of a row group has bee
 and each row group is gathered while the smaller one before it encodes (reading runs
 faster than encoding, but not twice as fast), so the encoder never waits on Redis after
 the start. Measured in docs/performance.md.
+Written row groups of a local file start their way to the disk while the next ones encode
+(``posix_fadvise(DONTNEED)``), so the fsync at publish waits for little: 8.3 -> 3.8 ms for a
+12 MiB file in docs/performance.md.
 Memory holds about two row groups, whatever the file's size. A table with a sort order
 buffers the whole file instead (at most ``max_file_bytes``), sorts it and then writes it.
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +32,7 @@ BASE_OPTIONS: dict[str, Any] = {"version": "2.6", "data_page_size": 1024 * 1024}
 #: times the last, up to full size (see ``ParquetFile``).
 FIRST_ROW_GROUP_FRACTION = 8
 RAMP = 1.5
+_FADVISE = hasattr(os, "posix_fadvise")  # Linux and most Unixes; not macOS or Windows
 
 
 class ParquetFile:
@@ -42,6 +47,9 @@ class ParquetFile:
         self.sort_keys = [(c, "ascending") for c in config.sort_by if c in schema.names]
         options = {**BASE_OPTIONS, **config.parquet_options(schema)}
         self._writer = pq.ParquetWriter(sink, schema, **options)
+        # A local file's written row groups are handed to the disk while the next ones
+        # encode, so that the fsync at publish finds little left to write (see below).
+        self._fd = sink.fileno() if isinstance(sink, pa.OSFile) and _FADVISE else None
         self._encoder = encoder  # shared by the files of one range (FileSet)
         self._encoding: Future[None] | None = None
         self._buffer: list[pa.Table] = []
@@ -70,6 +78,10 @@ class ParquetFile:
         if self.sort_keys:
             table = table.sort_by(self.sort_keys)
         self._wait()  # at most one row group being encoded while the next one gathers
+        if self._fd is not None:
+            # Start writing back what the last row groups put in the page cache, without
+            # waiting for it, and drop it from the cache (nobody reads it back from here).
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self._encoding = self._encoder.submit(
             self._writer.write_table, table, row_group_size=self.row_group_rows)
 
