@@ -238,6 +238,66 @@ def test_storage_error_trims_nothing_and_the_next_flush_lands_it(any_redis, stor
     assert_exactly_once(storage_dir, "events", 10)
 
 
+def test_the_next_range_is_read_while_the_last_one_commits_in_order(any_redis, storage_dir,
+                                                                    monkeypatch):
+    """Ranges are pipelined: the next range is read while the one before commits; commits
+    still come one at a time, in order, each at the head of the delta."""
+    p, f = make(any_redis, storage_dir, max_file_bytes=20_000)
+    for i in range(30):
+        p.append("events", id_batch(i * 100, 100))
+    reading_ahead = threading.Event()
+    real_entries, real_commit = f._entries, f._commit
+    committed = []
+
+    def entries(keys, first, last):
+        if first.startswith("("):  # a range after one that is not committed yet
+            reading_ahead.set()
+        return real_entries(keys, first, last)
+
+    def commit(lease, keys, part):
+        if not committed:  # the first range waits until the next one is being read
+            assert reading_ahead.wait(30), "the next range was not read during the commit"
+        head = any_redis.xrange(K.delta, count=1)[0][0].decode()
+        committed.append((head, part.first))
+        return real_commit(lease, keys, part)
+
+    monkeypatch.setattr(f, "_entries", entries)
+    monkeypatch.setattr(f, "_commit", commit)
+    result = f.flush("events")
+    assert result.files > 3 and len(committed) == result.files
+    assert all(head == first for head, first in committed)  # each at the head, in order
+    assert_exactly_once(storage_dir, "events", 3000)
+
+
+def test_a_failed_range_stops_the_ranges_read_after_it(any_redis, storage_dir, monkeypatch):
+    """When publishing the second file fails, the first stays committed, the ranges read
+    ahead are neither claimed nor trimmed, their temporary files are removed, and the
+    next flush lands the rest exactly once."""
+    p, f = make(any_redis, storage_dir, max_file_bytes=20_000)
+    for i in range(30):
+        p.append("events", id_batch(i * 100, 100))
+    real_publish = Storage.publish
+    published = []
+
+    def publish(self, temp, final):
+        if published:
+            raise OSError("disk on fire")
+        published.append(final)
+        real_publish(self, temp, final)
+
+    monkeypatch.setattr(Storage, "publish", publish)
+    with pytest.raises(OSError, match="disk on fire"):
+        f.flush("events")
+    assert len(list((storage_dir / "events").glob("*.parquet"))) == 1
+    assert any_redis.hlen(K.claim) > 0  # the second range's claim waits to be resumed
+    assert 0 < any_redis.xlen(K.delta) < 30
+    assert not list(storage_dir.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert f.flush("events").status == "ok"
+    assert any_redis.xlen(K.delta) == 0
+    assert_exactly_once(storage_dir, "events", 3000)
+
+
 def test_concurrent_flushers_and_producers_land_every_row_once(real_redis, storage_dir):
     """Four flushers race on one table while a producer appends: no loss, no duplicate."""
     p, _ = make(real_redis, storage_dir, max_file_bytes=16_384)

@@ -21,10 +21,17 @@ time, until the delta is empty (or its time budget is spent):
 5. **Commit**, in one script that checks the lease token: move the set-aside entries to
    ``{T}:dead``, ``XTRIM MINID <last id + 1>`` (exact), delete the claim, update counters.
 
+Ranges are pipelined: while one range goes through steps 3-5 (on a committer thread), the
+next one is read and encoded, from just after it; no further (so memory stays bounded, and a
+stop request ends the flush after at most that one range more). Steps 3-5 of a range start
+only once the range before is committed, so claims and commits still come one at a time, in
+order; what runs ahead only reads.
+
 Why each crash is harmless:
 
-* before 3: nothing is recorded; the temporary file is garbage that the next flush ignores
-  (and ``Storage.sweep_temp`` removes). The next flusher starts over from the head.
+* before 3 (which includes a range read ahead): nothing is recorded; the temporary file is
+  garbage that the next flush ignores (and ``Storage.sweep_temp`` removes). The next
+  flusher starts over from the head.
 * between 3 and 5: the claim is resumed; the retry writes the same entries with the same
   schema under the same name, and the atomic replace of an identical file changes nothing.
 * after 5: the entries are gone from the delta and the file holds them.
@@ -44,7 +51,7 @@ import logging
 import posixpath
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -222,17 +229,35 @@ class Flusher:
         if lease is None:
             result.status = "busy"
             return result
-        with lease:
+        # One future per range, for its steps 3-5 (see "Ranges are pipelined" above).
+        finishing: list[Future[tuple[Part, list[str]]]] = []
+        with lease, ThreadPoolExecutor(1, thread_name_prefix="parquet-encode") as encoder, \
+                ThreadPoolExecutor(1, thread_name_prefix="flush-commit") as committer:
             failpoint("flush.leased")
-            while True:
-                done = self._flush_one(lease, keys)
-                if done is None:
-                    break
-                result.add(*done)
-                if (budget_s is not None and time.monotonic() - started > budget_s) or (
-                        stop is not None and stop()):
-                    result.more = bool(self.redis.xlen(keys.delta))
-                    break
+            claim = self._load_claim(keys)
+            after: str | None = None
+            try:
+                while True:
+                    range_started = time.monotonic()
+                    written = self._write(lease, keys, claim, after, encoder)
+                    if written is None:
+                        break
+                    part, files = written
+                    finishing.append(committer.submit(
+                        self._finish, lease, keys, part, files, claim is None, range_started,
+                        finishing[-1] if finishing else None))
+                    claim, after = None, part.last
+                    if len(finishing) > 1:  # one range is read ahead, no more
+                        finishing[-2].result()
+                    if (budget_s is not None and time.monotonic() - started > budget_s) or (
+                            stop is not None and stop()):
+                        result.more = True
+                        break
+            finally:
+                for done in finishing:
+                    result.add(*done.result())  # the first failure raises
+        if result.more:
+            result.more = bool(self.redis.xlen(keys.delta))
         if result.first_id is None:
             result.status = "empty"
         result.seconds = round(time.monotonic() - started, 3)
@@ -244,14 +269,28 @@ class Flusher:
             )
         return result
 
-    def _flush_one(self, lease: Lease, keys: wire.Keys) -> tuple[Part, list[str]] | None:
-        started = time.monotonic()
-        claim = self._load_claim(keys)
-        part = self._write(lease, keys, claim)
-        if part is None:
-            return None
+    def _finish(self, lease: Lease, keys: wire.Keys, part: Part, files: FileSet | None,
+                new_claim: bool, started: float,
+                previous: Future[tuple[Part, list[str]]] | None) -> tuple[Part, list[str]]:
+        """Close a written range's files, record its claim, publish and commit it (steps 3
+        to 5 of the protocol), once the range before it is committed."""
         try:
-            if claim is None:
+            if previous is not None:
+                previous.result()  # raises if the range before failed: then stop here too
+            if files is not None:
+                for folder, temp, size, _rows in files.close({
+                    "deltaflush.table": keys.table,
+                    "deltaflush.first_id": part.first,
+                    "deltaflush.last_id": part.last,
+                    "deltaflush.entries": str(part.count),
+                }):
+                    final = self.storage.final_path(keys.table,
+                                                    posixpath.join(folder, part.name))
+                    part.files.append((temp, final))
+                    part.file_bytes += size
+                files = None
+            failpoint("flush.written")
+            if new_claim:
                 self._record_claim(lease, keys, part)
                 failpoint("flush.claimed")
             lease.check()
@@ -264,6 +303,8 @@ class Flusher:
                 paths.append(self.storage.display(final))
                 failpoint("flush.published")
         finally:
+            for temp in files.abort() if files is not None else []:
+                self.storage.discard(temp)
             for temp, _ in part.files:
                 self.storage.discard(temp)
         self._commit(lease, keys, part)
@@ -312,16 +353,18 @@ class Flusher:
                 if not full:
                     return
 
-    def _write(self, lease: Lease, keys: wire.Keys, claim: Claim | None) -> Part | None:
-        """Write a claimed range, or a new one from the head, to temporary files (one per
-        partition folder it touches)."""
+    def _write(self, lease: Lease, keys: wire.Keys, claim: Claim | None, after: str | None,
+               encoder: ThreadPoolExecutor) -> tuple[Part, FileSet | None] | None:
+        """Read a claimed range, or a new one from the head (or from just ``after`` the
+        range before, still being committed), into temporary files (one per partition
+        folder it touches), encoded on ``encoder``; the files are closed by ``_finish``."""
         table = keys.table
         if claim is not None:
             entries = self._entries(keys, claim.first, claim.last)
             schema = wire.deserialize_schema(claim.schema) if claim.schema else None
             config_json = claim.config
         else:
-            entries = self._entries(keys, "-", "+")
+            entries = self._entries(keys, "-" if after is None else "(" + after, "+")
             stored, raw_config = self.redis.mget(keys.schema, keys.config)
             schema = wire.deserialize_schema(stored) if stored else None
             config_json = raw_config.decode() if raw_config else ""
@@ -361,7 +404,8 @@ class Flusher:
                 if schema is None:
                     schema = batch.schema
                 if files is None:
-                    files = self._files(table, part.first, lease.token, config, schema)
+                    files = self._files(table, part.first, lease.token, config, schema,
+                                        encoder)
                 files.write(batch)
                 if part.count == 1:
                     failpoint("flush.first_chunk")
@@ -380,27 +424,14 @@ class Flusher:
             part.name = file_name(part.first, part.last)
             if files is not None:
                 part.rows, part.arrow_bytes = files.rows, files.arrow_bytes
-                for folder, temp, size, _rows in files.close({
-                    "deltaflush.table": table,
-                    "deltaflush.first_id": part.first,
-                    "deltaflush.last_id": part.last,
-                    "deltaflush.entries": str(part.count),
-                }):
-                    final = self.storage.final_path(table, posixpath.join(folder, part.name))
-                    part.files.append((temp, final))
-                    part.file_bytes += size
-                files = None
-            failpoint("flush.written")
-            return part
+            return part, files
         except BaseException:
-            temps = files.abort() if files is not None else []
-            temps += [temp for temp, _ in (part.files if part is not None else [])]
-            for temp in temps:
+            for temp in files.abort() if files is not None else []:
                 self.storage.discard(temp)
             raise
 
     def _files(self, table: str, first: str, token: int, config: TableConfig,
-               schema: pa.Schema) -> FileSet:
+               schema: pa.Schema, encoder: ThreadPoolExecutor) -> FileSet:
         counter = iter(range(1 << 30))
 
         def open_temp(folder: str) -> tuple[str, pa.NativeFile]:
@@ -408,7 +439,7 @@ class Flusher:
             return temp, self.storage.open_temp(temp)
 
         return FileSet(Layout(config, schema), open_temp,
-                       min(ROW_GROUP_BYTES, self.settings.max_file_bytes), config)
+                       min(ROW_GROUP_BYTES, self.settings.max_file_bytes), config, encoder)
 
     def _evolved_schema(self, keys: wire.Keys, schema: pa.Schema | None) -> pa.Schema | None:
         """The table's schema if it is no longer ``schema`` (it evolved during this flush)."""

@@ -116,17 +116,18 @@ class FileSet:
     ``open_temp(folder)`` returns ``(temporary path, sink)`` for a new file. The buffers of
     all files together stay under ``row_group_bytes`` (unless sorting, which holds each file
     whole): when they pass it, the largest buffer is written out as a row group. All files
-    share one background encoder thread.
+    share one background ``encoder`` thread (the flusher's, shared with the next range's
+    files, so that it encodes one range's last row groups and the next one's first in turn).
     """
 
     def __init__(self, layout: Any, open_temp: Any, row_group_bytes: int,
-                 config: TableConfig) -> None:
+                 config: TableConfig, encoder: ThreadPoolExecutor) -> None:
         self.layout = layout
         self.open_temp = open_temp
         self.row_group_bytes = row_group_bytes
         self.config = config
         self.files: dict[str, tuple[str, ParquetFile]] = {}
-        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
+        self.encoder = encoder
 
     @property
     def rows(self) -> int:
@@ -156,7 +157,6 @@ class FileSet:
                             "deltaflush.partition": folder})
             out.append((folder, temp, size, f.rows))
         self.files.clear()
-        self.encoder.shutdown()
         return out
 
     def abort(self) -> list[str]:
@@ -168,5 +168,4 @@ class FileSet:
                 pass
             temps.append(temp)
         self.files.clear()
-        self.encoder.shutdown()
         return temps
