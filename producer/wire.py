@@ -157,8 +157,13 @@ def encode_batches(schema: pa.Schema, batches: list[pa.RecordBatch]) -> bytes:
     return bytes(encode_table(pa.Table.from_batches(batches, schema)))
 
 
+#: The IPC format of every payload, fixed (pyarrow's default reads two environment
+#: variables that could switch it to a pre-1.0 format, on every writer it opens).
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions(metadata_version=pa.ipc.MetadataVersion.V5)
+
+
 def _write_stream(sink: pa.NativeFile, table: pa.Table) -> None:
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    with pa.ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
         writer.write_table(table)
 
 

@@ -29,6 +29,17 @@ def test_ipc_stream_round_trip_keeps_batches_and_types():
     assert table.num_rows == 4
 
 
+def test_the_payload_format_does_not_follow_pyarrow_environment_switches(monkeypatch):
+    """pyarrow's writers turn to the pre-1.0 IPC format when these are set; payloads do not."""
+    table = pa.table({"a": pa.array([1, 2, 3], pa.int64()), "s": ["x", "y", None]})
+    expected = bytes(wire.encode_table(table))
+    monkeypatch.setenv("ARROW_PRE_0_15_IPC_FORMAT", "1")
+    monkeypatch.setenv("ARROW_PRE_1_0_METADATA_VERSION", "1")
+    assert bytes(wire.encode_table(table)) == expected
+    assert wire.payload_size(table) == len(expected)
+    assert wire.decode_payload(expected).equals(table)
+
+
 @pytest.mark.parametrize("payload", [b"", b"garbage", b"\xff\xff\xff\xff\x10\x00"])
 def test_decode_rejects_garbage_with_value_error(payload):
     with pytest.raises(ValueError, match="not a valid Arrow IPC stream"):
