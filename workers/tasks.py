@@ -65,8 +65,8 @@ def _stopping_key(hostname: str) -> str:
 
 @worker_shutting_down.connect
 def _on_shutdown(sender: Any = None, **_: Any) -> None:
-    """Warm shutdown (SIGTERM): running flushes finish their current file, then stop and
-    queue their continuation for another worker."""
+    """Warm shutdown (SIGTERM): running flushes finish their current file (and the one
+    they read ahead, if any), then stop and queue their continuation for another worker."""
     try:
         runtime()[0].set(_stopping_key(str(sender)), b"1", ex=3600)
     except redis.RedisError as exc:
