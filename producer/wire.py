@@ -36,6 +36,7 @@ serialised as JSON.
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 
@@ -178,12 +179,43 @@ def decode_payload(payload: bytes) -> pa.Table:
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(payload))
         table = reader.read_all()
-        table.validate(full=True)
+        _validate(table)
     except MemoryError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ValueError(f"not a valid Arrow IPC stream: {exc}") from exc
     return table
+
+
+#: String types, and the binary type with the same layout (offsets, then the bytes).
+_BINARY_LAYOUT = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
+
+
+def _validate(table: pa.Table) -> None:
+    """``table.validate(full=True)``, in half the time for the usual string columns.
+
+    Full validation checks every string value for UTF-8 one by one, half of a flush's
+    decoding time for short strings. A string array whose offsets are valid (checked as
+    the binary array it is laid out as) and whose whole data buffer is ASCII is valid
+    UTF-8 whatever its offsets cut; anything else gets pyarrow's full validation."""
+    table.validate()
+    for column in table.columns:
+        for chunk in column.chunks:
+            binary = _BINARY_LAYOUT.get(chunk.type)
+            if binary is not None and _ascii(chunk.buffers()[2]):
+                chunk.view(binary).validate(full=True)
+            else:
+                chunk.validate(full=True)
+
+
+def _ascii(data: pa.Buffer | None) -> bool:
+    if data is None:
+        return True
+    try:
+        codecs.ascii_decode(memoryview(data))
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def serialize_schema(schema: pa.Schema) -> bytes:

@@ -29,6 +29,44 @@ def test_ipc_stream_round_trip_keeps_batches_and_types():
     assert table.num_rows == 4
 
 
+def _payload(table: pa.Table) -> bytes:
+    """IPC bytes of ``table`` as they are, however invalid (pyarrow's writer checks nothing)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _strings(offsets: list[int], data: bytes, large: bool = False) -> pa.Array:
+    width = pa.int64() if large else pa.int32()
+    return pa.Array.from_buffers(pa.large_string() if large else pa.string(), len(offsets) - 1,
+                                 [None, pa.array(offsets, width).buffers()[1],
+                                  pa.py_buffer(data)])
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_decode_accepts_valid_strings_ascii_or_not(large):
+    kind = pa.large_string() if large else pa.string()
+    table = pa.table({"ascii": pa.array(["de", None, "", "https://x"], kind),
+                      "utf8": pa.array(["ü", "日本", None, "a\u0000b"], kind)})
+    sliced = table.slice(1, 2)
+    assert wire.decode_payload(_payload(table)).equals(table)
+    assert wire.decode_payload(_payload(sliced)).equals(sliced)
+
+
+@pytest.mark.parametrize("large", [False, True])
+@pytest.mark.parametrize("offsets, data", [
+    ([0, 1, 3], b"a\xff\xfe"),        # not UTF-8
+    ([0, 1, 3], b"\xc3\xbca"),        # UTF-8 bytes, but "\xc3\xbc" cut in two
+    ([0, 3, 2], b"abc"),              # ASCII, offsets going back
+    ([0, 5, 3], b"abc"),              # ASCII, an offset past the data
+])
+def test_decode_rejects_invalid_strings(offsets, data, large):
+    payload = _payload(pa.table({"s": _strings(offsets, data, large)}))
+    with pytest.raises(ValueError, match="not a valid Arrow IPC stream"):
+        wire.decode_payload(payload)
+
+
 def test_the_payload_format_does_not_follow_pyarrow_environment_switches(monkeypatch):
     """pyarrow's writers turn to the pre-1.0 IPC format when these are set; payloads do not."""
     table = pa.table({"a": pa.array([1, 2, 3], pa.int64()), "s": ["x", "y", None]})
