@@ -22,8 +22,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
 
 lint: $(STAMP)
-	$(BIN)/pip install -q ruff
 	$(BIN)/ruff check producer workers tests bench
+	$(BIN)/mypy producer workers
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import redis
@@ -187,7 +187,7 @@ class Producer:
         """
         keys = self._keys(table)
         replayed = still_dead = 0
-        entries = self.redis.xrange(keys.dead)
+        entries = cast(list[wire.Entry], self.redis.xrange(keys.dead))
         for done, (entry_id, fields) in enumerate(entries, 1):
             try:
                 arrow = to_table(wire.decode_payload(fields.get(wire.FIELD_ARROW, b"")))
@@ -314,8 +314,10 @@ class Producer:
         while time.monotonic() < deadline:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 1.0)
-            pending, length = self.redis.pipeline().hget(keys.pending, "bytes") \
-                .xlen(keys.delta).execute()
+            pipe = self.redis.pipeline()
+            pipe.hget(keys.pending, "bytes")
+            pipe.xlen(keys.delta)
+            pending, length = pipe.execute()
             if int(pending or 0) < self.settings.max_pending_bytes or not length:
                 return True
         return False

@@ -128,6 +128,10 @@ class Keys:
         return self._k(f"batch:{batch_id}")
 
 
+#: A stream entry as redis-py returns it (``decode_responses`` off): ID and fields.
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
 def tables_key(prefix: str) -> str:
     return f"{prefix}:tables"
 

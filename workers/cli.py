@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from typing import cast
 
 import click
 
@@ -215,7 +216,7 @@ def dead_list(table: str, limit: int) -> None:
         raise click.UsageError(str(InvalidTableName(table)))
     client = connect(settings.redis_url)
     keys = wire.Keys(settings.key_prefix, table)
-    entries = client.xrange(keys.dead, count=limit)
+    entries = cast(list[wire.Entry], client.xrange(keys.dead, count=limit))
     total = client.xlen(keys.dead)
     for entry_id, fields in entries:
         size = len(fields.get(wire.FIELD_ARROW, b""))

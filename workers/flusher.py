@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import redis
@@ -318,7 +318,7 @@ class Flusher:
     # --- steps ------------------------------------------------------------------------
 
     def _load_claim(self, keys: wire.Keys) -> Claim | None:
-        raw = self.redis.hgetall(keys.claim)
+        raw = cast(dict[bytes, bytes], self.redis.hgetall(keys.claim))
         if not raw:
             return None
         return Claim(
@@ -338,7 +338,7 @@ class Flusher:
             count = FIRST_CHUNK_ENTRIES
             pending = pool.submit(self.redis.xrange, keys.delta, first, last, count=count)
             while True:
-                chunk = pending.result()
+                chunk = cast(list[wire.Entry], pending.result())
                 if not chunk:
                     return
                 full = len(chunk) >= count
@@ -365,7 +365,8 @@ class Flusher:
             config_json = claim.config
         else:
             entries = self._entries(keys, "-" if after is None else "(" + after, "+")
-            stored, raw_config = self.redis.mget(keys.schema, keys.config)
+            stored, raw_config = cast(list[bytes | None],
+                                      self.redis.mget(keys.schema, keys.config))
             schema = wire.deserialize_schema(stored) if stored else None
             config_json = raw_config.decode() if raw_config else ""
         config = TableConfig.from_json(config_json)
@@ -443,7 +444,7 @@ class Flusher:
 
     def _evolved_schema(self, keys: wire.Keys, schema: pa.Schema | None) -> pa.Schema | None:
         """The table's schema if it is no longer ``schema`` (it evolved during this flush)."""
-        stored = self.redis.get(keys.schema)
+        stored = cast(bytes | None, self.redis.get(keys.schema))
         if not stored:
             return None
         current = wire.deserialize_schema(stored)
