@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from functools import cache
 
@@ -38,10 +39,12 @@ def failpoint(name: str) -> None:
         return
     if not _first_time(name):
         return
+    # Signalled to this thread, not to the process: a process-directed signal goes to the
+    # main thread, and the thread that sent it may run on (e.g. commit) before it stops.
     if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+        signal.pthread_kill(threading.get_ident(), signal.SIGKILL)
     elif action == "stop":
-        os.kill(os.getpid(), signal.SIGSTOP)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
     elif action == "raise":
         raise InjectedFault(f"injected fault at {name}")
 
