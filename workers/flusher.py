@@ -69,7 +69,7 @@ from .layout import Layout
 from .lease import Lease, acquire
 from .metrics import record_duration
 from .storage import Storage
-from .writer import FileSet
+from .writer import Encoder, FileSet
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class Flusher:
             return result
         # One future per range, for its steps 3-5 (see "Ranges are pipelined" above).
         finishing: list[Future[tuple[Part, list[str]]]] = []
-        with lease, ThreadPoolExecutor(1, thread_name_prefix="parquet-encode") as encoder, \
+        with lease, Encoder() as encoder, \
                 ThreadPoolExecutor(1, thread_name_prefix="flush-commit") as committer:
             failpoint("flush.leased")
             claim = self._load_claim(keys)
@@ -354,7 +354,7 @@ class Flusher:
                     return
 
     def _write(self, lease: Lease, keys: wire.Keys, claim: Claim | None, after: str | None,
-               encoder: ThreadPoolExecutor) -> tuple[Part, FileSet | None] | None:
+               encoder: Encoder) -> tuple[Part, FileSet | None] | None:
         """Read a claimed range, or a new one from the head (or from just ``after`` the
         range before, still being committed), into temporary files (one per partition
         folder it touches), encoded on ``encoder``; the files are closed by ``_finish``."""
@@ -425,6 +425,7 @@ class Flusher:
             part.name = file_name(part.first, part.last)
             if files is not None:
                 part.rows, part.arrow_bytes = files.rows, files.arrow_bytes
+                files.seal()
             return part, files
         except BaseException:
             for temp in files.abort() if files is not None else []:
@@ -432,7 +433,7 @@ class Flusher:
             raise
 
     def _files(self, table: str, first: str, token: int, config: TableConfig,
-               schema: pa.Schema, encoder: ThreadPoolExecutor) -> FileSet:
+               schema: pa.Schema, encoder: Encoder) -> FileSet:
         counter = iter(range(1 << 30))
 
         def open_temp(folder: str) -> tuple[str, pa.NativeFile]:

@@ -18,6 +18,8 @@ buffers the whole file instead (at most ``max_file_bytes``), sorts it and then w
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -35,11 +37,36 @@ RAMP = 1.5
 _FADVISE = hasattr(os, "posix_fadvise")  # Linux and most Unixes; not macOS or Windows
 
 
+class Encoder:
+    """The background thread that encodes a flush's row groups, whatever file they belong
+    to, with at most one encoding while the next gathers: ``submit`` first waits for the
+    row group submitted before (and raises its error). That bounds a flush's memory to
+    about two row groups, even while one range is closed and the next one read."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
+        self._last: Future[None] | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> Future[None]:
+        with self._lock:
+            if self._last is not None:
+                self._last.result()
+            self._last = self._pool.submit(fn, *args, **kwargs)
+            return self._last
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown()
+
+
 class ParquetFile:
     """Write one Parquet file to ``sink`` with ``schema``; metadata is added at close."""
 
     def __init__(self, sink: pa.NativeFile, schema: pa.Schema, row_group_bytes: int,
-                 config: TableConfig, encoder: ThreadPoolExecutor) -> None:
+                 config: TableConfig, encoder: Encoder) -> None:
         self.sink = sink
         self.schema = schema
         self.row_group_bytes = row_group_bytes
@@ -50,7 +77,7 @@ class ParquetFile:
         # A local file's written row groups are handed to the disk while the next ones
         # encode, so that the fsync at publish finds little left to write (see below).
         self._fd = sink.fileno() if isinstance(sink, pa.OSFile) and _FADVISE else None
-        self._encoder = encoder  # shared by the files of one range (FileSet)
+        self._encoder = encoder  # shared by every file of the flush
         self._encoding: Future[None] | None = None
         self._buffer: list[pa.Table] = []
         # Row groups ramp up to full size, so that encoding starts sooner (see above).
@@ -77,13 +104,13 @@ class ParquetFile:
         self._threshold = min(self.row_group_bytes, int(self._threshold * RAMP))
         if self.sort_keys:
             table = table.sort_by(self.sort_keys)
-        self._wait()  # at most one row group being encoded while the next one gathers
-        if self._fd is not None:
-            # Start writing back what the last row groups put in the page cache, without
-            # waiting for it, and drop it from the cache (nobody reads it back from here).
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        # waits for the row group before (of any file) to be encoded
         self._encoding = self._encoder.submit(
             self._writer.write_table, table, row_group_size=self.row_group_rows)
+        if self._fd is not None:
+            # Start writing back what the row groups before put in the page cache, without
+            # waiting for it, and drop it from the cache (nobody reads it back from here).
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def _wait(self) -> None:
         if self._encoding is not None:
@@ -116,12 +143,13 @@ class FileSet:
     ``open_temp(folder)`` returns ``(temporary path, sink)`` for a new file. The buffers of
     all files together stay under ``row_group_bytes`` (unless sorting, which holds each file
     whole): when they pass it, the largest buffer is written out as a row group. All files
-    share one background ``encoder`` thread (the flusher's, shared with the next range's
-    files, so that it encodes one range's last row groups and the next one's first in turn).
+    share the flush's ``encoder`` with the ranges before and after: ``seal()`` hands the
+    last buffers to it when the range is read, ``close()`` (possibly on another thread,
+    while the next range is read) waits for them and closes the files.
     """
 
     def __init__(self, layout: Any, open_temp: Any, row_group_bytes: int,
-                 config: TableConfig, encoder: ThreadPoolExecutor) -> None:
+                 config: TableConfig, encoder: Encoder) -> None:
         self.layout = layout
         self.open_temp = open_temp
         self.row_group_bytes = row_group_bytes
@@ -148,6 +176,11 @@ class FileSet:
         if len(self.files) > 1 and not self.config.sort_by:
             while sum(f.buffered for _, f in self.files.values()) > self.row_group_bytes:
                 max((f for _, f in self.files.values()), key=lambda f: f.buffered).flush_buffer()
+
+    def seal(self) -> None:
+        """Hand every buffered row to the encoder: the range is read."""
+        for _, f in self.files.values():
+            f.flush_buffer()
 
     def close(self, metadata: dict[str, str]) -> list[tuple[str, str, int, int]]:
         """Close every file; return ``(folder, temporary path, size, rows)`` for each."""
