@@ -269,6 +269,73 @@ def test_the_next_range_is_read_while_the_last_one_commits_in_order(any_redis, s
     assert_exactly_once(storage_dir, "events", 3000)
 
 
+def test_a_sorted_table_reads_no_range_ahead(any_redis, storage_dir, monkeypatch):
+    """A sorted file is held whole until it is written: the next range is read only once
+    the one before is committed, so a flush holds one such file at a time."""
+    p, f = make(any_redis, storage_dir, max_file_bytes=20_000)
+    p.configure("events", sort_by="value")
+    for i in range(30):
+        p.append("events", id_batch(i * 100, 100))
+    real_entries, real_commit = f._entries, f._commit
+    commits = []
+    ahead = []
+
+    def entries(keys, first, last):
+        if first.startswith("("):
+            ahead.append(len(commits))
+        return real_entries(keys, first, last)
+
+    def commit(lease, keys, part):
+        real_commit(lease, keys, part)
+        commits.append(part.last)
+
+    monkeypatch.setattr(f, "_entries", entries)
+    monkeypatch.setattr(f, "_commit", commit)
+    result = f.flush("events")
+    assert result.files > 3
+    assert ahead == list(range(1, len(ahead) + 1))  # each read after the commit before it
+    assert_exactly_once(storage_dir, "events", 3000)
+
+
+def test_a_range_read_ahead_stops_once_the_range_before_failed(any_redis, storage_dir):
+    from concurrent.futures import Future
+
+    from workers.lease import acquire
+    from workers.writer import Encoder
+
+    p, f = make(any_redis, storage_dir)
+    for i in range(5):
+        p.append("events", id_batch(i * 100, 100))
+    failed: Future = Future()
+    failed.set_exception(LeaseLost("fenced while committing the range before"))
+    lease = acquire(any_redis, K, 10_000)
+    with lease, Encoder() as encoder, pytest.raises(LeaseLost):
+        f._write(lease, K, None, None, encoder, failed)
+    assert not list(storage_dir.rglob("*.tmp"))  # its temporary file is removed
+    assert any_redis.xlen(K.delta) == 5 and not any_redis.exists(K.claim)
+
+
+def test_chunks_grow_at_most_fourfold_after_small_entries(any_redis, storage_dir,
+                                                          monkeypatch):
+    """A few small entries at the head must not make the next XRANGE ask for a thousand
+    large ones (a gigabyte in one reply): each chunk asks for at most 4x the last."""
+    p, f = make(any_redis, storage_dir)
+    for i in range(3):
+        p.append("events", id_batch(i, 1))
+    for i in range(40):
+        p.append("events", id_batch(100 + i * 2000, 2000, "x" * 100))
+    counts = []
+    real_xrange = any_redis.xrange
+
+    def xrange(*args, count=None, **kw):
+        counts.append(count)
+        return real_xrange(*args, count=count, **kw)
+
+    monkeypatch.setattr(any_redis, "xrange", xrange)
+    assert f.flush("events").rows == 3 + 40 * 2000
+    assert all(b <= 4 * a for a, b in zip(counts, counts[1:], strict=False)), counts
+
+
 def test_a_failed_range_stops_the_ranges_read_after_it(any_redis, storage_dir, monkeypatch):
     """When publishing the second file fails, the first stays committed, the ranges read
     ahead are neither claimed nor trimmed, their temporary files are removed, and the

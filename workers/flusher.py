@@ -23,7 +23,8 @@ time, until the delta is empty (or its time budget is spent):
 
 Ranges are pipelined: while one range goes through steps 3-5 (on a committer thread), the
 next one is read and encoded, from just after it; no further (so memory stays bounded, and a
-stop request ends the flush after at most that one range more). Steps 3-5 of a range start
+stop request ends the flush after at most that one range more), and not at all for a sorted
+table, whose files are held whole until written. Steps 3-5 of a range start
 only once the range before is committed, so claims and commits still come one at a time, in
 order; what runs ahead only reads.
 
@@ -50,7 +51,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
@@ -239,7 +240,8 @@ class Flusher:
             try:
                 while True:
                     range_started = time.monotonic()
-                    written = self._write(lease, keys, claim, after, encoder)
+                    written = self._write(lease, keys, claim, after, encoder,
+                                          finishing[-1] if finishing else None)
                     if written is None:
                         break
                     part, files = written
@@ -247,7 +249,9 @@ class Flusher:
                         self._finish, lease, keys, part, files, claim is None, range_started,
                         finishing[-1] if finishing else None))
                     claim, after = None, part.last
-                    if len(finishing) > 1:  # one range is read ahead, no more
+                    if files is not None and files.config.sort_by:
+                        finishing[-1].result()  # a sorted file is held whole: none ahead
+                    elif len(finishing) > 1:  # one range is read ahead, no more
                         finishing[-2].result()
                     if (budget_s is not None and time.monotonic() - started > budget_s) or (
                             stop is not None and stop()):
@@ -331,7 +335,7 @@ class Flusher:
 
     def _entries(
         self, keys: wire.Keys, first: str, last: str
-    ) -> Iterator[tuple[str, dict[bytes, bytes]]]:
+    ) -> Generator[tuple[str, dict[bytes, bytes]], None, None]:
         """Entries ``first..last`` (inclusive) in chunks of about ``CHUNK_BYTES``; the next
         chunk is fetched in the background while the caller decodes and encodes this one."""
         with ThreadPoolExecutor(1, thread_name_prefix="xrange") as pool:
@@ -345,7 +349,9 @@ class Flusher:
                 if full:
                     size = sum(len(fields.get(wire.FIELD_ARROW, b"")) for _, fields in chunk)
                     average = max(1, size // len(chunk))
-                    count = max(1, min(MAX_CHUNK_ENTRIES, CHUNK_BYTES // average))
+                    # at most 4x the last count: a few small entries at the head must not
+                    # make the next chunk a thousand large ones
+                    count = max(1, min(MAX_CHUNK_ENTRIES, CHUNK_BYTES // average, 4 * count))
                     pending = pool.submit(self.redis.xrange, keys.delta,
                                           "(" + chunk[-1][0].decode(), last, count=count)
                 for entry_id, fields in chunk:
@@ -354,10 +360,12 @@ class Flusher:
                     return
 
     def _write(self, lease: Lease, keys: wire.Keys, claim: Claim | None, after: str | None,
-               encoder: Encoder) -> tuple[Part, FileSet | None] | None:
+               encoder: Encoder, before: Future[Any] | None = None
+               ) -> tuple[Part, FileSet | None] | None:
         """Read a claimed range, or a new one from the head (or from just ``after`` the
-        range before, still being committed), into temporary files (one per partition
-        folder it touches), encoded on ``encoder``; the files are closed by ``_finish``."""
+        range before, still being committed: ``before``, whose failure stops this read),
+        into temporary files (one per partition folder it touches), encoded on
+        ``encoder``; the files are closed by ``_finish``."""
         table = keys.table
         if claim is not None:
             entries = self._entries(keys, claim.first, claim.last)
@@ -374,6 +382,9 @@ class Flusher:
         files: FileSet | None = None
         try:
             for entry_id, fields in entries:
+                failed = before.exception() if before is not None and before.done() else None
+                if failed is not None:
+                    raise failed
                 payload = fields.get(wire.FIELD_ARROW)
                 batch: pa.Table | None = None
                 error: str | None = None
@@ -431,6 +442,8 @@ class Flusher:
             for temp in files.abort() if files is not None else []:
                 self.storage.discard(temp)
             raise
+        finally:
+            entries.close()  # stops its read-ahead thread now, not when collected
 
     def _files(self, table: str, first: str, token: int, config: TableConfig,
                schema: pa.Schema, encoder: Encoder) -> FileSet:

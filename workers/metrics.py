@@ -72,7 +72,8 @@ class DeltaflushCollector(Collector):
         files_total = counter("files_written", "Parquet files written.")
         refused = counter("backpressure_refusals", "Appends refused by backpressure.")
         durations = HistogramMetricFamily("deltaflush_flush_duration_seconds",
-                                          "Seconds to flush one file's range.",
+                                          "Seconds from reading one file's range to committing it "
+                                          "(a range is read while the one before commits).",
                                           labels=["table"])
         for s in rows:
             t = [s.table]
