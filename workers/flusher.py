@@ -417,7 +417,7 @@ class Flusher:
                     schema = batch.schema
                 if files is None:
                     files = self._files(table, part.first, lease.token, config, schema,
-                                        encoder)
+                                        encoder, ahead=after is not None)
                 files.write(batch)
                 if part.count == 1:
                     failpoint("flush.first_chunk")
@@ -446,7 +446,7 @@ class Flusher:
             entries.close()  # stops its read-ahead thread now, not when collected
 
     def _files(self, table: str, first: str, token: int, config: TableConfig,
-               schema: pa.Schema, encoder: Encoder) -> FileSet:
+               schema: pa.Schema, encoder: Encoder, ahead: bool) -> FileSet:
         counter = iter(range(1 << 30))
 
         def open_temp(folder: str) -> tuple[str, pa.NativeFile]:
@@ -454,7 +454,8 @@ class Flusher:
             return temp, self.storage.open_temp(temp)
 
         return FileSet(Layout(config, schema), open_temp,
-                       min(ROW_GROUP_BYTES, self.settings.max_file_bytes), config, encoder)
+                       min(ROW_GROUP_BYTES, self.settings.max_file_bytes), config, encoder,
+                       ahead)
 
     def _evolved_schema(self, keys: wire.Keys, schema: pa.Schema | None) -> pa.Schema | None:
         """The table's schema if it is no longer ``schema`` (it evolved during this flush)."""

@@ -3,8 +3,9 @@
 Batches are buffered until a row group's worth (``row_group_bytes`` of Arrow data) has
 gathered, then encoded in a background thread while the next row group gathers (pyarrow
 releases the GIL while encoding, so reading from Redis and encoding overlap on two cores).
-The first row group of a file is an eighth of a full one and each next one 1.5 times the
-last, up to full size: the encoder starts after an eighth of a row group has been read,
+The first row group of a flush is a twelfth of a full one (the first of a file read ahead,
+an eighth) and each next one 1.5 times the last, up to full size: the encoder starts after
+a twelfth of a row group has been read,
 and each row group is gathered while the smaller one before it encodes (reading runs
 faster than encoding, but not twice as fast), so the encoder never waits on Redis after
 the start. Measured in docs/performance.md.
@@ -31,9 +32,11 @@ from producer.tablecfg import TableConfig
 
 #: Parquet options every file gets; readable by pyarrow, DuckDB, polars and Spark as-is.
 BASE_OPTIONS: dict[str, Any] = {"version": "2.6", "data_page_size": 1024 * 1024}
-#: The first row group of a file holds 1/this of a full one, and each next one ``RAMP``
+#: The first row group of a flush holds 1/this of a full one, and each next one ``RAMP``
 #: times the last, up to full size (see ``ParquetFile``).
-FIRST_ROW_GROUP_FRACTION = 8
+FIRST_ROW_GROUP_FRACTION = 12
+#: ... or 1/this for a file read ahead, while the encoder is still busy with the one before.
+AHEAD_ROW_GROUP_FRACTION = 8
 RAMP = 1.5
 _FADVISE = hasattr(os, "posix_fadvise")  # Linux and most Unixes; not macOS or Windows
 
@@ -67,7 +70,8 @@ class ParquetFile:
     """Write one Parquet file to ``sink`` with ``schema``; metadata is added at close."""
 
     def __init__(self, sink: pa.NativeFile, schema: pa.Schema, row_group_bytes: int,
-                 config: TableConfig, encoder: Encoder) -> None:
+                 config: TableConfig, encoder: Encoder,
+                 first_fraction: int = FIRST_ROW_GROUP_FRACTION) -> None:
         self.sink = sink
         self.schema = schema
         self.row_group_bytes = row_group_bytes
@@ -82,7 +86,7 @@ class ParquetFile:
         self._encoding: Future[None] | None = None
         self._buffer: list[pa.Table] = []
         # Row groups ramp up to full size, so that encoding starts sooner (see above).
-        self._threshold = max(1, row_group_bytes // FIRST_ROW_GROUP_FRACTION)
+        self._threshold = max(1, row_group_bytes // first_fraction)
         self.buffered = 0
         self.rows = 0
         self.arrow_bytes = 0
@@ -150,12 +154,14 @@ class FileSet:
     whole): when they pass it, the largest buffer is written out as a row group. All files
     share the flush's ``encoder`` with the ranges before and after: ``seal()`` hands the
     last buffers to it when the range is read, ``close()`` (possibly on another thread,
-    while the next range is read) waits for them and closes the files.
+    while the next range is read) waits for them and closes the files. A range read ahead
+    (``ahead``) starts its files with larger row groups: the encoder is not waiting for it.
     """
 
     def __init__(self, layout: Any, open_temp: Any, row_group_bytes: int,
-                 config: TableConfig, encoder: Encoder) -> None:
+                 config: TableConfig, encoder: Encoder, ahead: bool = False) -> None:
         self.layout = layout
+        self.first_fraction = AHEAD_ROW_GROUP_FRACTION if ahead else FIRST_ROW_GROUP_FRACTION
         self.open_temp = open_temp
         self.row_group_bytes = row_group_bytes
         self.config = config
@@ -176,7 +182,7 @@ class FileSet:
                 temp, sink = self.open_temp(folder)
                 self.files[folder] = (temp, ParquetFile(
                     sink, self.layout.file_schema, self.row_group_bytes, self.config,
-                    self.encoder))
+                    self.encoder, self.first_fraction))
             self.files[folder][1].write(rows)
         if len(self.files) > 1 and not self.config.sort_by:
             while sum(f.buffered for _, f in self.files.values()) > self.row_group_bytes:
