@@ -5,10 +5,9 @@ gathered, then encoded in a background thread while the next row group gathers (
 releases the GIL while encoding, so reading from Redis and encoding overlap on two cores).
 The first row group of a flush is a twelfth of a full one (the first of a file read ahead,
 an eighth) and each next one 1.5 times the last, up to full size: the encoder starts after
-a twelfth of a row group has been read,
-and each row group is gathered while the smaller one before it encodes (reading runs
-faster than encoding, but not twice as fast), so the encoder never waits on Redis after
-the start. Measured in docs/performance.md.
+a twelfth of a row group has been read, and each row group is gathered while the smaller
+one before it encodes (reading runs faster than encoding, but not twice as fast), so the
+encoder never waits on Redis after the start. Measured in docs/performance.md.
 Written row groups of a local file start their way to the disk while the next ones encode
 (``posix_fadvise(DONTNEED)``), so the fsync at publish waits for little: 8.3 -> 3.8 ms for a
 12 MiB file in docs/performance.md.
@@ -70,8 +69,7 @@ class ParquetFile:
     """Write one Parquet file to ``sink`` with ``schema``; metadata is added at close."""
 
     def __init__(self, sink: pa.NativeFile, schema: pa.Schema, row_group_bytes: int,
-                 config: TableConfig, encoder: Encoder,
-                 first_fraction: int = FIRST_ROW_GROUP_FRACTION) -> None:
+                 config: TableConfig, encoder: Encoder, first_fraction: int) -> None:
         self.sink = sink
         self.schema = schema
         self.row_group_bytes = row_group_bytes
@@ -159,7 +157,7 @@ class FileSet:
     """
 
     def __init__(self, layout: Any, open_temp: Any, row_group_bytes: int,
-                 config: TableConfig, encoder: Encoder, ahead: bool = False) -> None:
+                 config: TableConfig, encoder: Encoder, ahead: bool) -> None:
         self.layout = layout
         self.first_fraction = AHEAD_ROW_GROUP_FRACTION if ahead else FIRST_ROW_GROUP_FRACTION
         self.open_temp = open_temp
