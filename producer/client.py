@@ -19,7 +19,7 @@ from redis.retry import Retry
 from . import wire
 from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, queue_append
 from .convert import conform, evolve, to_table
-from .due import DUE_LUA, due_keys, queue_flush, send_or_unmark
+from .due import DUE, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import (
     Backpressure,
     BatchTooLarge,
@@ -97,7 +97,6 @@ class Producer:
         self._registered: set[str] = set()
         self._schemas: dict[str, pa.Schema] = {}
         self._pending: dict[str, int] = {}
-        self._due = self.redis.register_script(DUE_LUA)
         self._celery: Any = None
 
     # --- appending --------------------------------------------------------------------
@@ -360,7 +359,7 @@ class Producer:
         now instead of waiting for beat (unless one is queued or running already)."""
         if self._pending.pop(keys.table, 0) < self.settings.flush_at_bytes:
             return
-        if self._due(keys=due_keys(keys), args=[self.settings.lease_ms, 0, 1]):
+        if DUE(self.redis, due_keys(keys), due_args(self.settings.lease_ms, 0, force=True)):
             send_or_unmark(self.redis, keys, self._send_flush)
 
     def flush(self, table: str) -> bool:

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from producer import LeaseLost, Producer, Settings, wire
-from producer.errors import ClaimMismatch
+from producer.errors import ClaimMismatch, NotAtHead
 from tests.conftest import assert_exactly_once, id_batch, read_ids
 from tests.reliability import check
 from workers import lease as lease_mod
@@ -179,7 +179,7 @@ def test_a_commit_never_trims_entries_before_the_claimed_range(any_redis, storag
     ids = [p.append("events", id_batch(i * 10, 10)) for i in range(3)]
     any_redis.hset(K.claim, mapping={"first": ids[1], "last": ids[2], "count": 2,
                                      "schema": b"", "config": "", "token": 0})
-    with pytest.raises(ClaimMismatch, match="NOTHEAD"):
+    with pytest.raises(NotAtHead, match="NOTHEAD"):
         f.flush("events")
     assert any_redis.xlen(K.delta) == 3
 

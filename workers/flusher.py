@@ -59,9 +59,9 @@ from typing import Any, cast
 import pyarrow as pa
 import redis
 
-from producer import wire
+from producer import scripts, wire
 from producer.convert import conform
-from producer.errors import ClaimMismatch, LeaseLost, SchemaConflict
+from producer.errors import ClaimMismatch, SchemaConflict
 from producer.settings import Settings
 from producer.tablecfg import TableConfig
 
@@ -82,58 +82,8 @@ MAX_CHUNK_ENTRIES = 1024
 #: Entries in the first XRANGE chunk, before their size is known.
 FIRST_CHUNK_ENTRIES = 2
 
-# KEYS: lease, claim   ARGV: token, first, last, count, schema, table config
-CLAIM_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
-if redis.call('EXISTS', KEYS[2]) == 1 then return redis.error_reply('CLAIMED claim exists') end
-redis.call('HSET', KEYS[2], 'first', ARGV[2], 'last', ARGV[3], 'count', ARGV[4],
-           'schema', ARGV[5], 'config', ARGV[6], 'token', ARGV[1])
-return 1
-"""
-
-# KEYS: lease, claim, delta, dead, pending, stats
-# ARGV: token, last, next id, rows, arrow bytes, files, file bytes, -pending rows,
-#       -pending bytes, now ms, then (dead id, error) pairs
-COMMIT_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
-if redis.call('HGET', KEYS[2], 'last') ~= ARGV[2] then
-  return redis.error_reply('NOCLAIM the claim is not the one written')
-end
--- The claimed range starts at the head of the delta, or trimming up to its end would
--- remove entries no file holds: refuse (the flush fails loudly) instead of losing them.
-local head = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)[1]
-if head and head[1] ~= redis.call('HGET', KEYS[2], 'first') then
-  return redis.error_reply('NOTHEAD the delta starts at ' .. head[1] ..
-                           ', before the claimed range')
-end
-local ndead = 0
-for i = 11, #ARGV, 2 do
-  local e = redis.call('XRANGE', KEYS[3], ARGV[i], ARGV[i])
-  if #e == 1 then
-    local fields = e[1][2]
-    table.insert(fields, 'error')
-    table.insert(fields, ARGV[i + 1])
-    table.insert(fields, 'entry_id')
-    table.insert(fields, ARGV[i])
-    redis.call('XADD', KEYS[4], '*', unpack(fields))
-    ndead = ndead + 1
-  end
-end
-local trimmed = redis.call('XTRIM', KEYS[3], 'MINID', ARGV[3])
-redis.call('DEL', KEYS[2])
-for _, f in ipairs({{'rows', ARGV[8]}, {'bytes', ARGV[9]}}) do
-  if redis.call('HINCRBY', KEYS[5], f[1], f[2]) < 0 then
-    redis.call('HSET', KEYS[5], f[1], 0)
-  end
-end
-redis.call('HINCRBY', KEYS[6], 'files', ARGV[6])
-redis.call('HINCRBY', KEYS[6], 'rows', ARGV[4])
-redis.call('HINCRBY', KEYS[6], 'arrow_bytes', ARGV[5])
-redis.call('HINCRBY', KEYS[6], 'bytes', ARGV[7])
-redis.call('HINCRBY', KEYS[6], 'dead', ndead)
-redis.call('HSET', KEYS[6], 'last_flush_ms', ARGV[10], 'last_id', ARGV[2])
-return trimmed
-"""
+CLAIM = scripts.load("claim")
+COMMIT = scripts.load("commit")
 
 
 @dataclass
@@ -210,8 +160,6 @@ class Flusher:
         self.redis = client
         self.storage = storage
         self.settings = settings
-        self._claim_script = client.register_script(CLAIM_LUA)
-        self._commit_script = client.register_script(COMMIT_LUA)
 
     def flush(self, table: str, budget_s: float | None = None,
               stop: Callable[[], bool] | None = None) -> FlushResult:
@@ -467,30 +415,23 @@ class Flusher:
 
     def _record_claim(self, lease: Lease, keys: wire.Keys, part: Part) -> None:
         lease.check()
-        try:
-            self._claim_script(
-                keys=[keys.lease, keys.claim],
-                args=[lease.token, part.first, part.last, part.count, part.schema,
-                      part.config],
-            )
-        except redis.ResponseError as exc:
-            raise _fenced(exc, keys) from exc
+        CLAIM(self.redis, {"lease": keys.lease, "claim": keys.claim},
+              {"token": lease.token, "first": part.first, "last": part.last,
+               "count": part.count, "schema": part.schema, "config": part.config},
+              table=keys.table)
 
     def _commit(self, lease: Lease, keys: wire.Keys, part: Part) -> None:
-        args: list[Any] = [
-            lease.token, part.last, wire.next_id(part.last), part.rows, part.arrow_bytes,
-            part.published, part.file_bytes, -part.pending_rows,
-            -part.pending_bytes, int(time.time() * 1000),
-        ]
-        for entry_id, error in part.dead:
-            args += [entry_id, error]
-        try:
-            trimmed = self._commit_script(
-                keys=[keys.lease, keys.claim, keys.delta, keys.dead, keys.pending, keys.stats],
-                args=args,
-            )
-        except redis.ResponseError as exc:
-            raise _fenced(exc, keys) from exc
+        trimmed = COMMIT(
+            self.redis,
+            {"lease": keys.lease, "claim": keys.claim, "delta": keys.delta, "dead": keys.dead,
+             "pending": keys.pending, "stats": keys.stats},
+            {"token": lease.token, "first": part.first, "last": part.last,
+             "next_id": wire.next_id(part.last), "rows": part.rows,
+             "arrow_bytes": part.arrow_bytes, "files": part.published,
+             "file_bytes": part.file_bytes, "pending_rows_change": -part.pending_rows,
+             "pending_bytes_change": -part.pending_bytes, "now_ms": int(time.time() * 1000)},
+            tail=[x for entry_id, error in part.dead for x in (entry_id, error)],
+            table=keys.table)
         if trimmed != part.count:
             log.error("table %s: commit trimmed %s entries, claim had %d",
                       keys.table, trimmed, part.count)
@@ -511,9 +452,3 @@ def _decode(payload: bytes | None, schema: pa.Schema | None, table: str) -> pa.T
             raise ValueError(f"cannot cast to the table's schema: {exc}") from exc
     return batch
 
-
-def _fenced(exc: redis.ResponseError, keys: wire.Keys) -> Exception:
-    text = str(exc)
-    if "FENCED" in text:
-        return LeaseLost(f"lease on table {keys.table!r} lost before the commit: {text}")
-    return ClaimMismatch(f"table {keys.table!r}: {text}")
