@@ -74,7 +74,7 @@ def test_append_many_in_several_send_groups_keeps_order_and_retries_the_refused(
 def test_pandas_index_and_metadata_are_not_part_of_the_schema(p):
     df = pd.DataFrame({"id": [1, 2]}, index=[10, 11])
     p.append("events", df)
-    stored = wire.deserialize_schema(p.redis.get(K.schema))
+    stored = wire.schema_from_canonical(p.redis.get(K.schema))
     assert stored.names == ["id"] and not stored.metadata
 
 
@@ -209,7 +209,7 @@ def test_a_producer_needs_only_the_documented_acl(redis_server, real_redis):
         p.append("events", id_batch(0, 10))
         p.append_many("events", [id_batch(10, 10), id_batch(20, 10).append_column(
             "extra", pa.array([1] * 10, pa.int64()))])
-        [item] = p._encode([p._prepare("events", id_batch(30, 10))])
+        [item] = p._encode([p._shape("events", p._prepare("events", id_batch(30, 10)))])
         keys = p._keys("events")
         assert p._accepted(keys, item, p._transaction(keys, [item])[0]) == \
             p._accepted(keys, item, p._transaction(keys, [item])[0])

@@ -317,13 +317,13 @@ class Flusher:
         table = keys.table
         if claim is not None:
             entries = self._entries(keys, claim.first, claim.last)
-            schema = wire.deserialize_schema(claim.schema) if claim.schema else None
+            schema = wire.stored_schema(claim.schema) if claim.schema else None
             config_json = claim.config
         else:
             entries = self._entries(keys, "-" if after is None else "(" + after, "+")
             stored, raw_config = cast(list[bytes | None],
                                       self.redis.mget(keys.schema, keys.config))
-            schema = wire.deserialize_schema(stored) if stored else None
+            schema = wire.stored_schema(stored) if stored else None
             config_json = raw_config.decode() if raw_config else ""
         config = TableConfig.from_json(config_json)
         part: Part | None = None
@@ -380,7 +380,7 @@ class Flusher:
                 raise ClaimMismatch(
                     f"read {part.count} of the {claim.count} claimed entries of {table!r}"
                 )
-            part.schema = wire.serialize_schema(schema) if schema is not None else b""
+            part.schema = wire.canonical_schema(schema) if schema is not None else b""
             part.name = file_name(part.first, part.last)
             if files is not None:
                 part.rows, part.arrow_bytes = files.rows, files.arrow_bytes
@@ -410,7 +410,7 @@ class Flusher:
         stored = cast(bytes | None, self.redis.get(keys.schema))
         if not stored:
             return None
-        current = wire.deserialize_schema(stored)
+        current = wire.stored_schema(stored)
         return None if schema is not None and current.equals(schema) else current
 
     def _record_claim(self, lease: Lease, keys: wire.Keys, part: Part) -> None:
