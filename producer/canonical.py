@@ -23,6 +23,7 @@ anything else raises ``UnsupportedData`` before a batch is sent.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -42,7 +43,12 @@ _SIMPLE: dict[pa.DataType, str] = {
 _FROM_SIMPLE = {fmt: t for t, fmt in _SIMPLE.items()}
 _UNITS = {"s": "s", "ms": "m", "us": "u", "ns": "n"}
 _FROM_UNITS = {letter: unit for unit, letter in _UNITS.items()}
-_DECIMALS = {32: "decimal32", 64: "decimal64", 128: "decimal128", 256: "decimal256"}
+#: decimal bit width -> (pyarrow constructor, most digits); 128 is written without a width
+_DECIMALS = {32: ("decimal32", 9), 64: ("decimal64", 18), 128: ("decimal128", 38),
+             256: ("decimal256", 76)}
+_DECIMAL = re.compile(r"d:([1-9][0-9]*),(-?(?:0|[1-9][0-9]*))(?:,(32|64|256))?")
+_WIDTH = re.compile(r"[1-9][0-9]*")
+_MAX_WIDTH = 2**31 - 1
 
 #: What has a canonical form, for messages (and docs/spec.md, which lists the same).
 SUPPORTED = ("null, bool, (u)int8-64, float16/32/64, decimal, (large) string and binary, "
@@ -51,8 +57,13 @@ SUPPORTED = ("null, bool, (u)int8-64, float16/32/64, decimal, (large) string and
 
 
 def canonical_schema(schema: pa.Schema) -> bytes:
-    """The canonical form of ``schema``: UTF-8 JSON bytes, as docs/spec.md defines them."""
-    return _dump([_field(f.name, f.type, f.nullable) for f in schema])
+    """The canonical form of ``schema``: UTF-8 JSON bytes, as docs/spec.md defines them.
+
+    Raises ``UnsupportedData`` for a type deltaflush does not carry, two columns (or struct
+    fields) of one name, or no column at all."""
+    if not len(schema):
+        raise UnsupportedData("a table needs at least one column")
+    return _dump(_fields("", schema))
 
 
 def schema_from_canonical(data: bytes | str) -> pa.Schema:
@@ -64,7 +75,7 @@ def schema_from_canonical(data: bytes | str) -> pa.Schema:
         if not isinstance(fields, list):
             raise ValueError("not a JSON array")
         return pa.schema([_from_field(f) for f in fields])
-    except (ValueError, TypeError, KeyError, pa.ArrowException) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, pa.ArrowException) as exc:
         raise ValueError(f"not a canonical schema ({exc}): {data[:200]!r}") from exc
 
 
@@ -88,6 +99,15 @@ def _dump(value: Any) -> bytes:
     # JSON.stringify writes too; docs/spec.md pins it.
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"),
                       sort_keys=True).encode()
+
+
+def _fields(parent: str, fields: Any) -> list[dict[str, Any]]:
+    names = [f.name for f in fields]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        where = f"struct {parent!r}" if parent else "the batch"
+        raise UnsupportedData(f"{where} has two or more columns named {twice[0]!r}")
+    return [_field(f.name, f.type, f.nullable) for f in fields]
 
 
 def _field(name: str, t: pa.DataType, nullable: bool) -> dict[str, Any]:
@@ -122,14 +142,17 @@ def _type(name: str, t: pa.DataType) -> tuple[str, list[dict[str, Any]]]:
         fmt = "+l" if pa.types.is_list(t) else "+L"
         return fmt, [_field("item", t.value_type, t.value_field.nullable)]
     if pa.types.is_struct(t):
-        return "+s", [_field(f.name, f.type, f.nullable) for f in t]
+        return "+s", _fields(name, list(t))
     raise UnsupportedData(f"column {name!r} has type {t}, which deltaflush does not carry "
                           f"(docs/spec.md); supported: {SUPPORTED}")
 
 
 def _from_field(f: dict[str, Any]) -> pa.Field:
     name, fmt, nullable, children = f["name"], f["type"], f["nullable"], f["children"]
-    if not isinstance(name, str) or not isinstance(fmt, str) or not isinstance(nullable, bool):
+    if children == {}:  # an empty JSON object: Lua's JSON cannot tell it from []
+        children = []
+    if not isinstance(name, str) or not isinstance(fmt, str) or \
+            not isinstance(nullable, bool) or not isinstance(children, list):
         raise ValueError(f"bad field {f!r}")
     return pa.field(name, _from_type(fmt, [_from_field(c) for c in children]), nullable)
 
@@ -142,12 +165,12 @@ def _from_type(fmt: str, children: list[pa.Field]) -> pa.DataType:
     if fmt[:2] == "tD" and len(fmt) == 3 and fmt[2] in _FROM_UNITS and not children:
         return pa.duration(_FROM_UNITS[fmt[2]])
     if fmt.startswith("w:") and not children:
-        return pa.binary(_count(fmt[2:]))
-    if fmt.startswith("d:") and not children:
-        parts = [_count(p, zero=True) for p in fmt[2:].split(",")]
-        if len(parts) == 2 or (len(parts) == 3 and parts[2] in (32, 64, 256)):
-            make = getattr(pa, _DECIMALS[parts[2] if len(parts) == 3 else 128])
-            return make(parts[0], parts[1])  # type: ignore[no-any-return]
+        return pa.binary(_width(fmt[2:]))
+    decimal = _DECIMAL.fullmatch(fmt)
+    if decimal and not children:
+        make, most = _DECIMALS[int(decimal[3] or 128)]
+        if int(decimal[1]) <= most:
+            return getattr(pa, make)(int(decimal[1]), int(decimal[2]))  # type: ignore[no-any-return]
     if fmt == "+s":
         return pa.struct(children)
     if len(children) == 1:
@@ -157,7 +180,7 @@ def _from_type(fmt: str, children: list[pa.Field]) -> pa.DataType:
         if fmt == "+L":
             return pa.large_list(child.with_name("item"))
         if fmt.startswith("+w:"):
-            return pa.list_(child.with_name("item"), _count(fmt[3:]))
+            return pa.list_(child.with_name("item"), _width(fmt[3:]))
         if fmt == "+m" and pa.types.is_struct(child.type) and child.type.num_fields == 2:
             key, value = child.type.field(0), child.type.field(1)
             return pa.map_(key.with_name("key").with_nullable(False),
@@ -165,10 +188,7 @@ def _from_type(fmt: str, children: list[pa.Field]) -> pa.DataType:
     raise ValueError(f"unknown type {fmt!r} with {len(children)} children")
 
 
-def _count(text: str, zero: bool = False) -> int:
-    if not text.isdigit() or (text.startswith("0") and text != "0"):
-        raise ValueError(f"not a count: {text!r}")
-    value = int(text)
-    if value == 0 and not zero:
-        raise ValueError("a width of 0")
-    return value
+def _width(text: str) -> int:
+    if not _WIDTH.fullmatch(text) or int(text) > _MAX_WIDTH:
+        raise ValueError(f"not a width: {text!r}")
+    return int(text)

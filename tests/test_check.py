@@ -89,3 +89,57 @@ def test_bad_arguments_are_an_error_and_leave_no_entry(any_redis, args):
     assert isinstance(reply, Exception) and "BADARGS" in str(reply)
     assert any_redis.xlen(key("t", "delta")) == 0
     assert not any_redis.exists(key("t", "schema"), key("t", "pending"))
+
+
+def _f(type_: str, children: str = "", name: str = "a", nullable: str = "true") -> str:
+    return (f'{{"children":[{children}],"name":"{name}","nullable":{nullable},'
+            f'"type":"{type_}"}}')
+
+
+#: Schemas no flusher could read: the check must never store one (a table whose schema no
+#: flusher can read could not be flushed at all).
+BAD_SCHEMAS = [
+    "", "[]", "{}", "[1]", "null", '"x"', "not json", f"[{_f('l')}] trailing",
+    '[{"name":"a"}]', f"[{_f('q')}]", f"[{_f('tss')}]", f"[{_f('tDx')}]",
+    f"[{_f('d:0,1')}]", f"[{_f('d:39,2')}]", f"[{_f('d:10,2,128')}]", f"[{_f('d:10,02')}]",
+    f"[{_f('d:10,2,16')}]", f"[{_f('d:77,2,256')}]", f"[{_f('d:10,2,32')}]",
+    f"[{_f('d:19,2,64')}]", f"[{_f('w:0')}]", f"[{_f('w:01')}]", f"[{_f('w:2147483648')}]",
+    f"[{_f('+l')}]", f"[{_f('+l', _f('l') + ',' + _f('l', name='b'))}]",
+    f"[{_f('l', _f('l'))}]", f"[{_f('+m', _f('l'))}]", f"[{_f('+m', _f('+s', _f('u')))}]",
+    f"[{_f('+w:0', _f('l'))}]", "[" + _f("l", nullable='"yes"') + "]",
+    f"[{_f('l', nullable='null')}]", '[{"children":[],"name":1,"nullable":true,"type":"l"}]',
+    '[{"children":{"x":' + _f("l") + '},"name":"a","nullable":true,"type":"+s"}]',
+    f"[{_f('l')},{_f('u')}]",  # two fields named "a"
+    f"[{_f('+s', _f('l', name='x') + ',' + _f('u', name='x'))}]",
+]
+GOOD_SCHEMAS = [
+    f"[{_f('d:76,2,256')}]", f"[{_f('d:9,-2,32')}]", f"[{_f('d:18,0,64')}]",
+    f"[{_f('d:38,40')}]", f"[{_f('w:2147483647')}]", f"[{_f('tsn:')}]",
+    f"[{_f('tsu:Europe/Paris')}]", f"[{_f('+s')}]",
+    '[{"children":{},"name":"a","nullable":true,"type":"+s"}]',
+    '[ {"type": "l", "nullable": false, "name": "a", "children": []} ]',
+    f"[{_f('+m', _f('+s', _f('u', name='k') + ',' + _f('l', name='v')))}]",
+    f"[{_f('+w:3', _f('+L', _f('e')))}]",
+]
+
+
+def _check_accepts(client, schema: str) -> bool:
+    try:
+        verdict = append(client, "t", PAYLOAD, 3, schema)
+    except Exception as exc:  # the error reply of the script, raised by redis-py
+        assert "BADSCHEMA" in str(exc), exc
+        assert client.xlen(key("t", "delta")) == 0 and not client.exists(key("t", "schema"))
+        return False
+    assert verdict[0] == 1
+    return True
+
+
+@pytest.mark.parametrize("schema", BAD_SCHEMAS)
+def test_a_schema_no_flusher_can_read_is_never_stored(any_redis, schema):
+    assert not _check_accepts(any_redis, schema)
+
+
+@pytest.mark.parametrize("schema", GOOD_SCHEMAS)
+def test_a_schema_the_check_stores_is_one_the_flusher_reads(any_redis, schema):
+    assert _check_accepts(any_redis, schema)
+    wire.schema_from_canonical(any_redis.get(key("t", "schema")))
