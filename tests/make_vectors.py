@@ -103,8 +103,8 @@ def all_types() -> pa.RecordBatch:
 
 def names() -> pa.RecordBatch:
     """Column names that JSON libraries escape differently (docs/spec.md, "Escaping")."""
-    tricky = ["id", 'quote"', "back\\slash", "tab\tnew\nline", "ctl\x01\x1f", "<html>&amp;",
-              "é日本", "line\u2028sep", "slash/", "del\x7f", ""]
+    tricky = ["id", 'quote"', "back\\slash", "tab\tnew\nline", "bs\bff\fcr\r", "ctl\x01\x1f",
+              "<html>&amp;", "é日本", "line\u2028para\u2029sep", "slash/", "del\x7f", ""]
     return pa.record_batch([pa.array([0, 1], pa.int64())] + [pa.array([1, 2], pa.int8())] *
                            (len(tricky) - 1), names=tricky)
 

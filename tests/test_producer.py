@@ -196,13 +196,14 @@ def test_append_when_redis_is_out_of_memory_leaves_no_unchecked_entry(tmp_path):
 
 
 def test_a_producer_needs_only_the_documented_acl(redis_server, real_redis):
-    """docs/protocol.md lists what a producer's Redis user needs for appending; a user with
-    exactly that appends, evolves the schema, is deduplicated and meets backpressure."""
+    """docs/spec.md (Permissions) lists what a producer's Redis user needs; a user with
+    exactly that appends, evolves the schema, is deduplicated, meets backpressure and
+    requests a flush."""
     real_redis.acl_setuser(
         "appender", enabled=True, passwords=["+s3cret"], keys=["deltaflush:*"],
-        commands=["+multi", "+exec", "+sadd", "+xadd", "+eval", "+get", "+set", "+hget",
+        commands=["+sadd", "+get", "+multi", "+exec", "+xadd", "+eval", "+set", "+hget",
                   "+hincrby", "+xlen", "+xdel", "+xgroup|setid", "+xgroup|create",
-                  "+xinfo|groups", "+xrevrange"])
+                  "+xinfo|groups", "+xrevrange", "+hset"])
     try:
         url = redis_server.url.replace("redis://", "redis://appender:s3cret@")
         p = Producer(settings=Settings(redis_url=url, max_pending_bytes=0))
@@ -214,6 +215,8 @@ def test_a_producer_needs_only_the_documented_acl(redis_server, real_redis):
         assert p._accepted(keys, item, p._transaction(keys, [item])[0]) == \
             p._accepted(keys, item, p._transaction(keys, [item])[0])
         assert real_redis.xlen(K.delta) == 4
+        p.request_flush("events")
+        assert real_redis.hexists(K.sched, "flush_requested")
         p.close()
         tight = Producer(settings=Settings(redis_url=url, max_pending_bytes=1))
         with pytest.raises(Backpressure):
