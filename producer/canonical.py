@@ -116,7 +116,7 @@ def _field(name: str, t: pa.DataType, nullable: bool) -> dict[str, Any]:
 
 
 def _type(name: str, t: pa.DataType) -> tuple[str, list[dict[str, Any]]]:
-    if isinstance(t, pa.ExtensionType):
+    if isinstance(t, pa.BaseExtensionType):
         return _type(name, t.storage_type)
     if pa.types.is_dictionary(t):
         return _type(name, t.value_type)

@@ -109,6 +109,13 @@ def names() -> pa.RecordBatch:
                            (len(tricky) - 1), names=tricky)
 
 
+def uuids() -> pa.RecordBatch:
+    storage = pa.array([bytes([i]) * 16 for i in range(3)], pa.binary(16))
+    return pa.record_batch([pa.array([0, 1, 2], pa.int64()),
+                            pa.ExtensionArray.from_storage(pa.uuid(), storage)],
+                           names=["id", "uuid"])
+
+
 def invalid_utf8() -> bytes:
     offsets = pa.array([0, 1, 3, 5], pa.int32()).buffers()[1]
     names = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"a\xff\xfebc")])
@@ -218,6 +225,8 @@ VECTORS: list[tuple[str, str, Maker, str | None, dict[str, Any]]] = [
      invalid_utf8, "base", {"check": "accepted", "dead": "undecodable"}),
     ("file-format", "the Arrow IPC *file* format (ARROW1 magic) instead of the stream format",
      file_format, "base", {"check": "accepted", "dead": "undecodable"}),
+    ("extension", "a new table with an extension type column (arrow.uuid): its storage type",
+     lambda: stream(uuids().schema, [uuids()]), None, {"check": "accepted", "rows": 3}),
     ("all-types", "a new table with one column of every type deltaflush carries",
      lambda: stream(all_types().schema, [all_types()]), None,
      {"check": "accepted", "rows": 3}),

@@ -78,8 +78,9 @@ def test_every_type_round_trips(schema):
     (pa.list_(pa.field("element", pa.int64())), pa.list_(pa.int64())),
     (pa.map_(pa.string(), pa.int64(), keys_sorted=True), pa.map_(pa.string(), pa.int64())),
     (pa.list_(pa.dictionary(pa.int16(), pa.string())), pa.list_(pa.string())),
+    (pa.uuid(), pa.binary(16)),
 ], ids=["dictionary", "ordered-dictionary", "list-child-name", "map-keys-sorted",
-        "nested-dictionary"])
+        "nested-dictionary", "extension"])
 def test_encodings_are_not_part_of_the_schema(a, b):
     assert wire.canonical_schema(pa.schema([("c", a)])) == \
         wire.canonical_schema(pa.schema([("c", b)]))
