@@ -206,7 +206,7 @@ class Producer:
                 item = self._shape(table, self._prepare(table, arrow))
                 item.dead_id = entry_id.decode()
                 self._send(keys, item, None)
-            except (ValueError, Backpressure) as exc:
+            except (ValueError, Backpressure, SchemaRace) as exc:
                 log.info("dead letter %s of %s stays: %s", entry_id, table, exc)
                 still_dead += 1
             else:

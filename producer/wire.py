@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .canonical import canonical_schema, normalize, schema_from_canonical
-
-__all__ = ["canonical_schema", "normalize", "schema_from_canonical", "stored_schema"]
+# The canonical form of schemas (docs/spec.md, "Canonical schema"), part of the contract.
+from .canonical import canonical_schema as canonical_schema
+from .canonical import normalize as normalize
+from .canonical import schema_from_canonical as schema_from_canonical
 
 #: The version of the protocol this module implements (docs/spec.md). The append check
 #: refuses a batch for a table that requires a later one (``{prefix}:{<table>}:protocol``).
@@ -26,9 +27,10 @@ PROTOCOL = 1
 
 #: Field of a delta entry holding the batch as Arrow IPC stream bytes.
 FIELD_ARROW = b"arrow"
-#: Optional field: the number of rows in the batch, as ASCII digits.
+#: Field: the number of rows in the batch, as ASCII digits. Producers write it (docs/spec.md);
+#: the flusher counts an entry out of ``{T}:pending`` only if it has one.
 FIELD_ROWS = b"rows"
-#: Optional field: the producer's ID of the batch (a retried append is not added twice).
+#: Field: the producer's ID of the batch (a retried append is not added twice).
 FIELD_BATCH = b"batch"
 #: Field added to a dead-letter entry: why it could not be flushed.
 FIELD_ERROR = b"error"
