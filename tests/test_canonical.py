@@ -4,6 +4,10 @@ not part of a table's schema."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+
 import pyarrow as pa
 import pytest
 
@@ -143,3 +147,18 @@ def test_stored_schema_reads_what_earlier_versions_stored():
     assert wire.stored_schema(wire.canonical_schema(schema)) == wire.normalize(schema)
     with pytest.raises(ValueError):
         wire.stored_schema(b"\x00garbage")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_javascript_json_stringify_writes_the_canonical_form():
+    """docs/spec.md says JSON.stringify writes the canonical form (keys in order): parsed and
+    written again by JavaScript, every canonical form of the vectors comes back byte for
+    byte (the names vector has every escape)."""
+    forms = [v["canonical"] for v in json.loads(
+        (ROOT / "spec" / "vectors" / "manifest.json").read_text())["vectors"] if v["canonical"]]
+    forms += [text for _, text in EXAMPLES]
+    script = ("const forms = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+              "process.stdout.write(JSON.stringify(forms.map(f => JSON.stringify(JSON.parse(f)))))")
+    done = subprocess.run(["node", "-e", script], input=json.dumps(forms).encode(),
+                          capture_output=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == forms
