@@ -16,6 +16,8 @@ import pyarrow as pa
 from .errors import ConfigError
 
 CODECS = ("zstd", "snappy", "gzip", "lz4", "brotli", "none")
+#: Table formats: Parquet files in a folder, an Apache Iceberg table, a Delta Lake table.
+FORMATS = ("parquet", "iceberg", "delta")
 BUCKETS = {"hour": "%Y-%m-%d-%H", "day": "%Y-%m-%d", "month": "%Y-%m"}
 
 
@@ -61,8 +63,14 @@ class TableConfig:
     dictionary: bool | str = "auto"
     statistics: bool = True
     flush_interval_s: float | None = None
+    #: ``parquet``, ``iceberg`` or ``delta``; None until chosen: the first configuration or
+    #: flush of a table pins it (to ``DELTAFLUSH_TABLE_FORMAT`` unless given). Fixed once
+    #: the table has flushed data.
+    format: str | None = None
 
     def __post_init__(self) -> None:
+        if self.format is not None and self.format not in FORMATS:
+            raise ConfigError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.compression not in CODECS:
             raise ConfigError(
                 f"compression {self.compression!r} is not one of {', '.join(CODECS)}"
@@ -140,6 +148,10 @@ class TableConfig:
     def describe(self) -> dict[str, Any]:
         return asdict(self)
 
+    def with_format(self, default: str) -> TableConfig:
+        """This configuration with its format pinned (``default`` if none was chosen)."""
+        return self if self.format is not None else replace(self, format=default)
+
 
 def _dictionary_worthy(t: pa.DataType) -> bool:
     return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
@@ -152,6 +164,8 @@ def _parse(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             return tuple(str(v) for v in value)
+        if name == "format":
+            return None if value in (None, "") else str(value).lower()
         if name in ("compression", "partition_time"):
             return "" if value is None else str(value).lower() if name == "compression" \
                 else str(value)

@@ -24,6 +24,7 @@ flusher holds the lease marks the table stuck: no flush runs until an operator c
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,10 +38,11 @@ from producer.errors import InvariantViolation, LeaseLost
 from producer.settings import Settings
 from producer.tablecfg import TableConfig
 
+from . import sinks
 from .failpoints import failpoint
 from .protocol import Done, Written, commit_range, write_range
 from .sinks import Sink
-from .sinks.folder import FolderSink, file_name
+from .sinks.folder import file_name
 from .sources import Claim, Lease, RangeSource
 from .sources.redis_stream import RedisStream
 from .storage import Storage
@@ -99,13 +101,20 @@ class Flusher:
         self.storage = storage
         self.settings = settings
         self._sink = sink
-        self._folder = FolderSink(storage, settings.max_file_bytes)
+        self._sinks: dict[str, Sink] = {}
+        self._lock = threading.Lock()
         self._source = source or (
             lambda table: RedisStream(client, wire.Keys(settings.key_prefix, table)))
 
     def sink_for(self, config: TableConfig) -> Sink:
-        """The sink of a table with ``config``."""
-        return self._sink if self._sink is not None else self._folder
+        """The sink of a table with ``config`` (one per format, made on first use)."""
+        if self._sink is not None:
+            return self._sink
+        fmt = config.format or self.settings.table_format
+        with self._lock:
+            if fmt not in self._sinks:
+                self._sinks[fmt] = sinks.for_format(fmt, self.storage, self.settings)
+            return self._sinks[fmt]
 
     def flush(self, table: str, budget_s: float | None = None,
               stop: Callable[[], bool] | None = None) -> FlushResult:
@@ -159,7 +168,7 @@ class Flusher:
         """Write ranges on this thread and commit them on the committer thread, one range
         ahead at most (see the module doc)."""
         failpoint("flush.leased")
-        sink = self.sink_for(TableConfig.from_json(source.config()))
+        sink = self.sink_for(self._pinned_config(source))
         start: Claim | str | None = source.load_claim()
         finishing: list[Future[Done]] = []
         with Encoder() as encoder, \
@@ -188,6 +197,17 @@ class Flusher:
             finally:
                 for done in finishing:
                     result.add(done.result())  # the first failure raises
+
+    def _pinned_config(self, source: RangeSource) -> TableConfig:
+        """The table's configuration, its format pinned at its first flush (to the default
+        format of this worker, ``DELTAFLUSH_TABLE_FORMAT``) so that later flushes keep it
+        whatever the workers' settings become."""
+        raw = source.config()
+        config = TableConfig.from_json(raw)
+        if config.format is None:
+            config = TableConfig.from_json(source.pin_config(
+                raw, config.with_format(self.settings.table_format).to_json()))
+        return config
 
     def _commit(self, source: RangeSource, sink: Sink, lease: Lease, written: Written,
                 started: float, before: Future[Done] | None) -> Done:

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
+from producer.settings import Settings
 from producer.tablecfg import TableConfig
 from workers.sources import Range
 
 if TYPE_CHECKING:
+    from workers.storage import Storage
     from workers.writer import Encoder
 
 
@@ -112,3 +114,13 @@ class Sink(Protocol):
     def discard(self, staged: Staged) -> None: ...
 
     def last_committed(self, table: str, stream: str) -> str | None: ...
+
+
+def for_format(fmt: str, storage: Storage, settings: Settings) -> Sink:
+    """The sink of table format ``fmt`` (see ``producer.tablecfg.FORMATS``) on ``storage``.
+    Lake formats import their libraries only when a table uses them."""
+    if fmt == "parquet":
+        from .folder import FolderSink
+
+        return FolderSink(storage, settings.max_file_bytes)
+    raise NotImplementedError(f"table format {fmt!r} has no sink yet")

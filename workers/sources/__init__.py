@@ -127,6 +127,11 @@ class RangeSource(Protocol):
         """The table's configuration (JSON; '' for the defaults)."""
         ...
 
+    def pin_config(self, expected: str, pinned: str) -> str:
+        """Set the table's configuration to ``pinned`` if it is still ``expected``; return
+        the configuration in force afterwards."""
+        ...
+
     def read(self, start: Claim | str | None, max_bytes: int) -> RangeReader:
         """Read the claimed range ``start`` exactly, or a new range after entry ``start``
         (from the head if None) until its data reaches ``max_bytes`` or the stream ends."""

@@ -93,6 +93,12 @@ class MemoryStream:
     def config(self) -> str:
         return self.table_config
 
+    def pin_config(self, expected: str, pinned: str) -> str:
+        with self.lock:
+            if self.table_config == expected:
+                self.table_config = pinned
+            return self.table_config
+
     def read(self, start: Claim | str | None, max_bytes: int) -> EntryReader:
         with self.lock:
             entries = list(self.entries)

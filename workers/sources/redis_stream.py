@@ -32,6 +32,7 @@ FIRST_CHUNK_ENTRIES = 2
 
 CLAIM = scripts.load("claim")
 COMMIT = scripts.load("commit")
+PIN = scripts.load("config_pin")
 
 
 class RedisStream:
@@ -60,6 +61,11 @@ class RedisStream:
     def config(self) -> str:
         raw = cast(bytes | None, self.client.get(self.keys.config))
         return raw.decode() if raw else ""
+
+    def pin_config(self, expected: str, pinned: str) -> str:
+        current = PIN(self.client, {"config": self.keys.config},
+                      {"expected": expected, "pinned": pinned})
+        return current.decode() if isinstance(current, bytes) else str(current)
 
     def read(self, start: Claim | str | None, max_bytes: int) -> EntryReader:
         if isinstance(start, Claim):
