@@ -116,6 +116,39 @@ class Sink(Protocol):
     def last_committed(self, table: str, stream: str) -> str | None: ...
 
 
+@dataclass(frozen=True)
+class TableInfo:
+    """What ``deltaflush table show`` and ``status`` say about a table in its sink: the
+    format, the current snapshot (or version; None for a folder), the data files and how
+    many of them are small (under half the size target)."""
+
+    format: str
+    snapshot: str | None
+    files: int
+    small_files: int
+    rows: int | None = None
+    bytes: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Maintainable(Protocol):
+    """A sink whose tables are maintained (lake formats). Each call is one atomic commit
+    (or none) that readers see whole, runs while flushes go on (a conflict with a flush is
+    retried by refreshing the table, never by writing data twice), and never removes a file
+    that a live snapshot or an unfinished flush needs. Each returns a small JSON-ready
+    summary."""
+
+    def describe(self, table: str, config: TableConfig) -> TableInfo: ...
+
+    def compact(self, table: str, config: TableConfig) -> dict[str, Any]:
+        """Bin-pack small files up to the size target in one atomic rewrite."""
+        ...
+
+    def expire_snapshots(self, table: str, config: TableConfig) -> dict[str, Any]: ...
+
+    def remove_orphans(self, table: str, config: TableConfig) -> dict[str, Any]: ...
+
+
 def for_format(fmt: str, storage: Storage, settings: Settings) -> Sink:
     """The sink of table format ``fmt`` (see ``producer.tablecfg.FORMATS``) on ``storage``.
     Lake formats import their libraries only when a table uses them."""
