@@ -23,6 +23,7 @@ from .due import DUE, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import (
     Backpressure,
     BatchTooLarge,
+    ConfigError,
     DeltaflushError,
     InvalidTableName,
     SchemaRace,
@@ -383,7 +384,14 @@ class Producer:
 
         def update(pipe: Any) -> None:
             current = TableConfig.from_json(pipe.get(keys.config))
-            new = current.with_changes(**changes)
+            new = current.with_changes(**changes).with_format(self.settings.table_format)
+            if current.format is not None and new.format != current.format and (
+                    any(int(n or 0) for n in pipe.hmget(keys.stats, "files", "rows"))
+                    or pipe.exists(keys.lease) or pipe.exists(keys.claim)):
+                raise ConfigError(
+                    f"table {table!r} already has data flushed as {current.format}; its "
+                    f"format cannot change to {new.format}. Append to a new table with "
+                    f"format={new.format!r} instead (and copy the old table's rows over).")
             schema = pipe.get(keys.schema)
             if schema:
                 new.check_schema(wire.stored_schema(schema), table)
@@ -395,7 +403,8 @@ class Producer:
                 pipe.hset(keys.sched, "interval_ms", int(new.flush_interval_s * 1000))
             result.append(new)
 
-        self.redis.transaction(update, keys.config, keys.schema, keys.sched)
+        self.redis.transaction(update, keys.config, keys.schema, keys.sched, keys.stats,
+                               keys.lease, keys.claim)
         # Not in the transaction: another hash slot than the table's keys (Redis Cluster).
         self.redis.sadd(wire.tables_key(self.settings.key_prefix), table)
         return result[-1]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
+from .tablecfg import FORMATS
 
 _ENV = {
     "redis_url": "DELTAFLUSH_REDIS_URL",
@@ -26,6 +27,9 @@ _ENV = {
     "max_batch_bytes": "DELTAFLUSH_MAX_BATCH_BYTES",
     "max_pending_bytes": "DELTAFLUSH_MAX_PENDING_BYTES",
     "flush_at_bytes": "DELTAFLUSH_FLUSH_AT_BYTES",
+    "table_format": "DELTAFLUSH_TABLE_FORMAT",
+    "catalog_uri": "DELTAFLUSH_CATALOG_URI",
+    "catalog_namespace": "DELTAFLUSH_CATALOG_NAMESPACE",
 }
 
 
@@ -54,8 +58,18 @@ class Settings:
     # A producer queues a flush at once when a table's pending bytes pass this (0: the
     # file size target), rather than waiting for the next scheduled flush.
     flush_at_bytes: int = 0
+    # Format of tables that have no configuration yet: parquet, iceberg or delta.
+    table_format: str = "parquet"
+    # The Iceberg catalog: sqlite:////abs/path.db, postgresql+psycopg2://..., http(s)://
+    # (REST). Empty: a SQLite catalog in the storage root (a local folder only).
+    catalog_uri: str = ""
+    # Iceberg namespace of deltaflush's tables.
+    catalog_namespace: str = "deltaflush"
 
     def __post_init__(self) -> None:
+        if self.table_format not in FORMATS:
+            raise ConfigError(f"DELTAFLUSH_TABLE_FORMAT={self.table_format!r} is not one of "
+                              f"{', '.join(FORMATS)}")
         if not self.broker_url:
             object.__setattr__(self, "broker_url", self.redis_url)
         if not self.flush_at_bytes:

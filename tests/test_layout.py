@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from producer import ConfigError, Producer, Settings, TableConfig, wire
+from tests import seams
 from tests.conftest import id_batch
 from tests.reliability import check
 from workers.cli import main
@@ -127,20 +128,13 @@ def test_invalid_table_settings_are_refused_clearly(any_redis, changes, message)
     assert p.table_config("events") == TableConfig()
 
 
-def test_resumed_claim_keeps_the_layout_it_started_with(any_redis, storage_dir, monkeypatch):
+def test_resumed_claim_keeps_the_layout_it_started_with(any_redis, storage_dir):
     """A crash before the commit, then a layout change: the retry rewrites the same files."""
     p = Producer(client=any_redis, settings=Settings())
     p.append("events", events(0, 40))
     p.configure("events", partition_by="country")
-    f = Flusher(any_redis, Storage(str(storage_dir)), Settings())
-
-    def crash(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(f, "_commit", crash)
     with pytest.raises(KeyboardInterrupt):
-        f.flush("events")
-    monkeypatch.undo()
+        seams.flusher(any_redis, storage_dir, source={"commit": seams.crash}).flush("events")
     before = sorted(p.relative_to(storage_dir).as_posix()
                     for p in storage_dir.rglob("*.parquet"))
     p.configure("events", partition_by="")

@@ -17,7 +17,7 @@ from producer.settings import Settings
 
 from .logs import configure_logging
 from .scheduler import iter_tables
-from .status import TableStatus, table_status
+from .status import TableStatus, table_status, unstick
 
 
 def _settings() -> Settings:
@@ -59,7 +59,7 @@ def render(rows: list[TableStatus]) -> str:
     lines = [header] + [
         (s.table, str(s.pending_rows), _bytes(s.pending_bytes), _age(s.oldest_pending_age_s),
          str(s.files_flushed), str(s.rows_flushed), str(s.dead_entries),
-         "flushing" if s.flushing else ("pending" if s.pending_entries else "idle"))
+         s.state)
         for s in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -199,6 +199,18 @@ def table_show(name: str) -> None:
     finally:
         producer.close()
     click.echo(json.dumps(config.describe(), indent=2))
+
+
+@table.command("unstick")
+@click.argument("name")
+def table_unstick(name: str) -> None:
+    """Clear TABLE's stuck mark, once the cause is fixed, so that flushes run again."""
+    settings = _settings()
+    if not wire.valid_table_name(name):
+        raise click.UsageError(str(InvalidTableName(name)))
+    reason = unstick(connect(settings.redis_url), wire.Keys(settings.key_prefix, name))
+    click.echo(f"{name} was not stuck" if reason is None else
+               f"{name} unstuck; it was stuck because: {reason}")
 
 
 @main.group()

@@ -67,6 +67,10 @@ class Lease:
                 "another flusher may own it now"
             )
 
+    def held(self) -> bool:
+        """Whether Redis still holds this lease's token (asks Redis, unlike ``check``)."""
+        return self.client.get(self.keys.lease) == str(self.token).encode()
+
     def _run(self) -> None:
         interval = self.lease_ms / 3000
         while not self._stop.wait(interval):
