@@ -16,7 +16,9 @@ from .errors import (
     InvalidTableName,
     LeaseLost,
     SchemaConflict,
+    SchemaRace,
     UnsupportedData,
+    UpgradeRequired,
 )
 from .settings import Settings
 from .tablecfg import TableConfig
@@ -31,7 +33,9 @@ __all__ = [
     "LeaseLost",
     "Producer",
     "SchemaConflict",
+    "SchemaRace",
     "Settings",
     "TableConfig",
     "UnsupportedData",
+    "UpgradeRequired",
 ]

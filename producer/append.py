@@ -1,14 +1,18 @@
 """How one batch is appended: a transaction of XADD and a checking script.
 
-The payload goes to the stream with a plain ``XADD``, never through Lua: passing a payload
-through a script makes Redis copy it twice more and cost about two thirds of the append
-throughput (measured in docs/performance.md). So each batch is one ``MULTI``:
+docs/spec.md ("The append transaction") is the specification any producer follows; this is
+the Python producer's implementation of it. The payload goes to the stream with a plain
+``XADD``, never through Lua: passing a payload through a script makes Redis copy it twice
+more and cost about two thirds of the append throughput (measured in docs/performance.md).
+So each batch is one ``MULTI``, every key of it in the table's hash slot:
 
     MULTI
-    SADD  {prefix}:tables <table>                     (first append of this process only)
     XADD  {prefix}:{<table>}:delta * arrow <payload> rows <n> batch <batch id>
     EVAL  append_check.lua ...                        (checks the append just made)
     EXEC
+
+The table is registered (``SADD {prefix}:tables <table>``, another slot) before its first
+append from a process, on its own: a crash in between leaves a registered, empty table.
 
 ``append_check.lua`` runs right after the ``XADD``, inside the same transaction, so nobody
 sees the entry before it is checked. If the append must not stand (a retry of a batch already
@@ -39,7 +43,7 @@ DEDUP_TTL_S = 120
 CHECK = scripts.load("append_check")
 
 #: The script's refusals (1 is accepted).
-CONFLICT, BACKPRESSURE, NO_MEMORY = 0, 2, 3
+CONFLICT, BACKPRESSURE, NO_MEMORY, PROTOCOL = 0, 2, 3, 4
 
 
 def queue_append(pipe: Any, keys: wire.Keys, payload: Any, rows: int, batch_id: str,
@@ -52,7 +56,9 @@ def queue_append(pipe: Any, keys: wire.Keys, payload: Any, rows: int, batch_id: 
     CHECK.queue(
         pipe,
         keys={"schema": keys.schema, "delta": keys.delta, "pending": keys.pending,
-              "stats": keys.stats, "dedup": keys.dedup(batch_id), "dead": keys.dead},
+              "stats": keys.stats, "dedup": keys.dedup(batch_id), "dead": keys.dead,
+              "protocol": keys.protocol},
         args={"schema": schema, "payload_bytes": len(payload), "rows": rows,
               "evolves_from": evolves_from, "max_pending_bytes": max_pending_bytes,
-              "dead_id": dead_id, "dedup_ttl_s": DEDUP_TTL_S, "id_group": ID_GROUP})
+              "dead_id": dead_id, "dedup_ttl_s": DEDUP_TTL_S, "id_group": ID_GROUP,
+              "protocol": wire.PROTOCOL})

@@ -17,7 +17,7 @@ from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 from . import wire
-from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, queue_append
+from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, PROTOCOL, queue_append
 from .convert import conform, evolve, to_table
 from .due import DUE, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import (
@@ -26,7 +26,8 @@ from .errors import (
     ConfigError,
     DeltaflushError,
     InvalidTableName,
-    SchemaConflict,
+    SchemaRace,
+    UpgradeRequired,
 )
 from .settings import Settings
 from .tablecfg import TableConfig
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: ``append_many`` sends its batches in groups of about this many payload bytes.
 SEND_GROUP_BYTES = 8 * 1024 * 1024
+#: How many times one batch is reshaped and sent again because the table's schema changed
+#: between its shaping and its arrival (other producers evolving it at the same moment).
+SCHEMA_RACES = 3
 
 
 def connect(url: str, retries: int = 0) -> redis.Redis:
@@ -67,11 +71,13 @@ class _Pending:
 
     arrow: pa.Table
     batch_id: str
+    #: the canonical form of the batch's schema (docs/spec.md), the check's ``schema``
+    schema_bytes: bytes = b""
+    #: the table's schema as stored, when this batch evolves it (compare-and-set), else b""
     evolves_from: bytes = b""
     dead_id: str = ""
     payload: Any = None  # the Arrow IPC stream (a buffer), once encoded
     size: int = 0  # the payload's size, known before it is encoded
-    schema_bytes: bytes = b""
 
 
 class Producer:
@@ -96,7 +102,8 @@ class Producer:
         )
         self.redis = client if client is not None else connect(self.settings.redis_url, retries=8)
         self._registered: set[str] = set()
-        self._schemas: dict[str, pa.Schema] = {}
+        #: table -> (its schema, the value of ``{T}:schema`` it was read from)
+        self._schemas: dict[str, tuple[pa.Schema, bytes]] = {}
         self._pending: dict[str, int] = {}
         self._celery: Any = None
 
@@ -115,7 +122,9 @@ class Producer:
         (the batch carries an ID, so a retry never adds it twice).
         """
         keys = self._keys(table)
-        entry_id = self._send(keys, self._prepare(table, data), timeout_s)
+        item = self._prepare(table, data)
+        self._register(keys)
+        entry_id = self._send(keys, self._shape(table, item), timeout_s)
         self._maybe_trigger(keys)
         return entry_id
 
@@ -131,6 +140,9 @@ class Producer:
         """
         keys = self._keys(table)
         items = [self._prepare(table, data) for data in batches]
+        self._register(keys)
+        for item in items:
+            self._shape(table, item)
         verdicts = self._send_groups(keys, items)
         ids: list[str | None] = [self._accepted(keys, item, verdict)
                                  for item, verdict in zip(items, verdicts, strict=False)]
@@ -186,15 +198,16 @@ class Producer:
         ``(replayed, still_dead)``; ``progress(done, total)`` is called after each entry.
         """
         keys = self._keys(table)
+        self._register(keys)
         replayed = still_dead = 0
         entries = cast(list[wire.Entry], self.redis.xrange(keys.dead))
         for done, (entry_id, fields) in enumerate(entries, 1):
             try:
                 arrow = to_table(wire.decode_payload(fields.get(wire.FIELD_ARROW, b"")))
-                item = self._prepare(table, arrow)
+                item = self._shape(table, self._prepare(table, arrow))
                 item.dead_id = entry_id.decode()
                 self._send(keys, item, None)
-            except (ValueError, Backpressure) as exc:
+            except (ValueError, Backpressure, SchemaRace) as exc:
                 log.info("dead letter %s of %s stays: %s", entry_id, table, exc)
                 still_dead += 1
             else:
@@ -209,21 +222,56 @@ class Producer:
         return wire.Keys(self.settings.key_prefix, table)
 
     def _prepare(self, table: str, data: Any) -> _Pending:
+        """Convert and check a batch on its own (before anything is written to Redis)."""
         arrow = to_table(data)
-        known = self._schemas.get(table)
-        evolves_from = b""
-        if known is not None and not arrow.schema.equals(known):
-            target = evolve(known, arrow.schema, table)
-            if not target.equals(known):
-                evolves_from = wire.serialize_schema(known)
-            arrow = conform(arrow, target, table)
-        item = _Pending(arrow, uuid.uuid4().hex, evolves_from)
+        item = _Pending(arrow, uuid.uuid4().hex, wire.canonical_schema(arrow.schema))
         self._measure(table, item)
+        return item
+
+    def _register(self, keys: wire.Keys) -> None:
+        """Before the first append of a table from this process: add it to
+        ``{prefix}:tables`` and learn its schema, so that the first batch is sent in the
+        table's shape. The ``SADD`` is a command of its own, answered before any append
+        starts: never inside an append's transaction, whose keys all share the table's hash
+        slot (Redis Cluster). A crash in between leaves a registered, empty table."""
+        if keys.table in self._registered:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.sadd(wire.tables_key(self.settings.key_prefix), keys.table)
+        pipe.get(keys.schema)
+        _, stored = pipe.execute()
+        if stored:
+            self._remember(keys.table, stored)
+        self._registered.add(keys.table)
+
+    def _remember(self, table: str, stored: bytes) -> None:
+        """Keep the table's schema, as ``{T}:schema`` held it (``stored``)."""
+        known = self._schemas.get(table)
+        if known is None or known[1] != stored:
+            self._schemas[table] = (wire.stored_schema(stored), stored)
+
+    def _shape(self, table: str, item: _Pending) -> _Pending:
+        """Bring the batch to the table's schema as this producer last saw it: conformed to
+        it (column order, nulls for missing nullable columns, widened types), or evolving it
+        (``evolves_from`` is then the stored value: the check's compare-and-set). Raises
+        ``SchemaConflict`` naming the column when neither is possible."""
+        item.evolves_from = b""
+        known = self._schemas.get(table)
+        if known is None or known[1] == item.schema_bytes:
+            return item
+        stored, raw = known
+        target = evolve(stored, item.arrow.schema, table)
+        target_bytes = wire.canonical_schema(target)
+        if target_bytes != item.schema_bytes:
+            item.arrow = conform(item.arrow, target, table)
+            item.schema_bytes = target_bytes
+            self._measure(table, item)
+        if target_bytes != raw:  # an evolution, or a stored value to bring to canonical form
+            item.evolves_from = raw
         return item
 
     def _measure(self, table: str, item: _Pending) -> None:
         """Size the batch's payload (and refuse it if too large) without encoding it yet."""
-        item.schema_bytes = wire.serialize_schema(item.arrow.schema)
         item.size = wire.payload_size(item.arrow)
         item.payload = None
         if item.size > self.settings.max_batch_bytes:
@@ -244,12 +292,8 @@ class Producer:
         arrived, while the next ones are still being sent.
         """
         pipe = self.redis.pipeline(transaction=False)
-        for n, item in enumerate(items):
+        for item in items:
             pipe.execute_command("MULTI")
-            if n == 0 and keys.table not in self._registered:
-                # In the same transaction as the XADD: no batch is ever in a stream whose
-                # table the scheduler does not know. Once per table per process.
-                pipe.sadd(wire.tables_key(self.settings.key_prefix), keys.table)
             queue_append(pipe, keys, item.payload, item.arrow.num_rows, item.batch_id,
                          item.schema_bytes, item.evolves_from,
                          self.settings.max_pending_bytes, item.dead_id)
@@ -263,9 +307,8 @@ class Producer:
                     raise _out_of_memory(keys.table, error) from error
                 if isinstance(error, Exception):
                     raise error
-            if isinstance(reply, list):  # an EXEC: [SADD,] XADD, check
+            if isinstance(reply, list):  # an EXEC: XADD, check
                 verdicts.append(reply[-1])
-        self._registered.add(keys.table)
         return verdicts
 
     def _accepted(self, keys: wire.Keys, item: _Pending, verdict: list[Any]) -> str | None:
@@ -273,19 +316,25 @@ class Producer:
         code, value, *rest = verdict
         if code == NO_MEMORY:  # refused inside the script (see producer.append)
             raise _out_of_memory(keys.table, value.decode())
-        if code in (CONFLICT, BACKPRESSURE):
+        if code in (CONFLICT, BACKPRESSURE, PROTOCOL):
             return None
-        self._schemas[keys.table] = item.arrow.schema
+        self._remember(keys.table, item.schema_bytes)
         self._pending[keys.table] = int(rest[0])
         return str(value.decode())
 
     def _send(self, keys: wire.Keys, item: _Pending, timeout_s: float | None,
               verdict: list[Any] | None = None) -> str:
         """Append ``item`` alone until Redis accepts it; ``verdict`` is Redis's answer to an
-        earlier try, if there was one."""
+        earlier try, if there was one.
+
+        The payload is sent again only once the cause of a refusal is gone: the table's
+        schema changed (the batch is first reshaped to the schema the refusal returned; at
+        most ``SCHEMA_RACES`` times, then ``SchemaRace``), or, with ``timeout_s``, the table
+        has room again (polled without sending the payload)."""
         table = keys.table
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for _ in range(1000):
+        races = 0
+        while True:
             if verdict is None:
                 verdict = self._transaction(keys, self._encode([item]))[0]
             entry_id = self._accepted(keys, item, verdict)
@@ -296,16 +345,14 @@ class Producer:
             if code == BACKPRESSURE:
                 if deadline is None or not self._wait_for_room(keys, deadline):
                     raise Backpressure(table, int(value), self.settings.max_pending_bytes)
-                continue
-            # The table's schema is not the one this batch was made for: bring the batch
-            # to the table's schema, evolving that schema if the batch needs it.
-            stored = wire.deserialize_schema(value)
-            self._schemas[table] = stored
-            target = evolve(stored, item.arrow.schema, table)
-            item.evolves_from = b"" if target.equals(stored) else bytes(value)
-            item.arrow = conform(item.arrow, target, table)
-            self._measure(table, item)
-        raise SchemaConflict(table, "*", "a schema that keeps changing", str(item.arrow.schema))
+            elif code == PROTOCOL:
+                raise UpgradeRequired(table, int(value), wire.PROTOCOL)
+            else:  # CONFLICT: the table's schema is not the one the batch was shaped for
+                races += 1
+                if races > SCHEMA_RACES:
+                    raise SchemaRace(table, races)
+                self._remember(table, bytes(value))
+                self._shape(table, item)  # raises SchemaConflict if it cannot fit
 
     def _wait_for_room(self, keys: wire.Keys, deadline: float) -> bool:
         """Wait, polling the pending counter (not resending the payload), until the table is
@@ -347,9 +394,8 @@ class Producer:
                     f"format={new.format!r} instead (and copy the old table's rows over).")
             schema = pipe.get(keys.schema)
             if schema:
-                new.check_schema(wire.deserialize_schema(schema), table)
+                new.check_schema(wire.stored_schema(schema), table)
             pipe.multi()
-            pipe.sadd(wire.tables_key(self.settings.key_prefix), table)
             pipe.set(keys.config, new.to_json())
             if new.flush_interval_s is None:
                 pipe.hdel(keys.sched, "interval_ms")
@@ -359,6 +405,8 @@ class Producer:
 
         self.redis.transaction(update, keys.config, keys.schema, keys.sched, keys.stats,
                                keys.lease, keys.claim)
+        # Not in the transaction: another hash slot than the table's keys (Redis Cluster).
+        self.redis.sadd(wire.tables_key(self.settings.key_prefix), table)
         return result[-1]
 
     # --- flushing ---------------------------------------------------------------------
@@ -380,6 +428,13 @@ class Producer:
         # The mark expires after a lease period, so a lost message never blocks the table.
         return queue_flush(self.redis, self._keys(table), self.settings.lease_ms,
                            self._send_flush)
+
+    def request_flush(self, table: str) -> None:
+        """Ask for a flush of ``table`` through Redis alone, as a producer in any language
+        does (docs/spec.md, "Requesting a flush"): the next scheduling round (beat's, every
+        second) queues one, unless one is queued already. Needs no Celery broker."""
+        keys = self._keys(table)
+        self.redis.hset(keys.sched, wire.FIELD_FLUSH_REQUESTED, int(time.time() * 1000))
 
     def _send_flush(self, table: str) -> None:
         self._celery_app().send_task(wire.FLUSH_TASK, args=[table], queue=wire.QUEUE)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .canonical import normalize, same_type
 from .errors import MISSING, SchemaConflict, UnsupportedData
 
 SUPPORTED = "a pyarrow.Table, a pyarrow.RecordBatch, a pandas.DataFrame or a list of dicts"
@@ -63,9 +64,12 @@ _LARGE = {pa.string(): pa.large_string(), pa.binary(): pa.large_binary(),
 
 
 def widens(src: pa.DataType, dst: pa.DataType) -> bool:
-    """True if every value of type ``src`` converts to ``dst`` without loss."""
-    if src.equals(dst) or pa.types.is_null(src):
+    """True if every value of type ``src`` converts to ``dst`` without loss (types of the
+    same canonical form, docs/spec.md, convert to each other: a dictionary to its values)."""
+    if same_type(src, dst) or pa.types.is_null(src):
         return True
+    if pa.types.is_dictionary(src):
+        return widens(src.value_type, dst)
     if src in _INT_BITS:
         if dst in _INT_BITS:
             return _INT_BITS[dst] >= _INT_BITS[src]
@@ -82,7 +86,8 @@ def widens(src: pa.DataType, dst: pa.DataType) -> bool:
 
 
 def evolve(schema: pa.Schema, batch: pa.Schema, table_name: str) -> pa.Schema:
-    """The table schema that holds both ``schema`` and ``batch`` losslessly.
+    """The table schema that holds both ``schema`` and ``batch`` losslessly (normalized:
+    the schema of its canonical form, docs/spec.md).
 
     Compatible changes: new columns (they become nullable; older rows read as null),
     missing nullable columns (null in this batch), and widening of a column's type (integers
@@ -107,7 +112,7 @@ def evolve(schema: pa.Schema, batch: pa.Schema, table_name: str) -> pa.Schema:
     for other in batch:
         if schema.get_field_index(other.name) < 0:
             fields.append(other.with_nullable(True))
-    return pa.schema(fields)
+    return normalize(pa.schema(fields))
 
 
 def conform(table: pa.Table, schema: pa.Schema, table_name: str) -> pa.Table:

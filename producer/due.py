@@ -6,8 +6,11 @@ crashed flusher), no flush of it is queued (``{T}:queued``) and none is running
 (``{T}:lease``), it is not stuck (``{T}:stuck``), and, for a scheduled round, its flush
 interval has passed since it was last scheduled (``{T}:sched``: ``interval_ms`` set by the
 table's configuration, else the global default; ``last_ms``). A size-triggered request
-skips the interval. The script then sets ``{T}:queued`` for a lease period, so a lost
-message delays the table by at most that.
+skips the interval, and so does a flush requested through Redis alone: the field
+``flush_requested`` of ``{T}:sched``, which a producer in any language sets with one ``HSET``
+(docs/spec.md, "Requesting a flush") and the script clears once a flush that sees what was
+appended before it is queued. The script then sets ``{T}:queued`` for a lease period, so a
+lost message delays the table by at most that.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@
     │   ├── BatchTooLarge                  split the batch
     │   └── SchemaConflict                 names the column, the table's type and the batch's
     ├── Backpressure                       the table is too far behind: retry later
+    ├── SchemaRace                         the table's schema kept changing meanwhile: retry
+    ├── UpgradeRequired                    the table needs a later protocol: upgrade deltaflush
     └── FlushError                         raised on the worker side
         ├── LeaseLost                      another flusher took the table over: stop, do not commit
         └── InvariantViolation             the table's state breaks the protocol: the table is
@@ -78,6 +80,33 @@ class Backpressure(DeltaflushError):
             f"table {table!r} has {pending_bytes} bytes pending, over the limit of {limit} "
             "(DELTAFLUSH_MAX_PENDING_BYTES); nothing was written. Retry after the workers "
             "catch up, or add workers."
+        )
+
+
+class SchemaRace(DeltaflushError):
+    """The table's schema changed every time this batch was sent (other producers evolving
+    it at the same moment), more often than the producer retries. Nothing was written;
+    retryable."""
+
+    def __init__(self, table: str, tries: int) -> None:
+        self.table, self.tries = table, tries
+        super().__init__(
+            f"the schema of table {table!r} changed {tries} times while this batch was being "
+            "appended (other producers evolving it at the same moment); nothing of the batch "
+            "was written. Retry the append."
+        )
+
+
+class UpgradeRequired(DeltaflushError):
+    """The table requires a later version of the deltaflush protocol than this producer
+    speaks (``{prefix}:{<table>}:protocol``). Nothing was written."""
+
+    def __init__(self, table: str, required: int, spoken: int) -> None:
+        self.table, self.required, self.spoken = table, required, spoken
+        super().__init__(
+            f"table {table!r} requires deltaflush protocol {required}; this producer speaks "
+            f"protocol {spoken}. Nothing was written: upgrade the producer (docs/spec.md, "
+            "\"Versions\")."
         )
 
 

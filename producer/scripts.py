@@ -14,7 +14,7 @@ first word is a code (``FENCED``, ``NOTHEAD``, ...); :func:`script_error` turns 
 exception class for that code (``producer.errors``), so callers classify errors by type.
 
 The files are the protocol's reference: a producer in another language loads
-``append_check.lua`` itself (docs/protocol.md).
+``append_check.lua`` itself and sends it unchanged (docs/spec.md, "The append transaction").
 """
 
 from __future__ import annotations

@@ -1,40 +1,11 @@
 """The wire contract in one place: Redis key names, stream entry fields, Arrow IPC encoding,
-and the names of the Celery messages. A producer in any language that follows this module
-interoperates with the workers.
+the canonical form of schemas, and the names of the Celery messages.
 
-Keys (``{prefix}`` defaults to ``deltaflush``; the braces around the table are literal: a
-Redis Cluster hash tag that keeps every key of one table in one slot):
-
-===============================  ======  =====================================================
-key                              type    content
-===============================  ======  =====================================================
-``{prefix}:tables``              set     names of all tables ever appended to
-``{prefix}:{<table>}:delta``     stream  one entry per batch: ``arrow`` (Arrow IPC *stream*
-                                         bytes), and ``rows`` (row count, optional)
-``{prefix}:{<table>}:dead``      stream  entries that could not be flushed: original fields
-                                         plus ``error`` and ``entry_id`` (the delta's ID)
-``{prefix}:{<table>}:schema``    string  the table's Arrow schema (IPC-serialised), set by the
-                                         first append; later appends must match it
-``{prefix}:{<table>}:pending``   hash    ``rows``/``bytes`` appended and not yet flushed
-``{prefix}:{<table>}:stats``     hash    ``files``/``rows``/``bytes`` flushed, ``dead``,
-                                         ``last_flush_ms``
-``{prefix}:{<table>}:lease``     string  fencing token of the flusher that owns the table (PX)
-``{prefix}:{<table>}:fence``     string  counter the fencing tokens are drawn from (INCR)
-``{prefix}:{<table>}:claim``     hash    the range the current flush is writing (see
-                                         ``workers.flusher``)
-``{prefix}:{<table>}:queued``    string  set while a ``flush_table`` for the table is queued
-``{prefix}:{<table>}:config``    string  the table's layout and flush interval, JSON
-                                         (``producer.tablecfg.TableConfig``)
-``{prefix}:{<table>}:sched``     hash    ``interval_ms`` (the table's own flush interval)
-                                         and ``last_ms`` (when it was last scheduled)
-``{prefix}:{<table>}:stuck``     hash    set when a flush found the table's state broken:
-                                         ``reason``, ``since_ms``; no flush runs until an
-                                         operator clears it (``deltaflush table unstick``)
-``{prefix}:{<table>}:batch:<id>`` string the entry ID of a recent batch ID (dedups retries)
-===============================  ======  =====================================================
-
+docs/spec.md is the specification a producer in any language implements (deltaflush
+protocol :data:`PROTOCOL`): it has the table of keys and fields, which this module names in
+code (:class:`Keys`, the ``FIELD_*`` constants). Change one together with the other.
 Task messages carry only table names: ``flush_table(table)`` on the queue :data:`QUEUE`,
-serialised as JSON.
+serialised as JSON; a producer never needs them (docs/spec.md, "Requesting a flush").
 """
 
 from __future__ import annotations
@@ -45,16 +16,28 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+# The canonical form of schemas (docs/spec.md, "Canonical schema"), part of the contract.
+from .canonical import canonical_schema as canonical_schema
+from .canonical import normalize as normalize
+from .canonical import schema_from_canonical as schema_from_canonical
+
+#: The version of the protocol this module implements (docs/spec.md). The append check
+#: refuses a batch for a table that requires a later one (``{prefix}:{<table>}:protocol``).
+PROTOCOL = 1
+
 #: Field of a delta entry holding the batch as Arrow IPC stream bytes.
 FIELD_ARROW = b"arrow"
-#: Optional field: the number of rows in the batch, as ASCII digits.
+#: Field: the number of rows in the batch, as ASCII digits. Producers write it (docs/spec.md);
+#: the flusher counts an entry out of ``{T}:pending`` only if it has one.
 FIELD_ROWS = b"rows"
-#: Optional field: the producer's ID of the batch (a retried append is not added twice).
+#: Field: the producer's ID of the batch (a retried append is not added twice).
 FIELD_BATCH = b"batch"
 #: Field added to a dead-letter entry: why it could not be flushed.
 FIELD_ERROR = b"error"
 #: Field added to a dead-letter entry: its ID in the delta stream.
 FIELD_ENTRY_ID = b"entry_id"
+#: Field of ``{prefix}:{<table>}:sched`` a producer sets to ask for a flush (docs/spec.md).
+FIELD_FLUSH_REQUESTED = b"flush_requested"
 
 #: Name of the Celery task that flushes one table; its only argument is the table name.
 FLUSH_TASK = "flush_table"
@@ -129,6 +112,11 @@ class Keys:
     @property
     def stuck(self) -> str:
         return self._k("stuck")
+
+    @property
+    def protocol(self) -> str:
+        """The lowest protocol version a producer must speak to append (absent: 1)."""
+        return self._k("protocol")
 
     def dedup(self, batch_id: str) -> str:
         """Remembers, for a short while, the entry ID a batch ID was appended as."""
@@ -230,12 +218,20 @@ def _ascii(data: pa.Buffer | None) -> bool:
     return True
 
 
-def serialize_schema(schema: pa.Schema) -> bytes:
-    return schema.serialize().to_pybytes()
+def stored_schema(data: bytes) -> pa.Schema:
+    """The schema in ``{prefix}:{<table>}:schema`` or a claim's ``schema`` field.
 
-
-def deserialize_schema(data: bytes) -> pa.Schema:
-    return pa.ipc.read_schema(pa.py_buffer(data))
+    That is a canonical form (docs/spec.md), or, written by deltaflush before protocol 1,
+    an IPC-serialised schema: read too, so that a claim left by an earlier worker is resumed
+    with the very schema it recorded, and a table's old schema is replaced by its canonical
+    form on the next append (the producer's compare-and-set, ``evolves_from``)."""
+    if data[:1] == b"[":
+        return schema_from_canonical(data)
+    try:
+        return normalize(pa.ipc.read_schema(pa.py_buffer(data)))
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"neither a canonical schema nor an IPC schema: {data[:200]!r}") \
+            from exc
 
 
 # --- stream IDs ----------------------------------------------------------------------------

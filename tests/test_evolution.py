@@ -7,7 +7,7 @@ import pytest
 
 from producer import Producer, SchemaConflict, Settings, wire
 from producer.convert import widens
-from producer.errors import Backpressure, BatchTooLarge
+from producer.errors import Backpressure, BatchTooLarge, SchemaRace, UpgradeRequired
 from tests.conftest import assert_exactly_once, id_batch
 from tests.reliability import refused
 from workers.flusher import Flusher
@@ -41,7 +41,7 @@ def test_new_nullable_columns_and_widening_evolve_the_schema(any_redis, storage_
     p2.append("events", pa.table({"id": pa.array([2], pa.int64()), "tag": ["x"]}))
     # the old producer keeps sending its old shape: conformed to the evolved schema
     p1.append("events", pa.table({"id": pa.array([3], pa.int32())}))
-    stored = wire.deserialize_schema(any_redis.get(K.schema))
+    stored = wire.schema_from_canonical(any_redis.get(K.schema))
     assert stored.field("id").type == pa.int64() and stored.field("tag").nullable
     result = Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("events")
     assert result.rows == 4 and result.files == 1 and result.dead == 0
@@ -189,3 +189,143 @@ def test_dead_letters_are_replayed_once_they_decode(any_redis, storage_dir):
     assert any_redis.xlen(K.dead) == 1
     f.flush("events")
     assert_exactly_once(storage_dir, "events", 10)
+
+
+def _count_sends(p, monkeypatch, before=None):
+    """Count the payloads ``p`` sends; ``before(n)`` runs before the n-th send."""
+    sent = []
+    real = p._transaction
+
+    def counting(keys, items):
+        if before is not None:
+            before(len(sent))
+        sent.extend(items)
+        return real(keys, items)
+
+    monkeypatch.setattr(p, "_transaction", counting)
+    return sent
+
+
+def test_a_fresh_producer_learns_the_schema_before_sending(any_redis, monkeypatch):
+    """The first append of a table from a process reads its schema along with registering
+    it: a conflict is raised before any payload is sent, a reorderable batch is conformed
+    before its first send."""
+    producer(any_redis).append("events", id_batch(0, 2))
+    p = producer(any_redis)
+    sent = _count_sends(p, monkeypatch)
+    with pytest.raises(SchemaConflict, match="'value'"):
+        p.append("events", id_batch(2, 2).set_column(3, "value", pa.array(["a", "b"])))
+    assert sent == []
+    p2 = producer(any_redis)
+    sent = _count_sends(p2, monkeypatch)
+    p2.append("events", id_batch(2, 2).select(["value", "name", "id", "ts"]))
+    assert len(sent) == 1 and any_redis.xlen(K.delta) == 2
+
+
+def test_a_schema_race_is_retried_a_bounded_number_of_times(any_redis, monkeypatch):
+    """Another producer evolves the table before each send: the batch is reshaped and sent
+    again at most SCHEMA_RACES times, then SchemaRace (retryable) and nothing written."""
+    import producer.client as client_module
+
+    p = producer(any_redis)
+    p.append("events", id_batch(0, 1))
+    other = producer(any_redis)
+
+    def evolve_meanwhile(n):
+        other.append("events", id_batch(100 + n, 1).append_column(
+            f"extra{n}", pa.array([n], pa.int64())))
+
+    sent = _count_sends(p, monkeypatch, evolve_meanwhile)
+    with pytest.raises(SchemaRace) as err:
+        p.append("events", id_batch(1, 1))
+    assert len(sent) == client_module.SCHEMA_RACES + 1 and not isinstance(err.value, ValueError)
+    ids = [t.column("id")[0].as_py() for t in
+           (wire.decode_payload(f[b"arrow"]) for _, f in any_redis.xrange(K.delta))]
+    assert 1 not in ids  # the raced batch is not in
+
+
+def test_a_race_that_becomes_a_real_conflict_says_what_differs(any_redis, monkeypatch):
+    p = producer(any_redis)
+    p.append("events", id_batch(0, 1))
+    fired = []
+
+    def add_tag_as_int(n):
+        if not fired:
+            fired.append(n)
+            producer(any_redis).append("events", id_batch(50, 1).append_column(
+                "tag", pa.array([7], pa.int64())))
+
+    sent = _count_sends(p, monkeypatch, add_tag_as_int)
+    with pytest.raises(SchemaConflict) as err:
+        p.append("events", id_batch(1, 1).append_column("tag", pa.array(["x"])))
+    e = err.value
+    assert (e.column, e.table_type, e.batch_type) == ("tag", "int64", "string")
+    assert len(sent) == 1  # refused once; the conflict was then found locally
+
+
+def test_nullability_differences_are_named(any_redis):
+    p = producer(any_redis)
+    schema = pa.schema([pa.field("id", pa.int64(), nullable=False), ("v", pa.int64())])
+    p.append("events", pa.table({"id": [1], "v": [2]}, schema=schema))
+    with pytest.raises(SchemaConflict) as err:
+        p.append("events", pa.table({"id": [None, 2], "v": [3, 4]}))
+    assert (err.value.column, err.value.table_type, err.value.batch_type) == (
+        "id", "int64 not null", "int64 with nulls")
+    p.append("events", pa.table({"id": [5], "v": [6]}))  # nullable, but no nulls: fits
+    assert any_redis.xlen(K.delta) == 2
+
+
+def test_a_table_stored_by_an_earlier_version_is_converted_on_the_next_append(
+        any_redis, monkeypatch, storage_dir):
+    """Before protocol 1, ``{T}:schema`` held IPC bytes. The first append replaces them with
+    the canonical form (compare-and-set), in one send; the flusher reads either."""
+    t = id_batch(0, 3)
+    any_redis.set(K.schema, t.schema.serialize().to_pybytes())
+    any_redis.xadd(K.delta, {"arrow": wire.encode_batches(t.schema, t.to_batches())})
+    p = producer(any_redis)
+    sent = _count_sends(p, monkeypatch)
+    p.append("events", id_batch(3, 3))
+    assert len(sent) == 1
+    assert any_redis.get(K.schema) == wire.canonical_schema(t.schema)
+    assert Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("events").rows == 6
+
+
+def test_an_equivalent_stored_form_is_brought_to_the_canonical_one(any_redis, monkeypatch):
+    """A foreign producer that stored its schema with other key order or spacing (not
+    canonical, same schema): a Python append fits it, and stores the canonical form."""
+    sloppy = ('[ {"type": "l", "name": "id", "nullable": true, "children": []},'
+              ' {"name": "ts", "type": "tsu:UTC", "nullable": true, "children": []},'
+              ' {"name": "name", "type": "u", "nullable": true, "children": []},'
+              ' {"name": "value", "type": "g", "nullable": true, "children": []} ]')
+    any_redis.set(K.schema, sloppy)
+    p = producer(any_redis)
+    sent = _count_sends(p, monkeypatch)
+    p.append("events", id_batch(0, 2))
+    assert len(sent) == 1
+    assert any_redis.get(K.schema) == wire.canonical_schema(id_batch(0, 1).schema)
+
+
+def test_dictionary_columns_fit_a_string_column(any_redis, storage_dir, monkeypatch):
+    """A dictionary is an encoding, not a type: a dictionary-encoded batch appends to a
+    table of strings, and the other way round, with no refusal; files hold strings."""
+    p = producer(any_redis)
+    p.append("events", id_batch(0, 2))
+    encoded = id_batch(2, 2).set_column(2, "name", id_batch(2, 2)["name"].dictionary_encode())
+    other = producer(any_redis)
+    sent = _count_sends(other, monkeypatch)
+    other.append("events", encoded)
+    assert len(sent) == 1
+    result = Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("events")
+    assert (result.rows, result.dead) == (4, 0)
+    import pyarrow.parquet as pq
+
+    [path] = (storage_dir / "events").glob("*.parquet")
+    assert pq.read_schema(path).field("name").type == pa.string()
+
+
+def test_a_table_that_needs_a_later_protocol_is_refused(any_redis):
+    any_redis.set(K.protocol, 2)
+    with pytest.raises(UpgradeRequired, match="protocol 2.*upgrade") as err:
+        producer(any_redis).append("events", id_batch(0, 1))
+    assert (err.value.required, err.value.spoken) == (2, wire.PROTOCOL)
+    assert any_redis.xlen(K.delta) == 0

@@ -74,7 +74,7 @@ def test_append_many_in_several_send_groups_keeps_order_and_retries_the_refused(
 def test_pandas_index_and_metadata_are_not_part_of_the_schema(p):
     df = pd.DataFrame({"id": [1, 2]}, index=[10, 11])
     p.append("events", df)
-    stored = wire.deserialize_schema(p.redis.get(K.schema))
+    stored = wire.schema_from_canonical(p.redis.get(K.schema))
     assert stored.names == ["id"] and not stored.metadata
 
 
@@ -196,24 +196,27 @@ def test_append_when_redis_is_out_of_memory_leaves_no_unchecked_entry(tmp_path):
 
 
 def test_a_producer_needs_only_the_documented_acl(redis_server, real_redis):
-    """docs/protocol.md lists what a producer's Redis user needs for appending; a user with
-    exactly that appends, evolves the schema, is deduplicated and meets backpressure."""
+    """docs/spec.md (Permissions) lists what a producer's Redis user needs; a user with
+    exactly that appends, evolves the schema, is deduplicated, meets backpressure and
+    requests a flush."""
     real_redis.acl_setuser(
         "appender", enabled=True, passwords=["+s3cret"], keys=["deltaflush:*"],
-        commands=["+multi", "+exec", "+sadd", "+xadd", "+eval", "+get", "+set", "+hget",
+        commands=["+sadd", "+get", "+multi", "+exec", "+xadd", "+eval", "+set", "+hget",
                   "+hincrby", "+xlen", "+xdel", "+xgroup|setid", "+xgroup|create",
-                  "+xinfo|groups", "+xrevrange"])
+                  "+xinfo|groups", "+xrevrange", "+hset"])
     try:
         url = redis_server.url.replace("redis://", "redis://appender:s3cret@")
         p = Producer(settings=Settings(redis_url=url, max_pending_bytes=0))
         p.append("events", id_batch(0, 10))
         p.append_many("events", [id_batch(10, 10), id_batch(20, 10).append_column(
             "extra", pa.array([1] * 10, pa.int64()))])
-        [item] = p._encode([p._prepare("events", id_batch(30, 10))])
+        [item] = p._encode([p._shape("events", p._prepare("events", id_batch(30, 10)))])
         keys = p._keys("events")
         assert p._accepted(keys, item, p._transaction(keys, [item])[0]) == \
             p._accepted(keys, item, p._transaction(keys, [item])[0])
         assert real_redis.xlen(K.delta) == 4
+        p.request_flush("events")
+        assert real_redis.hexists(K.sched, "flush_requested")
         p.close()
         tight = Producer(settings=Settings(redis_url=url, max_pending_bytes=1))
         with pytest.raises(Backpressure):

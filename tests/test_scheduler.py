@@ -1,7 +1,9 @@
 """Scheduling rounds: only tables with something pending, never a second queued flush."""
 
+import pytest
+
 from producer import Producer, Settings, wire
-from tests.conftest import id_batch, wait_for
+from tests.conftest import id_batch, read_ids, wait_for
 from workers import lease
 from workers.scheduler import due_tables, enqueue_due
 
@@ -95,4 +97,64 @@ def test_size_trigger_queues_one_flush_when_pending_bytes_pass_the_threshold(
     assert real_redis.llen(wire.QUEUE) == 1  # passed 10 kB: queued at once
     p.append("events", id_batch(600, 100))
     assert real_redis.llen(wire.QUEUE) == 1  # deduplicated: one is already queued
+    p.close()
+
+
+def test_a_flush_request_in_redis_makes_a_table_due_once(any_redis):
+    """docs/spec.md, "Requesting a flush": one HSET, honoured by the next round whatever the
+    table's interval, then cleared."""
+    p = Producer(client=any_redis, settings=Settings())
+    k = wire.Keys("deltaflush", "a")
+    hour = 3_600_000
+    p.append("a", id_batch(0, 1))
+    assert due_tables(any_redis, "deltaflush", 60_000, interval_ms=hour) == ["a"]  # first
+    any_redis.delete(k.queued)  # its flush started
+    assert due_tables(any_redis, "deltaflush", 60_000, interval_ms=hour) == []
+    any_redis.hset(k.sched, "flush_requested", "1")
+    assert due_tables(any_redis, "deltaflush", 60_000, interval_ms=hour) == ["a"]
+    assert not any_redis.hexists(k.sched, "flush_requested")
+    any_redis.delete(k.queued)
+    assert due_tables(any_redis, "deltaflush", 60_000, interval_ms=hour) == []  # used up
+
+
+def test_a_flush_request_waits_for_a_running_flush_and_is_met_by_a_queued_one(any_redis):
+    p = Producer(client=any_redis, settings=Settings())
+    k = wire.Keys("deltaflush", "a")
+    hour = 3_600_000
+    p.append("a", id_batch(0, 1))
+    held = lease.acquire(any_redis, k, 60_000)  # a flush is running: it may have read past
+    assert held is not None
+    p.request_flush("a")
+    assert due_tables(any_redis, "deltaflush", 60_000, interval_ms=hour) == []
+    assert any_redis.hexists(k.sched, "flush_requested")  # kept for after it
+    any_redis.delete(k.lease)
+    assert due_tables(any_redis, "deltaflush", 60_000, interval_ms=hour) == ["a"]
+    p.request_flush("a")  # a flush is queued, not started: it will see everything
+    assert due_tables(any_redis, "deltaflush", 60_000, interval_ms=hour) == []
+    assert not any_redis.hexists(k.sched, "flush_requested")
+    any_redis.delete(k.queued)
+    p.request_flush("a")
+    any_redis.xtrim(k.delta, maxlen=0)  # nothing pending: nothing to do, request met
+    assert due_tables(any_redis, "deltaflush", 60_000, interval_ms=hour) == []
+    assert not any_redis.hexists(k.sched, "flush_requested")
+
+
+@pytest.mark.integration
+def test_a_flush_requested_through_redis_alone_is_run_by_the_fleet(
+        fleet, real_redis, storage_dir):
+    """A producer in any language asks for a flush with one HSET: no Celery message. With an
+    hour's flush interval, only the request can flush the second batch."""
+    fleet.env["DELTAFLUSH_FLUSH_INTERVAL_S"] = "3600"
+    fleet.worker()
+    fleet.beat()
+    k = wire.Keys("deltaflush", "events")
+    p = Producer(settings=Settings.from_env(fleet.env))
+    p.append("events", id_batch(0, 10))  # a table never scheduled is due at once
+    wait_for(lambda: read_ids(storage_dir, "events") == list(range(10)), 60,
+             "the first scheduled flush", interval=0.2)
+    p.append("events", id_batch(10, 10))
+    real_redis.hset(k.sched, "flush_requested", "1")
+    wait_for(lambda: read_ids(storage_dir, "events") == list(range(20)), 60,
+             "the requested flush", interval=0.2)
+    assert not real_redis.hexists(k.sched, "flush_requested")
     p.close()

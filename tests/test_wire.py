@@ -12,7 +12,8 @@ def test_key_names_follow_the_contract():
     assert k.delta == "deltaflush:{events}:delta"
     assert k.dead == "deltaflush:{events}:dead"
     # every per-table key carries the table's hash tag
-    for name in ("schema", "pending", "stats", "lease", "fence", "claim", "queued"):
+    for name in ("schema", "pending", "stats", "lease", "fence", "claim", "queued", "sched",
+                 "protocol"):
         assert getattr(k, name) == f"deltaflush:{{events}}:{name}"
 
 

@@ -4,17 +4,28 @@
 -- ARGV: queued_ttl_ms default_interval_ms force
 -- Returns: 1 if the table is due (and is now marked queued for queued_ttl_ms), else 0.
 --   Not due: a flush is queued or running, the table is stuck, nothing is pending, or
---   (unless force is '1') its flush interval has not passed since it was last scheduled.
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-if redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
-if redis.call('XLEN', KEYS[3]) == 0 and redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
+--   (unless force is '1' or the `flush_requested` field of `sched` is set) its flush
+--   interval has not passed since it was last scheduled.
+-- `flush_requested` (docs/spec.md, "Requesting a flush") is cleared once a flush that will
+-- see what was appended before the request is queued: by this script, or already queued.
+-- A running flush may have read past that point already: the request waits for the next.
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[6]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HDEL', KEYS[5], 'flush_requested')
+  return 0
+end
+if redis.call('XLEN', KEYS[3]) == 0 and redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('HDEL', KEYS[5], 'flush_requested')
+  return 0
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[3] ~= '1' then
+if ARGV[3] ~= '1' and redis.call('HEXISTS', KEYS[5], 'flush_requested') == 0 then
   local interval = tonumber(redis.call('HGET', KEYS[5], 'interval_ms') or ARGV[2])
   local last = tonumber(redis.call('HGET', KEYS[5], 'last_ms') or '0')
   if now - last < interval then return 0 end
 end
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 redis.call('HSET', KEYS[5], 'last_ms', now)
+redis.call('HDEL', KEYS[5], 'flush_requested')
 return 1

@@ -107,7 +107,7 @@ class MemoryStream:
                 raise NotAtHead(f"table {self.table!r}: NOTHEAD the stream starts at "
                                 f"{entries[0][0]}")
             chosen = [e for e in entries if _between(e[0], start.first, start.last)]
-            schema = wire.deserialize_schema(start.schema) if start.schema else None
+            schema = wire.stored_schema(start.schema) if start.schema else None
             return EntryReader(self.table, self.stream, _chunks(chosen), start, schema,
                                start.config, max_bytes, lambda _: None)
         after = [e for e in entries if start is None or wire.parse_id(e[0]) >

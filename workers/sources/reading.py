@@ -145,7 +145,7 @@ class EntryReader:
         return Range(
             table=self.table, stream=self.stream, first=self.first, last=self._last,
             count=self._count,
-            schema=wire.serialize_schema(self.schema) if self.schema is not None else b"",
+            schema=wire.canonical_schema(self.schema) if self.schema is not None else b"",
             config=self.config, dead=tuple(self._dead), pending_rows=self._pending_rows,
             pending_bytes=self._pending_bytes, resumed=claim is not None)
 

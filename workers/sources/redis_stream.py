@@ -71,13 +71,13 @@ class RedisStream:
         if isinstance(start, Claim):
             self._check_head(start)
             chunks = self._chunks(start.first, start.last)
-            schema = wire.deserialize_schema(start.schema) if start.schema else None
+            schema = wire.stored_schema(start.schema) if start.schema else None
             return EntryReader(self.table, self.stream, chunks, start, schema, start.config,
                                max_bytes, lambda _: None, chunks.close)
         chunks = self._chunks("-" if start is None else "(" + start, "+")
         stored, config = cast(list[bytes | None],
                               self.client.mget(self.keys.schema, self.keys.config))
-        schema = wire.deserialize_schema(stored) if stored else None
+        schema = wire.stored_schema(stored) if stored else None
         return EntryReader(self.table, self.stream, chunks, None, schema,
                            config.decode() if config else "", max_bytes, self._evolved,
                            chunks.close)
@@ -96,7 +96,7 @@ class RedisStream:
         stored = cast(bytes | None, self.client.get(self.keys.schema))
         if not stored:
             return None
-        current = wire.deserialize_schema(stored)
+        current = wire.stored_schema(stored)
         return None if schema is not None and current.equals(schema) else current
 
     def _chunks(self, first: str, last: str
