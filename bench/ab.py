@@ -2,7 +2,7 @@
 alone on the same data, so that a few percent stand out of this machine's noise.
 
     python -m bench.ab workers.writer.FIRST_ROW_GROUP_FRACTION 8,12,16 [--rounds 10]
-    python -m bench.ab workers.flusher.FIRST_CHUNK_ENTRIES 16,2
+    python -m bench.ab workers.sources.redis_stream.FIRST_CHUNK_ENTRIES 16,2
 
 Each round writes the payloads once with pyarrow alone, then, for each value, appends the
 backlog again and flushes it with the constant set to that value. Prints the flush ratio
