@@ -33,13 +33,13 @@ class InvalidInput(DeltaflushError, ValueError):
 
 
 class InvalidTableName(InvalidInput):
-    """A table name does not match ``^[A-Za-z_][A-Za-z0-9_]{0,127}$``."""
+    """A table name does not match ``^[A-Za-z][A-Za-z0-9_]{0,127}$``."""
 
     def __init__(self, name: object) -> None:
         self.name = name
         super().__init__(
-            f"invalid table name {name!r}: a table name starts with a letter or '_' and "
-            "holds only letters, digits and '_' (at most 128 characters), e.g. 'page_views'"
+            f"invalid table name {name!r}: a table name starts with a letter and holds "
+            "only letters, digits and '_' (at most 128 characters), e.g. 'page_views'"
         )
 
 
