@@ -16,7 +16,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
-from . import wire
+from . import admin, wire
 from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, queue_append
 from .convert import conform, evolve, to_table
 from .due import DUE_LUA, due_keys, queue_flush, send_or_unmark
@@ -29,6 +29,7 @@ from .errors import (
 )
 from .settings import Settings
 from .tablecfg import TableConfig
+from .typepolicy import AppendCheck
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Producer:
         self._pending: dict[str, int] = {}
         self._due = self.redis.register_script(DUE_LUA)
         self._celery: Any = None
+        self._types = AppendCheck(self.redis)  # types some reader rejects (typepolicy)
 
     # --- appending --------------------------------------------------------------------
 
@@ -217,6 +219,7 @@ class Producer:
             if not target.equals(known):
                 evolves_from = wire.serialize_schema(known)
             arrow = conform(arrow, target, table)
+        self._types.check(self._keys(table), arrow.schema)
         item = _Pending(arrow, uuid.uuid4().hex, evolves_from)
         self._measure(table, item)
         return item
@@ -326,32 +329,14 @@ class Producer:
 
     def table_config(self, table: str) -> TableConfig:
         """The table's configuration (defaults where nothing was set)."""
-        return TableConfig.from_json(self.redis.get(self._keys(table).config))
+        return admin.table_config(self.redis, self._keys(table))
 
     def configure(self, table: str, **changes: Any) -> TableConfig:
         """Change the table's configuration; return the new one. Workers apply it from their
         next flush. Raises ``ConfigError`` (a ``ValueError``) for unknown or invalid settings,
-        or columns the table does not have."""
-        keys = self._keys(table)
-        result: list[TableConfig] = []
-
-        def update(pipe: Any) -> None:
-            current = TableConfig.from_json(pipe.get(keys.config))
-            new = current.with_changes(**changes)
-            schema = pipe.get(keys.schema)
-            if schema:
-                new.check_schema(wire.deserialize_schema(schema), table)
-            pipe.multi()
-            pipe.sadd(wire.tables_key(self.settings.key_prefix), table)
-            pipe.set(keys.config, new.to_json())
-            if new.flush_interval_s is None:
-                pipe.hdel(keys.sched, "interval_ms")
-            else:
-                pipe.hset(keys.sched, "interval_ms", int(new.flush_interval_s * 1000))
-            result.append(new)
-
-        self.redis.transaction(update, keys.config, keys.schema, keys.sched)
-        return result[-1]
+        or columns the table does not have, and ``LayoutLocked`` (one) for a change of its
+        partitioning or ``spark_compatible`` once it has files (see ``producer.admin``)."""
+        return admin.configure(self.redis, self.settings.key_prefix, table, changes)
 
     # --- flushing ---------------------------------------------------------------------
 

@@ -4,11 +4,14 @@
 
     DeltaflushError
     ├── ConfigError(ValueError)            a setting is invalid: fix the environment/arguments
+    │   └── LayoutLocked                   the table's files fix its layout: use a new table
     ├── InvalidInput(ValueError)           the caller's data is at fault: fix the input
     │   ├── InvalidTableName
     │   ├── UnsupportedData
     │   ├── BatchTooLarge                  split the batch
-    │   └── SchemaConflict                 names the column, the table's type and the batch's
+    │   ├── SchemaConflict                 names the column, the table's type and the batch's
+    │   ├── UnsupportedType                a column's type some reader rejects: cast it
+    │   └── UnknownTable                   no table of that name was ever appended to
     ├── Backpressure                       the table is too far behind: retry later
     └── FlushError                         raised on the worker side
         ├── LeaseLost                      another flusher took the table over: stop, do not commit
@@ -98,6 +101,32 @@ class SchemaConflict(InvalidInput):
             f"schema conflict in table {table!r}, column {column!r}: {fix} before "
             "appending, or append to a new table."
         )
+
+
+class UnsupportedType(InvalidInput):
+    """A column has a type that the table cannot write for every reader (see
+    ``producer.typepolicy``); nothing was written."""
+
+    def __init__(self, table: str, column: str, type_: str, reason: str, fix: str) -> None:
+        self.table, self.column, self.type = table, column, type_
+        what = f"column {column!r} ({type_})" if column != "*" else "a column"
+        super().__init__(f"table {table!r} cannot take {what}: {reason}. Fix: {fix}.")
+
+
+class UnknownTable(InvalidInput):
+    """No table of this name is registered (``{prefix}:tables``): it was never appended to
+    or configured. Often a typo; the message lists close names."""
+
+    def __init__(self, name: str, close: list[str]) -> None:
+        self.name = name
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+            "; `deltaflush status` lists the tables"
+        super().__init__(f"unknown table {name!r}: no batch was ever appended to it{hint}")
+
+
+class LayoutLocked(ConfigError):
+    """A change of a table's partitioning (or ``spark_compatible``) refused: files written
+    in the old layout exist, or a running flush may be writing them."""
 
 
 class FlushError(DeltaflushError):

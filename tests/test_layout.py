@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from producer import ConfigError, Producer, Settings, TableConfig, wire
+from producer.errors import LayoutLocked
 from tests.conftest import id_batch
 from tests.reliability import check
 from workers.cli import main
@@ -128,7 +129,8 @@ def test_invalid_table_settings_are_refused_clearly(any_redis, changes, message)
 
 
 def test_resumed_claim_keeps_the_layout_it_started_with(any_redis, storage_dir, monkeypatch):
-    """A crash before the commit, then a layout change: the retry rewrites the same files."""
+    """A crash before the commit: a layout change is refused while the claim waits, and a
+    codec change does not reach the resumed files: the retry rewrites the same files."""
     p = Producer(client=any_redis, settings=Settings())
     p.append("events", events(0, 40))
     p.configure("events", partition_by="country")
@@ -143,10 +145,14 @@ def test_resumed_claim_keeps_the_layout_it_started_with(any_redis, storage_dir, 
     monkeypatch.undo()
     before = sorted(p.relative_to(storage_dir).as_posix()
                     for p in storage_dir.rglob("*.parquet"))
-    p.configure("events", partition_by="")
+    with pytest.raises(LayoutLocked, match="waits to be resumed"):
+        p.configure("events", partition_by="")
+    p.configure("events", compression="gzip")
     assert Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("events").files == 4
     after = sorted(p.relative_to(storage_dir).as_posix() for p in storage_dir.rglob("*.parquet"))
     assert before == after
+    assert {pq.read_metadata(path).row_group(0).column(0).compression
+            for path in storage_dir.rglob("*.parquet")} == {"ZSTD"}
     check("crash before commit, then a layout change (resumed)", storage_dir, "events",
           range(40))
 
@@ -217,7 +223,9 @@ PARQUET_NEAREST = {"date64": pa.date32(), "time32s": pa.time32("ms"),
 
 
 def test_every_type_round_trips_with_its_exact_type(any_redis, storage_dir):
+    """Without spark_compatible (see tests/test_typepolicy.py for the default)."""
     p = Producer(client=any_redis, settings=Settings())
+    p.configure("types", spark_compatible=False)
     p.append("types", ALL_TYPES)
     Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("types")
     (path,) = (storage_dir / "types").glob("*.parquet")

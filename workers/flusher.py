@@ -64,6 +64,7 @@ from producer.convert import conform
 from producer.errors import ClaimMismatch, LeaseLost, SchemaConflict
 from producer.settings import Settings
 from producer.tablecfg import TableConfig
+from producer.typepolicy import refusal
 
 from .failpoints import failpoint
 from .layout import Layout
@@ -389,13 +390,14 @@ class Flusher:
                 batch: pa.Table | None = None
                 error: str | None = None
                 try:
-                    batch = _decode(payload, schema, table)
+                    batch = _decode(payload, schema, table, config.spark_compatible)
                 except ValueError as exc:
                     error = str(exc)
                     newer = self._evolved_schema(keys, schema) if claim is None else None
                     if newer is not None:
                         try:
-                            candidate = _decode(payload, newer, table)
+                            candidate = _decode(payload, newer, table,
+                                                config.spark_compatible)
                         except ValueError:
                             pass
                         else:
@@ -496,7 +498,8 @@ class Flusher:
                       keys.table, trimmed, part.count)
 
 
-def _decode(payload: bytes | None, schema: pa.Schema | None, table: str) -> pa.Table:
+def _decode(payload: bytes | None, schema: pa.Schema | None, table: str,
+            spark_compatible: bool = True) -> pa.Table:
     if payload is None:
         raise ValueError(f"entry has no {wire.FIELD_ARROW.decode()!r} field")
     batch = wire.decode_payload(payload)
@@ -509,6 +512,9 @@ def _decode(payload: bytes | None, schema: pa.Schema | None, table: str) -> pa.T
             raise ValueError(str(exc)) from exc
         except (pa.ArrowException, TypeError) as exc:
             raise ValueError(f"cannot cast to the table's schema: {exc}") from exc
+    refused = refusal(batch.schema, spark_compatible, table)  # a dead letter, not a file
+    if refused is not None:
+        raise refused
     return batch
 
 
