@@ -61,7 +61,8 @@ def test_flush_local_and_status_after(cli_env, redis_server, storage_dir):
     p.close()
 
 
-def test_flush_queues_a_task(cli_env, real_redis):
+def test_flush_queues_a_task(cli_env, redis_server, real_redis):
+    Producer(redis_url=redis_server.url).append("events", id_batch(0, 1))
     out = run(cli_env, "flush", "events")
     assert out.exit_code == 0 and "flush queued" in out.output
     assert real_redis.llen(wire.QUEUE) == 1

@@ -159,12 +159,12 @@ def test_resumed_claim_keeps_the_layout_it_started_with(any_redis, storage_dir, 
 
 def test_table_set_and_show_cli(redis_server, real_redis, storage_dir):
     env = {"DELTAFLUSH_REDIS_URL": redis_server.url}
-    out = CliRunner().invoke(main, ["table", "set", "events", "--partition-by", "country",
-                                    "--sort-by", "id", "--compression", "snappy",
+    out = CliRunner().invoke(main, ["table", "set", "events", "--create", "--partition-by",
+                                    "country", "--sort-by", "id", "--compression", "snappy",
                                     "--flush-interval", "5"], env=env)
     assert out.exit_code == 0, out.output
-    out = CliRunner().invoke(main, ["table", "show", "events"], env=env)
-    shown = json.loads(out.output)
+    out = CliRunner().invoke(main, ["table", "show", "events", "--json"], env=env)
+    shown = json.loads(out.output)["config"]
     assert shown["partition_by"] == ["country"] and shown["flush_interval_s"] == 5.0
     out = CliRunner().invoke(main, ["table", "set", "events", "--compression", "rar"], env=env)
     assert out.exit_code == 2 and "not one of" in out.output
