@@ -267,10 +267,13 @@ class Flusher:
             result.status = "empty"
         result.seconds = round(time.monotonic() - started, 3)
         if result.first_id is not None:
-            log.info(
-                "flushed table=%s rows=%d files=%d bytes=%d dead=%d ids=%s..%s seconds=%.3f",
+            log.log(  # dead letters at WARNING: the worker's default level shows them
+                logging.WARNING if result.dead else logging.INFO,
+                "flushed table=%s rows=%d files=%d bytes=%d dead=%d ids=%s..%s seconds=%.3f%s",
                 table, result.rows, result.files, result.bytes, result.dead,
                 result.first_id, result.last_id, result.seconds,
+                f"; {result.dead} entries could not be flushed and are dead letters now: "
+                f"deltaflush dead list {table}" if result.dead else "",
             )
         return result
 
