@@ -212,3 +212,23 @@ def test_dockerfile_parsing_finds_the_install_line():
     copies, args = dockerfile_install(
         "COPY a b ./\nRUN pip install --no-cache-dir '.[flower]' \\\n    && useradd x\n")
     assert copies == ["a", "b"] and args == ["--no-cache-dir", ".[flower]"]
+
+
+def test_the_demo_runs_from_a_production_install(prod_bin, tmp_path):
+    """The README's path without make: the package alone, then `deltaflush demo`; its
+    reading command uses what the package installs (pyarrow), not DuckDB."""
+    from tests.test_cli import check_demo_output, run_demo
+
+    env = _env()
+    out = run_demo(str(prod_bin / "deltaflush"), tmp_path, env)
+    assert "import duckdb" not in out and "import polars" not in out
+    check_demo_output(out, tmp_path, env)
+
+
+def test_doctor_from_a_production_install(prod_bin, own_redis, rabbitmq_vhost, tmp_path):
+    env = _env(DELTAFLUSH_REDIS_URL=own_redis.url, DELTAFLUSH_BROKER_URL=rabbitmq_vhost,
+               DELTAFLUSH_STORAGE_URI=str(tmp_path / "lake"))
+    proc = subprocess.run([str(prod_bin / "deltaflush"), "doctor"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "broker             ok" in proc.stdout
