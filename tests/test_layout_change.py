@@ -109,3 +109,19 @@ def test_a_flush_starting_between_the_check_and_the_write_makes_it_refuse(any_re
         p.configure("events", partition_by="country")
     assert took[0] is not None
     assert p.table_config("events").partition_by == ()
+
+
+def test_the_readmes_way_to_re_partition_copies_every_row_once(any_redis, storage_dir):
+    p = Producer(client=any_redis, settings=Settings())
+    p.append("events", events(0, 40))
+    p.configure("events", partition_by="country")
+    flush(any_redis, storage_dir)
+    # README, "Changing a table's layout"
+    p.configure("events_v2", partition_time="ts:day:event_date")
+    old = ds.dataset(str(storage_dir / "events"), partitioning="hive")
+    p.append_many("events_v2", (b for b in old.to_batches(batch_size=100_000)
+                                if b.num_rows))
+    Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("events_v2")
+    copied = ds.dataset(str(storage_dir / "events_v2"), partitioning="hive").to_table()
+    assert sorted(copied["id"].to_pylist()) == list(range(40))
+    assert sorted(copied["country"].drop_null().unique().to_pylist()) == ["de", "fr", "us/ca"]
