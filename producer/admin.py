@@ -51,18 +51,27 @@ def table_config(client: Any, keys: wire.Keys) -> TableConfig:
     return TableConfig.from_json(client.get(keys.config))
 
 
-def configure(client: Any, prefix: str, table: str, changes: dict[str, Any]) -> TableConfig:
-    """Change the table's configuration (registering the table); return the new one.
+def configure(client: Any, prefix: str, table: str, changes: dict[str, Any],
+              default_format: str = "parquet") -> TableConfig:
+    """Change the table's configuration (registering the table); return the new one. The
+    first configuration pins the table's format (``default_format`` unless given).
 
-    Raises ``ConfigError`` for unknown or invalid settings and columns the table does not
-    have, and ``LayoutLocked`` for a layout change the readers could not follow (see the
-    module docstring)."""
+    Raises ``ConfigError`` for unknown or invalid settings, columns the table does not have
+    and a change of format once the table has data, and ``LayoutLocked`` for a layout change
+    the readers could not follow (see the module docstring)."""
     keys = keys_for(prefix, table)
     result: list[TableConfig] = []
 
     def update(pipe: Any) -> None:
         current = TableConfig.from_json(pipe.get(keys.config))
-        new = current.with_changes(**changes)
+        new = current.with_changes(**changes).with_format(default_format)
+        if current.format is not None and new.format != current.format and (
+                any(int(n or 0) for n in pipe.hmget(keys.stats, "files", "rows"))
+                or pipe.exists(keys.lease) or pipe.exists(keys.claim)):
+            raise ConfigError(
+                f"table {table!r} already has data flushed as {current.format}; its "
+                f"format cannot change to {new.format}. Append to a new table with "
+                f"format={new.format!r} instead (and copy the old table's rows over).")
         stored = pipe.get(keys.schema)
         if stored:
             schema = wire.deserialize_schema(stored)

@@ -19,7 +19,7 @@ from redis.retry import Retry
 from . import admin, wire
 from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, queue_append
 from .convert import conform, evolve, to_table
-from .due import DUE_LUA, due_keys, queue_flush, send_or_unmark
+from .due import DUE, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import (
     Backpressure,
     BatchTooLarge,
@@ -98,7 +98,6 @@ class Producer:
         self._registered: set[str] = set()
         self._schemas: dict[str, pa.Schema] = {}
         self._pending: dict[str, int] = {}
-        self._due = self.redis.register_script(DUE_LUA)
         self._celery: Any = None
         self._types = AppendCheck(self.redis)  # types some reader rejects (typepolicy)
 
@@ -335,8 +334,10 @@ class Producer:
         """Change the table's configuration; return the new one. Workers apply it from their
         next flush. Raises ``ConfigError`` (a ``ValueError``) for unknown or invalid settings,
         or columns the table does not have, and ``LayoutLocked`` (one) for a change of its
-        partitioning or ``spark_compatible`` once it has files (see ``producer.admin``)."""
-        return admin.configure(self.redis, self.settings.key_prefix, table, changes)
+        partitioning, format or ``spark_compatible`` once it has data (see
+        ``producer.admin``)."""
+        return admin.configure(self.redis, self.settings.key_prefix, table, changes,
+                               self.settings.table_format)
 
     # --- flushing ---------------------------------------------------------------------
 
@@ -345,7 +346,7 @@ class Producer:
         now instead of waiting for beat (unless one is queued or running already)."""
         if self._pending.pop(keys.table, 0) < self.settings.flush_at_bytes:
             return
-        if self._due(keys=due_keys(keys), args=[self.settings.lease_ms, 0, 1]):
+        if DUE(self.redis, due_keys(keys), due_args(self.settings.lease_ms, 0, force=True)):
             send_or_unmark(self.redis, keys, self._send_flush)
 
     def flush(self, table: str) -> bool:

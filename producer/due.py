@@ -3,10 +3,11 @@ and the producer's size trigger, so both deduplicate the same way.
 
 A table is due when it has something pending (entries in its delta, or a claim left by a
 crashed flusher), no flush of it is queued (``{T}:queued``) and none is running
-(``{T}:lease``), and, for a scheduled round, its flush interval has passed since it was
-last scheduled (``{T}:sched``: ``interval_ms`` set by the table's configuration, else the
-global default; ``last_ms``). A size-triggered request skips the interval. The script then
-sets ``{T}:queued`` for a lease period, so a lost message delays the table by at most that.
+(``{T}:lease``), it is not stuck (``{T}:stuck``), and, for a scheduled round, its flush
+interval has passed since it was last scheduled (``{T}:sched``: ``interval_ms`` set by the
+table's configuration, else the global default; ``last_ms``). A size-triggered request
+skips the interval. The script then sets ``{T}:queued`` for a lease period, so a lost
+message delays the table by at most that.
 """
 
 from __future__ import annotations
@@ -14,28 +15,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import wire
+from . import scripts, wire
 
-# KEYS: queued, lease, delta, claim, sched
-# ARGV: queued ttl ms, default interval ms, force (1: ignore the interval)
-DUE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-if redis.call('XLEN', KEYS[3]) == 0 and redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[3] ~= '1' then
-  local interval = tonumber(redis.call('HGET', KEYS[5], 'interval_ms') or ARGV[2])
-  local last = tonumber(redis.call('HGET', KEYS[5], 'last_ms') or '0')
-  if now - last < interval then return 0 end
-end
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-redis.call('HSET', KEYS[5], 'last_ms', now)
-return 1
-"""
+#: The script (``producer/lua/due.lua``).
+DUE = scripts.load("due")
 
 
-def due_keys(keys: wire.Keys) -> list[str]:
-    return [keys.queued, keys.lease, keys.delta, keys.claim, keys.sched]
+def due_keys(keys: wire.Keys) -> dict[str, str]:
+    return {"queued": keys.queued, "lease": keys.lease, "delta": keys.delta,
+            "claim": keys.claim, "sched": keys.sched, "stuck": keys.stuck}
+
+
+def due_args(queued_ttl_ms: int, interval_ms: int, force: bool) -> dict[str, object]:
+    return {"queued_ttl_ms": queued_ttl_ms, "default_interval_ms": interval_ms,
+            "force": 1 if force else 0}
 
 
 def send_or_unmark(client: Any, keys: wire.Keys, send: Callable[[str], object]) -> None:

@@ -15,9 +15,14 @@
     ├── Backpressure                       the table is too far behind: retry later
     └── FlushError                         raised on the worker side
         ├── LeaseLost                      another flusher took the table over: stop, do not commit
-        └── ClaimMismatch                  the delta no longer holds the claimed range
+        └── InvariantViolation             the table's state breaks the protocol: the table is
+            │                              marked stuck, never retried in a loop
+            ├── ClaimMismatch              the claim, or the entries read for it, are not the range
+            └── NotAtHead                  the claimed range does not start at the delta's head
 
-Nothing is written to Redis or storage when an ``InvalidInput`` is raised.
+Nothing is written to Redis or storage when an ``InvalidInput`` is raised. Transient
+failures (a lost connection, a storage error) keep their own types (``redis.ConnectionError``,
+``OSError``): the worker retries them with backoff.
 """
 
 from __future__ import annotations
@@ -137,5 +142,17 @@ class LeaseLost(FlushError):
     """This flusher's lease expired and another flusher may own the table: stop, commit nothing."""
 
 
-class ClaimMismatch(FlushError):
-    """The delta does not hold the claimed entries any more (another flusher committed them)."""
+class InvariantViolation(FlushError):
+    """The table's state in Redis breaks an invariant of the flush protocol, while this
+    flusher still holds its lease: retrying cannot help. The worker marks the table stuck
+    (``deltaflush status`` shows why), flushes the other tables, and leaves the table alone
+    until an operator clears the mark (``deltaflush table unstick``)."""
+
+
+class ClaimMismatch(InvariantViolation):
+    """The claim, or the entries read back for it, are not the range being flushed."""
+
+
+class NotAtHead(InvariantViolation):
+    """The claimed range does not start at the delta's head: trimming it would remove entries
+    that no file holds, so nothing was trimmed."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
+from .tablecfg import FORMATS
 
 _ENV = {
     "redis_url": "DELTAFLUSH_REDIS_URL",
@@ -27,6 +28,9 @@ _ENV = {
     "max_pending_bytes": "DELTAFLUSH_MAX_PENDING_BYTES",
     "flush_at_bytes": "DELTAFLUSH_FLUSH_AT_BYTES",
     "allow_volatile_redis": "DELTAFLUSH_ALLOW_VOLATILE_REDIS",
+    "table_format": "DELTAFLUSH_TABLE_FORMAT",
+    "catalog_uri": "DELTAFLUSH_CATALOG_URI",
+    "catalog_namespace": "DELTAFLUSH_CATALOG_NAMESPACE",
 }
 
 
@@ -58,8 +62,18 @@ class Settings:
     # Workers stop at start on a Redis that may evict data; True accepts it (a demo, a
     # throwaway setup). See workers.doctor.
     allow_volatile_redis: bool = False
+    # Format of tables that have no configuration yet: parquet, iceberg or delta.
+    table_format: str = "parquet"
+    # The Iceberg catalog: sqlite:////abs/path.db, postgresql+psycopg2://..., http(s)://
+    # (REST). Empty: a SQLite catalog in the storage root (a local folder only).
+    catalog_uri: str = ""
+    # Iceberg namespace of deltaflush's tables.
+    catalog_namespace: str = "deltaflush"
 
     def __post_init__(self) -> None:
+        if self.table_format not in FORMATS:
+            raise ConfigError(f"DELTAFLUSH_TABLE_FORMAT={self.table_format!r} is not one of "
+                              f"{', '.join(FORMATS)}")
         if not self.broker_url:
             object.__setattr__(self, "broker_url", self.redis_url)
         if not self.flush_at_bytes:

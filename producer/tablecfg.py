@@ -16,6 +16,8 @@ import pyarrow as pa
 from .errors import ConfigError
 
 CODECS = ("zstd", "snappy", "gzip", "lz4", "brotli", "none")
+#: Table formats: Parquet files in a folder, an Apache Iceberg table, a Delta Lake table.
+FORMATS = ("parquet", "iceberg", "delta")
 BUCKETS = {"hour": "%Y-%m-%d-%H", "day": "%Y-%m-%d", "month": "%Y-%m"}
 
 
@@ -65,8 +67,27 @@ class TableConfig:
     #: floats as float32; refuse TIME columns and decimals over 38 digits at append. See
     #: ``producer.typepolicy``. Off: columns are written as they are.
     spark_compatible: bool = True
+    #: ``parquet``, ``iceberg`` or ``delta``; None until chosen: the first configuration or
+    #: flush of a table pins it (to ``DELTAFLUSH_TABLE_FORMAT`` unless given). Fixed once
+    #: the table has flushed data.
+    format: str | None = None
+    # --- maintenance of lake tables (iceberg, delta): the policy beat follows ---------
+    #: size files are compacted up to (None: ``DELTAFLUSH_MAX_FILE_BYTES``); a file under
+    #: half of it is small
+    target_file_bytes: int | None = None
+    #: compact once the table has at least this many small files
+    compact_min_small_files: int = 8
+    #: snapshots older than this are expired (the current one never is)
+    snapshot_retention_s: float = 86400.0
+    #: files no snapshot references are removed once older than this (far longer than any
+    #: flush may hold a staged file before committing it)
+    orphan_retention_s: float = 3 * 86400.0
+    #: how often beat checks the table's policy
+    maintenance_interval_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if self.format is not None and self.format not in FORMATS:
+            raise ConfigError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.compression not in CODECS:
             raise ConfigError(
                 f"compression {self.compression!r} is not one of {', '.join(CODECS)}"
@@ -79,6 +100,12 @@ class TableConfig:
             raise ConfigError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
         if self.flush_interval_s is not None and self.flush_interval_s <= 0:
             raise ConfigError(f"flush_interval_s must be > 0, got {self.flush_interval_s}")
+        if self.target_file_bytes is not None and self.target_file_bytes < 1024:
+            raise ConfigError(f"target_file_bytes must be >= 1024, got {self.target_file_bytes}")
+        for name in ("compact_min_small_files", "snapshot_retention_s", "orphan_retention_s",
+                     "maintenance_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.partition_time:
             TimePartition.parse(self.partition_time)
         names = list(self.partition_by) + ([self.time.name] if self.time else [])
@@ -149,6 +176,10 @@ class TableConfig:
     def describe(self) -> dict[str, Any]:
         return asdict(self)
 
+    def with_format(self, default: str) -> TableConfig:
+        """This configuration with its format pinned (``default`` if none was chosen)."""
+        return self if self.format is not None else replace(self, format=default)
+
 
 def _dictionary_worthy(t: pa.DataType) -> bool:
     return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
@@ -161,6 +192,8 @@ def _parse(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             return tuple(str(v) for v in value)
+        if name == "format":
+            return None if value in (None, "") else str(value).lower()
         if name in ("compression", "partition_time"):
             return "" if value is None else str(value).lower() if name == "compression" \
                 else str(value)
@@ -172,8 +205,12 @@ def _parse(name: str, value: Any) -> Any:
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
-        if name == "row_group_rows":
+        if name in ("row_group_rows", "compact_min_small_files"):
             return int(value)
+        if name == "target_file_bytes":
+            return None if value in (None, "", "default") else int(value)
+        if name in ("snapshot_retention_s", "orphan_retention_s", "maintenance_interval_s"):
+            return float(value)
         if name in ("compression_level", "flush_interval_s"):
             if value in (None, "", "default"):
                 return None

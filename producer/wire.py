@@ -27,6 +27,9 @@ key                              type    content
                                          (``producer.tablecfg.TableConfig``)
 ``{prefix}:{<table>}:sched``     hash    ``interval_ms`` (the table's own flush interval)
                                          and ``last_ms`` (when it was last scheduled)
+``{prefix}:{<table>}:stuck``     hash    set when a flush found the table's state broken:
+                                         ``reason``, ``since_ms``; no flush runs until an
+                                         operator clears it (``deltaflush table unstick``)
 ``{prefix}:{<table>}:batch:<id>`` string the entry ID of a recent batch ID (dedups retries)
 ===============================  ======  =====================================================
 
@@ -125,6 +128,10 @@ class Keys:
     @property
     def sched(self) -> str:
         return self._k("sched")
+
+    @property
+    def stuck(self) -> str:
+        return self._k("stuck")
 
     def dedup(self, batch_id: str) -> str:
         """Remembers, for a short while, the entry ID a batch ID was appended as."""

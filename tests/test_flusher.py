@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from producer import LeaseLost, Producer, Settings, wire
-from producer.errors import ClaimMismatch
+from tests import seams
 from tests.conftest import assert_exactly_once, id_batch, read_ids
 from tests.reliability import check
 from workers import lease as lease_mod
@@ -145,20 +145,14 @@ def test_a_busy_table_is_skipped(any_redis, storage_dir):
     assert any_redis.xlen(K.delta) == 1
 
 
-def test_a_recorded_claim_is_resumed_exactly(any_redis, storage_dir, monkeypatch):
+def test_a_recorded_claim_is_resumed_exactly(any_redis, storage_dir):
     """Crash between recording the claim and committing: the next flush rewrites the
     same file from the same range, even though more entries arrived meanwhile."""
     p, f = make(any_redis, storage_dir)
     for i in range(4):
         p.append("events", id_batch(i * 10, 10))
-
-    def crash(self, lease, keys, part):
-        raise KeyboardInterrupt("simulated crash before commit")
-
-    monkeypatch.setattr(Flusher, "_commit", crash)
     with pytest.raises(KeyboardInterrupt):
-        f.flush("events")
-    monkeypatch.undo()
+        seams.flusher(any_redis, storage_dir, source={"commit": seams.crash}).flush("events")
     claim = any_redis.hgetall(K.claim)
     assert int(claim[b"count"]) == 4
     first_files = sorted(p.name for p in (storage_dir / "events").glob("*.parquet"))
@@ -179,28 +173,31 @@ def test_a_commit_never_trims_entries_before_the_claimed_range(any_redis, storag
     ids = [p.append("events", id_batch(i * 10, 10)) for i in range(3)]
     any_redis.hset(K.claim, mapping={"first": ids[1], "last": ids[2], "count": 2,
                                      "schema": b"", "config": "", "token": 0})
-    with pytest.raises(ClaimMismatch, match="NOTHEAD"):
-        f.flush("events")
+    result = f.flush("events")
+    assert result.status == "stuck" and "NOTHEAD" in result.error
     assert any_redis.xlen(K.delta) == 3
+    assert b"NOTHEAD" in any_redis.hget(K.stuck, "reason")
+    # stuck: no flush runs, whatever asks, until the mark is cleared
+    again = f.flush("events")
+    assert again.status == "stuck" and any_redis.xlen(K.delta) == 3
 
 
-def test_a_fenced_flusher_cannot_commit(any_redis, storage_dir, monkeypatch):
+def test_a_fenced_flusher_cannot_commit(any_redis, storage_dir):
     """A flusher whose lease expired (frozen) and was taken over fails its commit."""
-    p, f = make(any_redis, storage_dir, lease_s=30)
+    p, _ = make(any_redis, storage_dir, lease_s=30)
     for i in range(3):
         p.append("events", id_batch(i * 10, 10))
     taken_over = {}
 
-    real_commit = f._commit
-
-    def steal_then_commit(lease, keys, part):
+    def steal_then_commit(commit, lease, rng, tally):
         # the lease expires and another flusher takes the table and finishes it
-        any_redis.delete(keys.lease)
+        any_redis.delete(K.lease)
         other = Flusher(any_redis, Storage(str(storage_dir)), Settings())
         taken_over["result"] = other.flush("events")
-        return real_commit(lease, keys, part)
+        return commit(lease, rng, tally)
 
-    monkeypatch.setattr(f, "_commit", steal_then_commit)
+    f = seams.flusher(any_redis, storage_dir, Settings(lease_s=30),
+                      source={"commit": steal_then_commit})
     with pytest.raises(LeaseLost):
         f.flush("events")
     assert taken_over["result"].rows == 30
@@ -213,84 +210,78 @@ def test_claim_mismatch_when_the_claimed_range_is_gone(any_redis, storage_dir):
     p.append("events", id_batch(0, 10))
     first = any_redis.xrange(K.delta)[0][0].decode()
     any_redis.hset(K.claim, mapping={"first": first, "last": first, "count": 2, "schema": b""})
-    with pytest.raises(ClaimMismatch):
-        f.flush("events")
+    result = f.flush("events")
+    assert result.status == "stuck" and "read 1 entries" in result.error
     assert any_redis.xlen(K.delta) == 1  # nothing trimmed
 
 
-def test_storage_error_trims_nothing_and_the_next_flush_lands_it(any_redis, storage_dir,
-                                                                 monkeypatch):
+def test_storage_error_trims_nothing_and_the_next_flush_lands_it(any_redis, storage_dir):
     p, f = make(any_redis, storage_dir)
     p.append("events", id_batch(0, 10))
 
-    def broken(self, temp, final):
+    def broken(real, staged):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(Storage, "publish", broken)
     with pytest.raises(OSError):
-        f.flush("events")
+        seams.flusher(any_redis, storage_dir, sink={"commit": broken}).flush("events")
     assert any_redis.xlen(K.delta) == 1
     assert not list((storage_dir / "events").glob("*.parquet")) if (
         storage_dir / "events").exists() else True
     assert not list(storage_dir.rglob("*.tmp"))  # the temporary file was cleaned up
-    monkeypatch.undo()
     assert f.flush("events").rows == 10
     assert_exactly_once(storage_dir, "events", 10)
 
 
-def test_the_next_range_is_read_while_the_last_one_commits_in_order(any_redis, storage_dir,
-                                                                    monkeypatch):
+def test_the_next_range_is_read_while_the_last_one_commits_in_order(any_redis, storage_dir):
     """Ranges are pipelined: the next range is read while the one before commits; commits
     still come one at a time, in order, each at the head of the delta."""
-    p, f = make(any_redis, storage_dir, max_file_bytes=20_000)
+    p, _ = make(any_redis, storage_dir, max_file_bytes=20_000)
     for i in range(30):
         p.append("events", id_batch(i * 100, 100))
     reading_ahead = threading.Event()
-    real_entries, real_commit = f._entries, f._commit
     committed = []
 
-    def entries(keys, first, last):
-        if first.startswith("("):  # a range after one that is not committed yet
+    def read(real, start, max_bytes):
+        if isinstance(start, str):  # a range after one that is not committed yet
             reading_ahead.set()
-        return real_entries(keys, first, last)
+        return real(start, max_bytes)
 
-    def commit(lease, keys, part):
+    def commit(real, lease, rng, tally):
         if not committed:  # the first range waits until the next one is being read
             assert reading_ahead.wait(30), "the next range was not read during the commit"
         head = any_redis.xrange(K.delta, count=1)[0][0].decode()
-        committed.append((head, part.first))
-        return real_commit(lease, keys, part)
+        committed.append((head, rng.first))
+        return real(lease, rng, tally)
 
-    monkeypatch.setattr(f, "_entries", entries)
-    monkeypatch.setattr(f, "_commit", commit)
+    f = seams.flusher(any_redis, storage_dir, Settings(max_file_bytes=20_000),
+                      source={"read": read, "commit": commit})
     result = f.flush("events")
     assert result.files > 3 and len(committed) == result.files
     assert all(head == first for head, first in committed)  # each at the head, in order
     assert_exactly_once(storage_dir, "events", 3000)
 
 
-def test_a_sorted_table_reads_no_range_ahead(any_redis, storage_dir, monkeypatch):
+def test_a_sorted_table_reads_no_range_ahead(any_redis, storage_dir):
     """A sorted file is held whole until it is written: the next range is read only once
     the one before is committed, so a flush holds one such file at a time."""
-    p, f = make(any_redis, storage_dir, max_file_bytes=20_000)
+    p, _ = make(any_redis, storage_dir, max_file_bytes=20_000)
     p.configure("events", sort_by="value")
     for i in range(30):
         p.append("events", id_batch(i * 100, 100))
-    real_entries, real_commit = f._entries, f._commit
     commits = []
     ahead = []
 
-    def entries(keys, first, last):
-        if first.startswith("("):
+    def read(real, start, max_bytes):
+        if isinstance(start, str):
             ahead.append(len(commits))
-        return real_entries(keys, first, last)
+        return real(start, max_bytes)
 
-    def commit(lease, keys, part):
-        real_commit(lease, keys, part)
-        commits.append(part.last)
+    def commit(real, lease, rng, tally):
+        real(lease, rng, tally)
+        commits.append(rng.last)
 
-    monkeypatch.setattr(f, "_entries", entries)
-    monkeypatch.setattr(f, "_commit", commit)
+    f = seams.flusher(any_redis, storage_dir, Settings(max_file_bytes=20_000),
+                      source={"read": read, "commit": commit})
     result = f.flush("events")
     assert result.files > 3
     assert ahead == list(range(1, len(ahead) + 1))  # each read after the commit before it
@@ -298,21 +289,28 @@ def test_a_sorted_table_reads_no_range_ahead(any_redis, storage_dir, monkeypatch
 
 
 def test_a_range_read_ahead_stops_once_the_range_before_failed(any_redis, storage_dir):
-    from concurrent.futures import Future
-
-    from workers.lease import acquire
-    from workers.writer import Encoder
-
-    p, f = make(any_redis, storage_dir)
-    for i in range(5):
+    """When the range before fails while the next one is read, the read stops: nothing of
+    it is claimed or trimmed and its staged files are removed."""
+    p, _ = make(any_redis, storage_dir, max_file_bytes=20_000)
+    for i in range(30):
         p.append("events", id_batch(i * 100, 100))
-    failed: Future = Future()
-    failed.set_exception(LeaseLost("fenced while committing the range before"))
-    lease = acquire(any_redis, K, 10_000)
-    with lease, Encoder() as encoder, pytest.raises(LeaseLost):
-        f._write(lease, K, None, None, encoder, failed)
+    reading_ahead = threading.Event()
+
+    def read(real, start, max_bytes):
+        if isinstance(start, str):
+            reading_ahead.set()
+        return real(start, max_bytes)
+
+    def fenced(real, lease, rng):
+        assert reading_ahead.wait(30)
+        raise LeaseLost("fenced while recording the range before")
+
+    f = seams.flusher(any_redis, storage_dir, Settings(max_file_bytes=20_000),
+                      source={"read": read, "record_claim": fenced})
+    with pytest.raises(LeaseLost):
+        f.flush("events")
     assert not list(storage_dir.rglob("*.tmp"))  # its temporary file is removed
-    assert any_redis.xlen(K.delta) == 5 and not any_redis.exists(K.claim)
+    assert any_redis.xlen(K.delta) == 30 and not any_redis.exists(K.claim)
 
 
 def test_chunks_grow_at_most_fourfold_after_small_entries(any_redis, storage_dir,
@@ -336,30 +334,29 @@ def test_chunks_grow_at_most_fourfold_after_small_entries(any_redis, storage_dir
     assert all(b <= 4 * a for a, b in zip(counts, counts[1:], strict=False)), counts
 
 
-def test_a_failed_range_stops_the_ranges_read_after_it(any_redis, storage_dir, monkeypatch):
-    """When publishing the second file fails, the first stays committed, the ranges read
-    ahead are neither claimed nor trimmed, their temporary files are removed, and the
-    next flush lands the rest exactly once."""
+def test_a_failed_range_stops_the_ranges_read_after_it(any_redis, storage_dir):
+    """When committing the second range to the sink fails, the first stays committed, the
+    ranges read ahead are neither claimed nor trimmed, their temporary files are removed,
+    and the next flush lands the rest exactly once."""
     p, f = make(any_redis, storage_dir, max_file_bytes=20_000)
     for i in range(30):
         p.append("events", id_batch(i * 100, 100))
-    real_publish = Storage.publish
     published = []
 
-    def publish(self, temp, final):
+    def commit(real, staged):
         if published:
             raise OSError("disk on fire")
-        published.append(final)
-        real_publish(self, temp, final)
+        published.append(staged.range)
+        return real(staged)
 
-    monkeypatch.setattr(Storage, "publish", publish)
+    broken = seams.flusher(any_redis, storage_dir, Settings(max_file_bytes=20_000),
+                           sink={"commit": commit})
     with pytest.raises(OSError, match="disk on fire"):
-        f.flush("events")
+        broken.flush("events")
     assert len(list((storage_dir / "events").glob("*.parquet"))) == 1
     assert any_redis.hlen(K.claim) > 0  # the second range's claim waits to be resumed
     assert 0 < any_redis.xlen(K.delta) < 30
     assert not list(storage_dir.rglob("*.tmp"))
-    monkeypatch.undo()
     assert f.flush("events").status == "ok"
     assert any_redis.xlen(K.delta) == 0
     assert_exactly_once(storage_dir, "events", 3000)

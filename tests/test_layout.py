@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from producer import ConfigError, Producer, Settings, TableConfig, wire
 from producer.errors import LayoutLocked
+from tests import seams
 from tests.conftest import id_batch
 from tests.reliability import check
 from workers.cli import main
@@ -128,21 +129,14 @@ def test_invalid_table_settings_are_refused_clearly(any_redis, changes, message)
     assert p.table_config("events") == TableConfig()
 
 
-def test_resumed_claim_keeps_the_layout_it_started_with(any_redis, storage_dir, monkeypatch):
+def test_resumed_claim_keeps_the_layout_it_started_with(any_redis, storage_dir):
     """A crash before the commit: a layout change is refused while the claim waits, and a
     codec change does not reach the resumed files: the retry rewrites the same files."""
     p = Producer(client=any_redis, settings=Settings())
     p.append("events", events(0, 40))
     p.configure("events", partition_by="country")
-    f = Flusher(any_redis, Storage(str(storage_dir)), Settings())
-
-    def crash(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(f, "_commit", crash)
     with pytest.raises(KeyboardInterrupt):
-        f.flush("events")
-    monkeypatch.undo()
+        seams.flusher(any_redis, storage_dir, source={"commit": seams.crash}).flush("events")
     before = sorted(p.relative_to(storage_dir).as_posix()
                     for p in storage_dir.rglob("*.parquet"))
     with pytest.raises(LayoutLocked, match="waits to be resumed"):

@@ -46,10 +46,9 @@ def test_dead_letters_are_logged_at_warning(any_redis, storage_dir, caplog):
     any_redis.xadd(wire.Keys("deltaflush", "events").delta, {"arrow": b"garbage"})
     with caplog.at_level(logging.WARNING, logger="workers.flusher"):
         Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("events")
-    (record,) = [r for r in caplog.records if r.name == "workers.flusher"]
-    assert record.levelno == logging.WARNING
-    assert "dead=1" in record.getMessage() and "deltaflush dead list events" in \
-        record.getMessage()
+    warned = [r.getMessage() for r in caplog.records
+              if r.name == "workers.flusher" and r.levelno == logging.WARNING]
+    assert any("deltaflush dead list events" in m for m in warned), warned
 
 
 def test_fenced_flushes_are_logged_at_warning(monkeypatch, caplog):

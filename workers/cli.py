@@ -29,7 +29,7 @@ from .blame import BROKER, REDIS, STORAGE, SettingFailed, blame, classify, flat
 from .logs import configure_logging
 from .render import Column
 from .scheduler import iter_tables
-from .status import table_status
+from .status import table_status, unstick
 
 
 class Failure(click.ClickException):
@@ -279,7 +279,7 @@ def table_show(name: str, as_json: bool) -> None:
 
 
 def _show_table(info: admin.TableInfo) -> None:
-    fixed = set(admin.LAYOUT_SETTINGS) if info.layout_locked else set()
+    fixed = {*admin.LAYOUT_SETTINGS, "format"} if info.layout_locked else set()
     defaults = type(info.config)().describe()
     rows = [[key, _value(value), ("fixed: the table has files" if key in fixed else
                                   "default" if defaults[key] == value else "")]
@@ -310,6 +310,17 @@ def _value(value: object) -> str:
 
 
 # --- dead letters ----------------------------------------------------------------------
+
+
+@table.command("unstick")
+@click.argument("name")
+def table_unstick(name: str) -> None:
+    """Clear TABLE's stuck mark, once the cause is fixed, so that flushes run again."""
+    settings = _settings()
+    client = _client(settings)
+    reason = unstick(client, admin.require_table(client, settings.key_prefix, name))
+    click.echo(f"{name} was not stuck" if reason is None else
+               f"{name} unstuck; it was stuck because: {reason}")
 
 
 @main.group()

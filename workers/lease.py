@@ -19,31 +19,15 @@ import time
 
 import redis
 
+from producer import scripts
 from producer.errors import LeaseLost
 from producer.wire import Keys
 
 log = logging.getLogger(__name__)
 
-ACQUIRE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
-return token
-"""
-
-RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+ACQUIRE = scripts.load("lease_acquire")
+RENEW = scripts.load("lease_renew")
+RELEASE = scripts.load("lease_release")
 
 
 class Lease:
@@ -54,8 +38,6 @@ class Lease:
         self.keys = keys
         self.token = token
         self.lease_ms = lease_ms
-        self._renew = client.register_script(RENEW_LUA)
-        self._release = client.register_script(RELEASE_LUA)
         self._lost = threading.Event()
         self._stop = threading.Event()
         self._last_ok = time.monotonic()
@@ -71,7 +53,7 @@ class Lease:
         self._stop.set()
         self._thread.join()
         try:
-            self._release(keys=[self.keys.lease], args=[self.token])
+            RELEASE(self.client, {"lease": self.keys.lease}, {"token": self.token})
         except redis.RedisError as err:  # it expires by itself
             log.warning("could not release the lease of %s: %s", self.keys.table, err)
 
@@ -85,11 +67,16 @@ class Lease:
                 "another flusher may own it now"
             )
 
+    def held(self) -> bool:
+        """Whether Redis still holds this lease's token (asks Redis, unlike ``check``)."""
+        return self.client.get(self.keys.lease) == str(self.token).encode()
+
     def _run(self) -> None:
         interval = self.lease_ms / 3000
         while not self._stop.wait(interval):
             try:
-                if self._renew(keys=[self.keys.lease], args=[self.token, self.lease_ms]):
+                if RENEW(self.client, {"lease": self.keys.lease},
+                         {"token": self.token, "lease_ms": self.lease_ms}):
                     self._last_ok = time.monotonic()
                 else:
                     self._lost.set()
@@ -103,7 +90,7 @@ class Lease:
 
 def acquire(client: redis.Redis, keys: Keys, lease_ms: int) -> Lease | None:
     """Take the table's lease with a new fencing token, or return None if another holds it."""
-    token = client.register_script(ACQUIRE_LUA)(keys=[keys.lease, keys.fence], args=[lease_ms])
+    token = ACQUIRE(client, {"lease": keys.lease, "fence": keys.fence}, {"lease_ms": lease_ms})
     if token is None:
         return None
     return Lease(client, keys, int(token), lease_ms)

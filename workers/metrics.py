@@ -30,15 +30,10 @@ log = logging.getLogger(__name__)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-def record_duration(client: redis.Redis, keys: wire.Keys, seconds: float) -> None:
-    """Count one range's flush duration into the table's histogram buckets."""
-    pipe = client.pipeline(transaction=False)
-    for bound in DURATION_BUCKETS:
-        if seconds <= bound:
-            pipe.hincrby(keys.stats, f"dur_le_{bound:g}", 1)
-    pipe.hincrby(keys.stats, "dur_count", 1)
-    pipe.hincrbyfloat(keys.stats, "dur_sum", round(seconds, 6))
-    pipe.execute()
+def duration_fields(seconds: float) -> list[str]:
+    """The fields of ``{T}:stats`` that one range's flush duration counts in (the commit
+    script increments them, with ``dur_count`` and ``dur_sum``)."""
+    return [f"dur_le_{bound:g}" for bound in DURATION_BUCKETS if seconds <= bound]
 
 
 class DeltaflushCollector(Collector):
@@ -66,6 +61,8 @@ class DeltaflushCollector(Collector):
         oldest = gauge("oldest_pending_age_seconds",
                        "Age of the oldest pending entry (0 when nothing is pending).")
         flushing = gauge("flushing", "1 while a flush of the table holds its lease.")
+        stuck = gauge("stuck", "1 while the table is stuck: its state broke the flush "
+                      "protocol and no flush runs until `deltaflush table unstick`.")
         dead = gauge("dead_letters", "Entries in the table's dead-letter stream.")
         rows_total = counter("rows_flushed", "Rows written to Parquet.")
         bytes_total = counter("bytes_flushed", "Parquet bytes written.")
@@ -82,6 +79,7 @@ class DeltaflushCollector(Collector):
             pending_entries.add_metric(t, s.pending_entries)
             oldest.add_metric(t, s.oldest_pending_age_s or 0.0)
             flushing.add_metric(t, 1 if s.flushing else 0)
+            stuck.add_metric(t, 1 if s.stuck is not None else 0)
             dead.add_metric(t, s.dead_entries)
             rows_total.add_metric(t, s.rows_flushed)
             bytes_total.add_metric(t, s.bytes_flushed)
@@ -92,7 +90,7 @@ class DeltaflushCollector(Collector):
                        for b in DURATION_BUCKETS]
             buckets.append(("+Inf", int(st.get(b"dur_count", 0))))
             durations.add_metric(t, buckets, float(st.get(b"dur_sum", 0.0)))
-        yield from (pending_rows, pending_bytes, pending_entries, oldest, flushing, dead,
+        yield from (pending_rows, pending_bytes, pending_entries, oldest, flushing, stuck, dead,
                     rows_total, bytes_total, files_total, refused, durations)
 
 

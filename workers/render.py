@@ -138,15 +138,16 @@ def size(n: int) -> str:
 STATUS_COLUMNS = [Column("table"), Column("pending rows", True), Column("pending bytes", True),
                   Column("oldest pending", True), Column("files", True),
                   Column("rows flushed", True), Column("dead", True), Column("state", True)]
-_STATE_STYLE = {"flushing": "yellow", "pending": "cyan", "idle": "green"}
+_STATE_STYLE = {"stuck": "bold red", "flushing": "yellow", "pending": "cyan", "idle": "green"}
 
 
 def status(rows: list[TableStatus]) -> None:
     cells, styles = [], []
     for s in rows:
-        state = "flushing" if s.flushing else ("pending" if s.pending_entries else "idle")
+        state = s.state
         cells.append([s.table, str(s.pending_rows), size(s.pending_bytes),
                       age(s.oldest_pending_age_s), str(s.files_flushed), str(s.rows_flushed),
                       str(s.dead_entries), state])
-        styles.append("red" if s.dead_entries else _STATE_STYLE[state])
+        styles.append(_STATE_STYLE[state] if state == "stuck" or not s.dead_entries
+                      else "red")
     table(STATUS_COLUMNS, cells, styles=styles)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import redis
 
 from producer import wire
-from producer.due import DUE_LUA, due_keys, send_or_unmark
+from producer.due import DUE, due_args, due_keys, send_or_unmark
 
 BATCH = 1000
 
@@ -29,15 +29,16 @@ def due_tables(client: redis.Redis, prefix: str, queued_ttl_ms: int,
     """Mark and return the tables that need a flush now: something pending, none queued or
     running, and their flush interval (``interval_ms`` unless the table sets its own) passed
     since they were last scheduled."""
-    sha = client.script_load(DUE_LUA)
+    client.script_load(DUE.source)
+    args = due_args(queued_ttl_ms, interval_ms, force=False)
     due: list[str] = []
     batch: list[str] = []
 
     def run(names: list[str]) -> None:
         pipe = client.pipeline(transaction=False)
         for name in names:
-            pipe.evalsha(sha, 5, *due_keys(wire.Keys(prefix, name)), queued_ttl_ms,
-                         interval_ms, 0)
+            key_list, arg_list = DUE.argv(due_keys(wire.Keys(prefix, name)), args)
+            pipe.evalsha(DUE.sha, len(key_list), *key_list, *arg_list)
         due.extend(n for n, hit in zip(names, pipe.execute(), strict=True) if hit)
 
     for name in iter_tables(client, prefix):

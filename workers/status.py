@@ -25,9 +25,19 @@ class TableStatus:
     dead_entries: int
     flushing: bool
     last_flush_age_s: float | None
+    #: why the table is stuck (no flush runs until ``deltaflush table unstick``), or None
+    stuck: str | None = None
+
+    @property
+    def state(self) -> str:
+        if self.stuck is not None:
+            return "stuck"
+        if self.flushing:
+            return "flushing"
+        return "pending" if self.pending_entries else "idle"
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "state": self.state}
 
 
 def table_status(client: redis.Redis, prefix: str, tables: list[str] | None = None,
@@ -48,9 +58,10 @@ def table_status(client: redis.Redis, prefix: str, tables: list[str] | None = No
             pipe.hgetall(k.stats)
             pipe.xlen(k.dead)
             pipe.exists(k.lease)
+            pipe.hget(k.stuck, "reason")
         replies = pipe.execute()
         for j, name in enumerate(chunk):
-            xlen, pending, first, stats, dead, leased = replies[j * 6:(j + 1) * 6]
+            xlen, pending, first, stats, dead, leased, stuck = replies[j * 7:(j + 1) * 7]
             oldest = None
             if first:
                 oldest = max(0.0, (now_ms - wire.parse_id(first[0][0])[0]) / 1000)
@@ -67,5 +78,15 @@ def table_status(client: redis.Redis, prefix: str, tables: list[str] | None = No
                 dead_entries=int(dead),
                 flushing=bool(leased),
                 last_flush_age_s=(now_ms - last_flush) / 1000 if last_flush else None,
+                stuck=stuck.decode(errors="replace") if stuck is not None else None,
             ))
     return out
+
+
+def unstick(client: redis.Redis, keys: wire.Keys) -> str | None:
+    """Clear a table's stuck mark; return why it was stuck (None if it was not)."""
+    pipe = client.pipeline()
+    pipe.hget(keys.stuck, "reason")
+    pipe.delete(keys.stuck)
+    reason, _ = pipe.execute()
+    return reason.decode(errors="replace") if reason is not None else None

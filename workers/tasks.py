@@ -1,9 +1,11 @@
 """The Celery tasks: thin wrappers that parse arguments, call plain code and map errors.
 
-* ``flush_table(table)``: runs ``Flusher.flush``. Transient Redis and storage errors are
-  retried with exponential backoff; a fenced flush (``LeaseLost``) ends quietly, since the
-  flusher that fenced it does the work. A flush stops taking new files at half its time
-  limit and, if more is pending, queues its own continuation.
+* ``flush_table(table)``: runs ``Flusher.flush``. Transient errors (Redis connection,
+  storage) are retried with exponential backoff; a fenced flush (``LeaseLost``) ends with a
+  warning, since the flusher that fenced it does the work; a table whose state breaks the
+  protocol is marked stuck by the flusher and the task returns ``status: "stuck"`` (never
+  retried in a loop). A flush stops taking new files at half its time limit and, if more
+  is pending, queues its own continuation.
 * ``deltaflush.schedule_flushes``: what beat sends every ``flush_interval_s``.
 """
 
@@ -20,7 +22,7 @@ from celery.signals import setup_logging, worker_init, worker_ready, worker_shut
 from producer import wire
 from producer.client import connect
 from producer.due import queue_flush
-from producer.errors import ClaimMismatch, InvalidTableName, LeaseLost
+from producer.errors import InvalidTableName, LeaseLost
 
 from .app import app, settings
 from .doctor import startup
@@ -31,7 +33,8 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError, ClaimMismatch)
+#: Errors worth retrying with backoff: the next try may well succeed.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
 MAX_BACKOFF_S = 60
 
 _runtime: tuple[int, redis.Redis, Flusher] | None = None

@@ -22,6 +22,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -63,6 +64,18 @@ class Encoder:
 
     def __exit__(self, *exc: object) -> None:
         self._pool.shutdown()
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A closed file of a ``FileSet``: its partition ``folder``, temporary path, size, rows
+    and Parquet footer (``pyarrow.parquet.FileMetaData``, with column statistics)."""
+
+    folder: str
+    temp: str
+    size: int
+    rows: int
+    metadata: Any
 
 
 class ParquetFile:
@@ -124,15 +137,16 @@ class ParquetFile:
             encoding, self._encoding = self._encoding, None
             encoding.result()
 
-    def close(self, metadata: dict[str, str]) -> int:
-        """Encode what is buffered, add ``metadata`` and close; return the file's size."""
+    def close(self, metadata: dict[str, str]) -> tuple[int, Any]:
+        """Encode what is buffered, add ``metadata`` and close; return the file's size and
+        its footer (``FileMetaData``)."""
         self.flush_buffer()
         self._wait()
         self._writer.add_key_value_metadata(metadata)
         self._writer.close()
         size = self.sink.tell()
         self.sink.close()
-        return int(size)
+        return int(size), self._writer.writer.metadata
 
     def abort(self) -> None:
         try:
@@ -191,13 +205,13 @@ class FileSet:
         for _, f in self.files.values():
             f.flush_buffer()
 
-    def close(self, metadata: dict[str, str]) -> list[tuple[str, str, int, int]]:
-        """Close every file; return ``(folder, temporary path, size, rows)`` for each."""
+    def close(self, metadata: dict[str, str]) -> list[WrittenFile]:
+        """Close every file (in folder order), adding ``metadata`` to each."""
         out = []
         for folder, (temp, f) in sorted(self.files.items()):
-            size = f.close({**metadata, "deltaflush.rows": str(f.rows),
-                            "deltaflush.partition": folder})
-            out.append((folder, temp, size, f.rows))
+            size, footer = f.close({**metadata, "deltaflush.rows": str(f.rows),
+                                    "deltaflush.partition": folder})
+            out.append(WrittenFile(folder, temp, size, f.rows, footer))
         self.files.clear()
         return out
 

@@ -1,0 +1,54 @@
+"""Fault injection through the flush's seams: wrap a range source or a sink, and run a hook
+instead of one of its public methods. No private method is ever patched.
+
+>>> source = Hooked(RedisStream(client, keys), commit=crash)      # step 5 raises
+>>> Flusher(client, storage, settings, source=lambda t: source)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from producer import Settings, wire
+from workers.flusher import Flusher
+from workers.sinks.folder import FolderSink
+from workers.sources.redis_stream import RedisStream
+from workers.storage import Storage
+
+
+class Hooked:
+    """``inner`` with ``hooks[name](real_method, *args, **kwargs)`` run instead of
+    ``inner.name(*args, **kwargs)``; every other attribute is ``inner``'s."""
+
+    def __init__(self, inner: Any, **hooks: Callable[..., Any]) -> None:
+        self._inner = inner
+        self._hooks = hooks
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        hook = self._hooks.get(name)
+        if hook is None:
+            return attr
+        return lambda *args, **kwargs: hook(attr, *args, **kwargs)
+
+
+def flusher(client: Any, root: Any, settings: Settings | None = None, *,
+            source: dict[str, Callable[..., Any]] | None = None,
+            sink: dict[str, Callable[..., Any]] | None = None) -> Flusher:
+    """A ``Flusher`` to a folder ``root`` whose range source and folder sink have ``source``
+    and ``sink`` hooks."""
+    settings = settings or Settings()
+    storage = Storage(str(root))
+
+    def make_source(table: str) -> Any:
+        return Hooked(RedisStream(client, wire.Keys(settings.key_prefix, table)),
+                      **(source or {}))
+
+    return Flusher(client, storage, settings, source=make_source,
+                   sink=Hooked(FolderSink(storage, settings.max_file_bytes), **(sink or {})))
+
+
+def crash(*_: Any, **__: Any) -> Any:
+    """A hook that stands for the process dying at that call."""
+    raise KeyboardInterrupt("simulated crash")

@@ -1,0 +1,159 @@
+"""Where a committed range goes: the sink seam.
+
+A sink stages a range's rows into files while the range is read (``stage``), then commits
+them (``commit``) idempotently, keyed by the range: committing a range that the sink holds
+already (a retried or a zombie commit) changes nothing. It can tell the last range it
+committed for a stream (``last_committed``). ``discard`` removes staged files that will not
+be committed.
+
+Implementations: ``folder`` (Parquet files in a folder, the ``parquet`` format) and
+``memory`` (for tests, like dramatiq's stub broker); lake formats plug in here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pyarrow as pa
+
+from producer.settings import Settings
+from producer.tablecfg import TableConfig
+from workers.sources import Range
+
+if TYPE_CHECKING:
+    from workers.storage import Storage
+    from workers.writer import Encoder
+
+
+@dataclass(frozen=True)
+class StageStart:
+    """What a sink needs to start staging a range: the table, the range's first entry, the
+    flusher's fencing token (temporary names carry it, so two flushers never share one), the
+    schema and configuration the range is written with, the flush's encoder thread, and
+    whether the range is read ahead (while the encoder is busy with the one before)."""
+
+    table: str
+    first: str
+    token: int
+    schema: pa.Schema
+    config: TableConfig
+    encoder: Encoder
+    ahead: bool = False
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """One file written for a range: where it is now (``temp``), where it goes (``final``,
+    absolute), its partition folder (``""`` if none), size and rows, and ``metadata``
+    (the Parquet footer, for sinks that register statistics)."""
+
+    temp: str
+    final: str
+    partition: str
+    size: int
+    rows: int
+    metadata: Any = None
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A range's files, closed and ready to commit, and the Arrow bytes they hold."""
+
+    range: Range
+    files: tuple[StagedFile, ...] = ()
+    arrow_bytes: int = 0
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a sink commit did: the files now visible (paths as a user would type them), or
+    ``already`` if the sink held the range before."""
+
+    paths: tuple[str, ...] = ()
+    already: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Staging(Protocol):
+    """A range being staged: ``write`` many times while it is read, ``seal`` once it is
+    read, ``close`` once (possibly on another thread) to get the ``Staged`` files."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def arrow_bytes(self) -> int: ...
+
+    def write(self, data: pa.Table) -> None: ...
+
+    def seal(self) -> None: ...
+
+    def close(self, rng: Range) -> Staged: ...
+
+    def abort(self) -> None: ...
+
+
+class Sink(Protocol):
+    """See the module doc."""
+
+    format: str
+
+    def stage(self, start: StageStart) -> Staging: ...
+
+    def commit(self, staged: Staged) -> Committed: ...
+
+    def discard(self, staged: Staged) -> None: ...
+
+    def last_committed(self, table: str, stream: str) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """What ``deltaflush table show`` and ``status`` say about a table in its sink: the
+    format, the current snapshot (or version; None for a folder), the data files and how
+    many of them are small (under half the size target)."""
+
+    format: str
+    snapshot: str | None
+    files: int
+    small_files: int
+    rows: int | None = None
+    bytes: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Maintainable(Protocol):
+    """A sink whose tables are maintained (lake formats). Each call is one atomic commit
+    (or none) that readers see whole, runs while flushes go on (a conflict with a flush is
+    retried by refreshing the table, never by writing data twice), and never removes a file
+    that a live snapshot or an unfinished flush needs. Each returns a small JSON-ready
+    summary."""
+
+    def describe(self, table: str, config: TableConfig) -> TableInfo: ...
+
+    def compact(self, table: str, config: TableConfig) -> dict[str, Any]:
+        """Bin-pack small files up to the size target in one atomic rewrite."""
+        ...
+
+    def expire_snapshots(self, table: str, config: TableConfig) -> dict[str, Any]: ...
+
+    def remove_orphans(self, table: str, config: TableConfig) -> dict[str, Any]: ...
+
+
+def for_format(fmt: str, storage: Storage, settings: Settings) -> Sink:
+    """The sink of table format ``fmt`` (see ``producer.tablecfg.FORMATS``) on ``storage``.
+    Lake formats import their libraries only when a table uses them."""
+    if fmt == "parquet":
+        from .folder import FolderSink
+
+        return FolderSink(storage, settings.max_file_bytes)
+    raise NotImplementedError(f"table format {fmt!r} has no sink yet")

@@ -1,0 +1,161 @@
+"""Turning a stream's raw entries into the data of one range: decode, validate, conform.
+
+Shared by every range source: it sees entries as ``(id, fields)`` and does not know where
+they come from. Each entry is decoded and fully validated (``producer.wire.decode_payload``)
+and cast to the range's schema; an entry that cannot be (garbage, truncated, no ``arrow``
+field, a schema that cannot be cast) is set aside as a dead letter with the reason, never
+failing the flush.
+
+A new range is written in the table's current schema. If an entry does not fit because
+the table's schema evolved while the range was being read, the range switches to the new
+schema when nothing was yielded yet, and otherwise ends before that entry (the next range
+starts with the new schema). A resumed claim uses the schema it recorded, so its rewrite is
+identical, and must read back exactly its ``count`` entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pyarrow as pa
+
+from producer import wire
+from producer.convert import conform
+from producer.errors import ClaimMismatch, SchemaConflict
+from producer.tablecfg import TableConfig
+from producer.typepolicy import refusal
+
+from . import Claim, Range
+
+#: Entries as a source hands them over: lists (chunks) of ``(id, fields)``.
+Chunks = Iterator[list[tuple[str, dict[bytes, bytes]]]]
+
+
+def decode(payload: bytes | None, schema: pa.Schema | None, table: str,
+           spark_compatible: bool = True) -> pa.Table:
+    """One entry's payload as a table of ``schema`` (or its own, if None); ``ValueError``
+    says why it cannot be flushed. ``MemoryError`` passes: it is not the entry's fault.
+    A column of a type the table cannot write (``producer.typepolicy``) is such a reason."""
+    if payload is None:
+        raise ValueError(f"entry has no {wire.FIELD_ARROW.decode()!r} field")
+    batch = wire.decode_payload(payload)
+    if batch.schema.metadata:
+        batch = batch.replace_schema_metadata(None)
+    if schema is not None and not batch.schema.equals(schema):
+        try:
+            batch = conform(batch, schema, table)
+        except SchemaConflict as exc:
+            raise ValueError(str(exc)) from exc
+        except (pa.ArrowException, TypeError) as exc:
+            raise ValueError(f"cannot cast to the table's schema: {exc}") from exc
+    refused = refusal(batch.schema, spark_compatible, table)  # a dead letter, not a file
+    if refused is not None:
+        raise refused
+    return batch
+
+
+class EntryReader:
+    """A ``RangeReader`` over ``chunks`` of raw entries (see the module doc).
+
+    ``claim``: the claimed range being resumed, or None for a new range; ``schema`` the
+    schema to write in (the claim's, or the table's current one; None before the first
+    append); ``evolved()`` returns the table's schema if it changed since (new ranges only).
+    """
+
+    def __init__(self, table: str, stream: str, chunks: Chunks, claim: Claim | None,
+                 schema: pa.Schema | None, config: str, max_bytes: int,
+                 evolved: Callable[[pa.Schema | None], pa.Schema | None],
+                 close: Callable[[], None] = lambda: None) -> None:
+        self.table = table
+        self.stream = stream
+        self.schema = schema
+        self.config = config
+        self._spark = TableConfig.from_json(config).spark_compatible
+        self.first: str | None = None
+        self._chunks = chunks
+        self._claim = claim
+        self._max_bytes = max_bytes
+        self._evolved = evolved
+        self._close = close
+        self._last = ""
+        self._count = 0
+        self._dead: list[tuple[str, str]] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
+        self._bytes = 0
+        self._yielded = False
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        for chunk in self._chunks:
+            good: list[pa.Table] = []
+            done = False
+            for entry_id, fields in chunk:
+                payload = fields.get(wire.FIELD_ARROW)
+                batch, error, newer = self._decode(payload)
+                if newer is not None:  # fits only the table's schema as it is now
+                    if self._yielded or good:
+                        done = True  # the range ends before this entry
+                        break
+                    self.schema = newer
+                self._take(entry_id, fields, payload)
+                if batch is None:
+                    self._dead.append((entry_id, error or "undecodable"))
+                    continue
+                if self.schema is None:
+                    self.schema = batch.schema
+                good.append(batch)
+                self._bytes += batch.nbytes
+                if self._claim is None and self._bytes >= self._max_bytes:
+                    done = True
+                    break
+            if good:
+                self._yielded = True
+                yield good[0] if len(good) == 1 else pa.concat_tables(good)
+            if done:
+                return
+
+    def _decode(self, payload: bytes | None
+                ) -> tuple[pa.Table | None, str | None, pa.Schema | None]:
+        """``(table, None, None)``, or ``(table, None, newer schema)`` if it decodes only in
+        the table's evolved schema, or ``(None, why, None)`` for a dead letter."""
+        try:
+            return decode(payload, self.schema, self.table, self._spark), None, None
+        except ValueError as exc:
+            newer = self._evolved(self.schema) if self._claim is None else None
+            if newer is not None:
+                try:
+                    return decode(payload, newer, self.table, self._spark), None, newer
+                except ValueError:
+                    pass
+            return None, str(exc), None
+
+    def _take(self, entry_id: str, fields: dict[bytes, bytes], payload: bytes | None) -> None:
+        if self.first is None:
+            self.first = entry_id
+        self._last = entry_id
+        self._count += 1
+        if wire.FIELD_ROWS in fields and payload is not None:
+            self._pending_rows += int(fields[wire.FIELD_ROWS] or 0)
+            self._pending_bytes += len(payload)
+
+    def range(self) -> Range | None:
+        claim = self._claim
+        if self.first is None:
+            if claim is not None:
+                raise ClaimMismatch(f"claimed range {claim.first}..{claim.last} of "
+                                    f"{self.table!r} is gone from the delta")
+            return None
+        if claim is not None and (self._count, self.first, self._last) != (
+                claim.count, claim.first, claim.last):
+            raise ClaimMismatch(f"read {self._count} entries {self.first}..{self._last} of the "
+                                f"{claim.count} claimed ({claim.first}..{claim.last}) of "
+                                f"{self.table!r}")
+        return Range(
+            table=self.table, stream=self.stream, first=self.first, last=self._last,
+            count=self._count,
+            schema=wire.serialize_schema(self.schema) if self.schema is not None else b"",
+            config=self.config, dead=tuple(self._dead), pending_rows=self._pending_rows,
+            pending_bytes=self._pending_bytes, resumed=claim is not None)
+
+    def close(self) -> None:
+        self._close()

@@ -1,0 +1,157 @@
+"""The range source of a table's delta: one Redis stream, ``{prefix}:{<table>}:delta``.
+
+Claims and commits run the scripts ``producer/lua/claim.lua`` and ``commit.lua``, which
+check the lease's fencing token in Redis before they change anything (the fence). Reads
+fetch ``XRANGE`` chunks of about ``CHUNK_BYTES``, the next one in the background while the
+caller decodes and writes this one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor
+from typing import cast
+
+import pyarrow as pa
+import redis
+
+from producer import scripts, wire
+from producer.errors import NotAtHead
+from workers.lease import acquire
+from workers.metrics import duration_fields
+
+from . import Claim, Lease, Range, Tally
+from .reading import EntryReader
+
+#: Target size of one XRANGE chunk.
+CHUNK_BYTES = 8 * 1024 * 1024
+MAX_CHUNK_ENTRIES = 1024
+#: Entries in the first XRANGE chunk, before their size is known.
+FIRST_CHUNK_ENTRIES = 2
+
+CLAIM = scripts.load("claim")
+COMMIT = scripts.load("commit")
+PIN = scripts.load("config_pin")
+
+
+class RedisStream:
+    """A table's delta stream in one Redis (see the module doc)."""
+
+    def __init__(self, client: redis.Redis, keys: wire.Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self.table = keys.table
+        self.stream = keys.table
+
+    def __repr__(self) -> str:
+        return f"RedisStream({self.keys.delta!r})"
+
+    def lease(self, lease_ms: int) -> Lease | None:
+        return acquire(self.client, self.keys, lease_ms)
+
+    def load_claim(self) -> Claim | None:
+        raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.claim))
+        if not raw:
+            return None
+        return Claim(first=raw[b"first"].decode(), last=raw[b"last"].decode(),
+                     count=int(raw[b"count"]), schema=raw.get(b"schema", b""),
+                     config=raw.get(b"config", b"").decode())
+
+    def config(self) -> str:
+        raw = cast(bytes | None, self.client.get(self.keys.config))
+        return raw.decode() if raw else ""
+
+    def pin_config(self, expected: str, pinned: str) -> str:
+        current = PIN(self.client, {"config": self.keys.config},
+                      {"expected": expected, "pinned": pinned})
+        return current.decode() if isinstance(current, bytes) else str(current)
+
+    def read(self, start: Claim | str | None, max_bytes: int) -> EntryReader:
+        if isinstance(start, Claim):
+            self._check_head(start)
+            chunks = self._chunks(start.first, start.last)
+            schema = wire.deserialize_schema(start.schema) if start.schema else None
+            return EntryReader(self.table, self.stream, chunks, start, schema, start.config,
+                               max_bytes, lambda _: None, chunks.close)
+        chunks = self._chunks("-" if start is None else "(" + start, "+")
+        stored, config = cast(list[bytes | None],
+                              self.client.mget(self.keys.schema, self.keys.config))
+        schema = wire.deserialize_schema(stored) if stored else None
+        return EntryReader(self.table, self.stream, chunks, None, schema,
+                           config.decode() if config else "", max_bytes, self._evolved,
+                           chunks.close)
+
+    def _check_head(self, claim: Claim) -> None:
+        """A claim must start at the head of the stream (the commit checks it too): refuse
+        before anything of it is written, not after its files are published."""
+        head = cast(list[wire.Entry], self.client.xrange(self.keys.delta, count=1))
+        if head and head[0][0].decode() != claim.first:
+            raise NotAtHead(f"table {self.table!r}: NOTHEAD the delta starts at "
+                            f"{head[0][0].decode()}, before the claimed range "
+                            f"{claim.first}..{claim.last}")
+
+    def _evolved(self, schema: pa.Schema | None) -> pa.Schema | None:
+        """The table's schema if it is no longer ``schema`` (it evolved during the read)."""
+        stored = cast(bytes | None, self.client.get(self.keys.schema))
+        if not stored:
+            return None
+        current = wire.deserialize_schema(stored)
+        return None if schema is not None and current.equals(schema) else current
+
+    def _chunks(self, first: str, last: str
+                ) -> Generator[list[tuple[str, dict[bytes, bytes]]], None, None]:
+        """Entries ``first..last`` (inclusive) in chunks of about ``CHUNK_BYTES``; the next
+        chunk is fetched in the background while the caller works on this one."""
+        with ThreadPoolExecutor(1, thread_name_prefix="xrange") as pool:
+            count = FIRST_CHUNK_ENTRIES
+            pending = pool.submit(self.client.xrange, self.keys.delta, first, last, count=count)
+            while True:
+                chunk = cast(list[wire.Entry], pending.result())
+                if not chunk:
+                    return
+                full = len(chunk) >= count
+                if full:
+                    size = sum(len(fields.get(wire.FIELD_ARROW, b"")) for _, fields in chunk)
+                    average = max(1, size // len(chunk))
+                    # at most 4x the last count: a few small entries at the head must not
+                    # make the next chunk a thousand large ones
+                    count = max(1, min(MAX_CHUNK_ENTRIES, CHUNK_BYTES // average, 4 * count))
+                    pending = pool.submit(self.client.xrange, self.keys.delta,
+                                          "(" + chunk[-1][0].decode(), last, count=count)
+                yield [(entry_id.decode(), fields) for entry_id, fields in chunk]
+                if not full:
+                    return
+
+    def record_claim(self, lease: Lease, rng: Range) -> None:
+        CLAIM(self.client, {"lease": self.keys.lease, "claim": self.keys.claim},
+              {"token": lease.token, "first": rng.first, "last": rng.last,
+               "count": rng.count, "schema": rng.schema, "config": rng.config},
+              table=self.table)
+
+    def commit(self, lease: Lease, rng: Range, tally: Tally) -> int:
+        k = self.keys
+        return int(COMMIT(
+            self.client,
+            {"lease": k.lease, "claim": k.claim, "delta": k.delta, "dead": k.dead,
+             "pending": k.pending, "stats": k.stats},
+            {"token": lease.token, "first": rng.first, "last": rng.last,
+             "next_id": wire.next_id(rng.last), "rows": tally.rows,
+             "arrow_bytes": tally.arrow_bytes, "files": tally.files,
+             "file_bytes": tally.file_bytes, "pending_rows_change": -rng.pending_rows,
+             "pending_bytes_change": -rng.pending_bytes, "now_ms": int(time.time() * 1000),
+             "seconds": round(tally.seconds, 6),
+             "buckets": " ".join(duration_fields(tally.seconds))},
+            tail=[x for entry_id, error in rng.dead for x in (entry_id, error)],
+            table=self.table))
+
+    def pending(self) -> bool:
+        return bool(self.client.xlen(self.keys.delta))
+
+    def stuck(self) -> str | None:
+        reason = cast(bytes | None, self.client.hget(self.keys.stuck, "reason"))
+        return reason.decode(errors="replace") if reason is not None else None
+
+    def mark_stuck(self, reason: str) -> None:
+        self.client.hset(self.keys.stuck, mapping={
+            "reason": reason, "since_ms": int(time.time() * 1000)})
