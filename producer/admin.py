@@ -2,16 +2,17 @@
 exist, their configuration (and the one rule that guards a change of it), their dead
 letters, and what some readers would reject in their columns.
 
-The layout rule: once a table has flushed files, its partitioning (``partition_by``,
-``partition_time``) and ``spark_compatible`` stay as they are. Readers take a table's folder
-as one dataset: a file at the root beside Hive folders, or the same column in two types,
-makes DuckDB's ``read_parquet(..., hive_partitioning=true)`` fail, polars raise, and Spark
-silently skip rows. So the change is refused with a message that says how to move to a new
-table instead. It is race-free: the check and the write are one ``WATCH``/``MULTI``
-transaction over the table's counters, lease and claim, and a change is also refused while
-a flush holds the lease or a claim waits to be resumed (either may already have read, or
-recorded, the old layout). Every other setting (sort order, codecs, row groups, interval)
-may change at any time: it changes how files are written, not how they are read.
+The layout rule (``parquet`` tables): once a table has flushed files, its partitioning
+(``partition_by``, ``partition_time``) and ``spark_compatible`` stay as they are. Readers
+take a table's folder as one dataset: a file at the root beside Hive folders, or the same
+column in two types, makes DuckDB's ``read_parquet(..., hive_partitioning=true)`` fail,
+polars raise, and Spark silently skip rows. So the change is refused with a message that
+says how to move to a new table instead. It is race-free: the check and the write are one
+``WATCH``/``MULTI`` transaction over the table's counters, lease and claim, and a change is
+also refused while a flush holds the lease or a claim waits to be resumed (either may
+already have read, or recorded, the old layout). Every other setting (sort order, codecs,
+row groups, interval) may change at any time: it changes how files are written, not how they
+are read.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def configure(client: Any, prefix: str, table: str, changes: dict[str, Any],
                 refused = typepolicy.refusal(schema, True, table)
                 if refused is not None:
                     raise ConfigError(f"spark_compatible cannot be turned on: {refused}")
-        if new.layout() != current.layout():
+        # Lake tables keep their own schema and partition spec, read through a catalog or a
+        # log: the rule is for folders of plain Parquet files.
+        if new.format == "parquet" and new.layout() != current.layout():
             _check_layout_change(pipe, keys, current, new)
         pipe.multi()
         pipe.sadd(wire.tables_key(prefix), table)
