@@ -6,13 +6,21 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint bench reliability chaos clean
 
-$(STAMP): pyproject.toml
+# The package alone (what `make demo` needs, as a user's `pip install -e .` has), then the
+# test extra on top for the targets that run tests.
+PACKAGE_STAMP := $(VENV)/.installed-package
+
+$(PACKAGE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $(PACKAGE_STAMP)
+
+$(STAMP): $(PACKAGE_STAMP) pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(PACKAGE_STAMP)
 	$(BIN)/deltaflush demo
 
 test: $(STAMP)

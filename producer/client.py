@@ -16,14 +16,13 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
-from . import wire
+from . import admin, wire
 from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, PROTOCOL, queue_append
 from .convert import conform, evolve, to_table
 from .due import DUE, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import (
     Backpressure,
     BatchTooLarge,
-    ConfigError,
     DeltaflushError,
     InvalidTableName,
     SchemaRace,
@@ -31,6 +30,7 @@ from .errors import (
 )
 from .settings import Settings
 from .tablecfg import TableConfig
+from .typepolicy import AppendCheck
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class Producer:
         self._schemas: dict[str, tuple[pa.Schema, bytes]] = {}
         self._pending: dict[str, int] = {}
         self._celery: Any = None
+        self._types = AppendCheck(self.redis)  # types some reader rejects (typepolicy)
 
     # --- appending --------------------------------------------------------------------
 
@@ -224,6 +225,7 @@ class Producer:
     def _prepare(self, table: str, data: Any) -> _Pending:
         """Convert and check a batch on its own (before anything is written to Redis)."""
         arrow = to_table(data)
+        self._types.check(self._keys(table), arrow.schema)  # types some reader rejects
         item = _Pending(arrow, uuid.uuid4().hex, wire.canonical_schema(arrow.schema))
         self._measure(table, item)
         return item
@@ -373,41 +375,16 @@ class Producer:
 
     def table_config(self, table: str) -> TableConfig:
         """The table's configuration (defaults where nothing was set)."""
-        return TableConfig.from_json(self.redis.get(self._keys(table).config))
+        return admin.table_config(self.redis, self._keys(table))
 
     def configure(self, table: str, **changes: Any) -> TableConfig:
         """Change the table's configuration; return the new one. Workers apply it from their
         next flush. Raises ``ConfigError`` (a ``ValueError``) for unknown or invalid settings,
-        or columns the table does not have."""
-        keys = self._keys(table)
-        result: list[TableConfig] = []
-
-        def update(pipe: Any) -> None:
-            current = TableConfig.from_json(pipe.get(keys.config))
-            new = current.with_changes(**changes).with_format(self.settings.table_format)
-            if current.format is not None and new.format != current.format and (
-                    any(int(n or 0) for n in pipe.hmget(keys.stats, "files", "rows"))
-                    or pipe.exists(keys.lease) or pipe.exists(keys.claim)):
-                raise ConfigError(
-                    f"table {table!r} already has data flushed as {current.format}; its "
-                    f"format cannot change to {new.format}. Append to a new table with "
-                    f"format={new.format!r} instead (and copy the old table's rows over).")
-            schema = pipe.get(keys.schema)
-            if schema:
-                new.check_schema(wire.stored_schema(schema), table)
-            pipe.multi()
-            pipe.set(keys.config, new.to_json())
-            if new.flush_interval_s is None:
-                pipe.hdel(keys.sched, "interval_ms")
-            else:
-                pipe.hset(keys.sched, "interval_ms", int(new.flush_interval_s * 1000))
-            result.append(new)
-
-        self.redis.transaction(update, keys.config, keys.schema, keys.sched, keys.stats,
-                               keys.lease, keys.claim)
-        # Not in the transaction: another hash slot than the table's keys (Redis Cluster).
-        self.redis.sadd(wire.tables_key(self.settings.key_prefix), table)
-        return result[-1]
+        or columns the table does not have, and ``LayoutLocked`` (one) for a change of its
+        partitioning, format or ``spark_compatible`` once it has data (see
+        ``producer.admin``)."""
+        return admin.configure(self.redis, self.settings.key_prefix, table, changes,
+                               self.settings.table_format)
 
     # --- flushing ---------------------------------------------------------------------
 

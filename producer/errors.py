@@ -4,11 +4,14 @@
 
     DeltaflushError
     ├── ConfigError(ValueError)            a setting is invalid: fix the environment/arguments
+    │   └── LayoutLocked                   the table's files fix its layout: use a new table
     ├── InvalidInput(ValueError)           the caller's data is at fault: fix the input
     │   ├── InvalidTableName
     │   ├── UnsupportedData
     │   ├── BatchTooLarge                  split the batch
-    │   └── SchemaConflict                 names the column, the table's type and the batch's
+    │   ├── SchemaConflict                 names the column, the table's type and the batch's
+    │   ├── UnsupportedType                a column's type some reader rejects: cast it
+    │   └── UnknownTable                   no table of that name was ever appended to
     ├── Backpressure                       the table is too far behind: retry later
     ├── SchemaRace                         the table's schema kept changing meanwhile: retry
     ├── UpgradeRequired                    the table needs a later protocol: upgrade deltaflush
@@ -40,13 +43,13 @@ class InvalidInput(DeltaflushError, ValueError):
 
 
 class InvalidTableName(InvalidInput):
-    """A table name does not match ``^[A-Za-z_][A-Za-z0-9_]{0,127}$``."""
+    """A table name does not match ``^[A-Za-z][A-Za-z0-9_]{0,127}$``."""
 
     def __init__(self, name: object) -> None:
         self.name = name
         super().__init__(
-            f"invalid table name {name!r}: a table name starts with a letter or '_' and "
-            "holds only letters, digits and '_' (at most 128 characters), e.g. 'page_views'"
+            f"invalid table name {name!r}: a table name starts with a letter and holds "
+            "only letters, digits and '_' (at most 128 characters), e.g. 'page_views'"
         )
 
 
@@ -132,6 +135,32 @@ class SchemaConflict(InvalidInput):
             f"schema conflict in table {table!r}, column {column!r}: {fix} before "
             "appending, or append to a new table."
         )
+
+
+class UnsupportedType(InvalidInput):
+    """A column has a type that the table cannot write for every reader (see
+    ``producer.typepolicy``); nothing was written."""
+
+    def __init__(self, table: str, column: str, type_: str, reason: str, fix: str) -> None:
+        self.table, self.column, self.type = table, column, type_
+        what = f"column {column!r} ({type_})" if column != "*" else "a column"
+        super().__init__(f"table {table!r} cannot take {what}: {reason}. Fix: {fix}.")
+
+
+class UnknownTable(InvalidInput):
+    """No table of this name is registered (``{prefix}:tables``): it was never appended to
+    or configured. Often a typo; the message lists close names."""
+
+    def __init__(self, name: str, close: list[str]) -> None:
+        self.name = name
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+            "; `deltaflush status` lists the tables"
+        super().__init__(f"unknown table {name!r}: no batch was ever appended to it{hint}")
+
+
+class LayoutLocked(ConfigError):
+    """A change of a table's partitioning (or ``spark_compatible``) refused: files written
+    in the old layout exist, or a running flush may be writing them."""
 
 
 class FlushError(DeltaflushError):

@@ -27,6 +27,7 @@ _ENV = {
     "max_batch_bytes": "DELTAFLUSH_MAX_BATCH_BYTES",
     "max_pending_bytes": "DELTAFLUSH_MAX_PENDING_BYTES",
     "flush_at_bytes": "DELTAFLUSH_FLUSH_AT_BYTES",
+    "allow_volatile_redis": "DELTAFLUSH_ALLOW_VOLATILE_REDIS",
     "table_format": "DELTAFLUSH_TABLE_FORMAT",
     "catalog_uri": "DELTAFLUSH_CATALOG_URI",
     "catalog_namespace": "DELTAFLUSH_CATALOG_NAMESPACE",
@@ -58,6 +59,9 @@ class Settings:
     # A producer queues a flush at once when a table's pending bytes pass this (0: the
     # file size target), rather than waiting for the next scheduled flush.
     flush_at_bytes: int = 0
+    # Workers stop at start on a Redis that may evict data; True accepts it (a demo, a
+    # throwaway setup). See workers.doctor.
+    allow_volatile_redis: bool = False
     # Format of tables that have no configuration yet: parquet, iceberg or delta.
     table_format: str = "parquet"
     # The Iceberg catalog: sqlite:////abs/path.db, postgresql+psycopg2://..., http(s)://
@@ -118,6 +122,12 @@ class Settings:
 
 def _parse(var: str, raw: str, type_name: Any) -> Any:
     kind = str(type_name)
+    if kind == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{var}={raw!r} is not a valid boolean; set it to 1 or 0")
     try:
         if kind == "int":
             return int(float(raw)) if "e" in raw.lower() else int(raw)

@@ -63,6 +63,10 @@ class TableConfig:
     dictionary: bool | str = "auto"
     statistics: bool = True
     flush_interval_s: float | None = None
+    #: Write every column as a type Spark reads too: timestamps in microseconds, half
+    #: floats as float32; refuse TIME columns and decimals over 38 digits at append. See
+    #: ``producer.typepolicy``. Off: columns are written as they are.
+    spark_compatible: bool = True
     #: ``parquet``, ``iceberg`` or ``delta``; None until chosen: the first configuration or
     #: flush of a table pins it (to ``DELTAFLUSH_TABLE_FORMAT`` unless given). Fixed once
     #: the table has flushed data.
@@ -110,6 +114,11 @@ class TableConfig:
         if set(self.partition_by) & set(self.sort_by):
             raise ConfigError("a partition_by column cannot also be a sort_by column "
                               "(it has one value per file)")
+
+    def layout(self) -> tuple[tuple[str, ...], str, bool]:
+        """What decides the folders and column types of the files: once a table has files,
+        readers need the next ones laid out the same (see ``producer.admin``)."""
+        return (self.partition_by, str(self.time or ""), self.spark_compatible)
 
     @property
     def time(self) -> TimePartition | None:
@@ -190,7 +199,7 @@ def _parse(name: str, value: Any) -> Any:
                 else str(value)
         if name == "dictionary" and str(value).lower() == "auto":
             return "auto"
-        if name in ("dictionary", "statistics"):
+        if name in ("dictionary", "statistics", "spark_compatible"):
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)

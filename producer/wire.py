@@ -48,7 +48,10 @@ QUEUE = "deltaflush"
 #: Queue of the scheduling task, kept apart so that it never waits behind long flushes.
 SCHEDULE_QUEUE = "deltaflush.schedule"
 
-TABLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+#: A table name starts with a letter: never ``_``, which readers (Spark, Hive, pyarrow
+#: dataset discovery) skip as hidden, and which every folder of deltaflush's own beside the
+#: tables starts with (``_deltaflush_tmp``), so no table can ever be written into one.
+TABLE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 
 
 def valid_table_name(name: object) -> bool:

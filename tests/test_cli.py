@@ -1,15 +1,19 @@
 """The deltaflush command: status, flush, demo."""
 
 import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from producer import Producer, wire
+from producer import Producer, Settings, wire
 from tests.conftest import ROOT, assert_exactly_once, id_batch
 from workers.cli import main
 
@@ -61,7 +65,8 @@ def test_flush_local_and_status_after(cli_env, redis_server, storage_dir):
     p.close()
 
 
-def test_flush_queues_a_task(cli_env, real_redis):
+def test_flush_queues_a_task(cli_env, redis_server, real_redis):
+    Producer(redis_url=redis_server.url).append("events", id_batch(0, 1))
     out = run(cli_env, "flush", "events")
     assert out.exit_code == 0 and "flush queued" in out.output
     assert real_redis.llen(wire.QUEUE) == 1
@@ -82,21 +87,79 @@ def test_bad_setting_is_a_clear_usage_error(cli_env):
     assert out.exit_code == 2 and "DELTAFLUSH_LEASE_S='soon'" in out.output
 
 
+def run_demo(deltaflush: str, cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run([deltaflush, "demo", "--seconds", "3", "--tables", "2"], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def check_demo_output(out: str, cwd: Path, env: dict[str, str]) -> str:
+    """The demo's claims: this run's rows only, in a folder of its own under ./data; a
+    reading command that works here; no warning of ours. Returns the run's folder."""
+    assert "embedded Redis-compatible server" in out
+    assert out.count(": ok") == 2
+    produced = int(re.search(r"produced (\d+) rows", out).group(1))
+    folder = re.search(r"this run writes to (\S+)", out).group(1)
+    assert Path(folder).parent == cwd / "data"
+    assert list((Path(folder) / "demo_events_0").glob("*.parquet"))
+    commands = [line.strip() for line in out.splitlines() if line.startswith("  /")]
+    assert commands
+    for command in commands:  # each prints the number of rows this run produced
+        proc = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, command + proc.stderr
+        assert int(proc.stdout) == produced, command
+    # Celery's own warning about running as root (this machine) is not ours
+    ours = [line for line in out.splitlines() if re.search("warn", line, re.I)
+            and "superuser privileges" not in line and "_warn_or_raise_security" not in line]
+    assert not ours, ours
+    return folder
+
+
 @pytest.mark.integration
-def test_demo_runs_the_pipeline_on_the_embedded_server(tmp_path):
-    """`deltaflush demo` with nothing but the package: embedded Redis, worker, beat."""
+def test_demo_runs_the_pipeline_from_a_clean_state_each_time(tmp_path):
+    """`deltaflush demo` with nothing but the package: embedded Redis, worker, beat; a
+    second run counts its own rows in a folder of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAFLUSH_")}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("deltaflush")), "demo", "--seconds", "3",
-         "--tables", "2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "embedded Redis-compatible server" in proc.stdout
-    assert proc.stdout.count(": ok") == 2
-    assert f"Parquet files are under {tmp_path}/data" in proc.stdout
-    assert list((tmp_path / "data" / "demo_events_0").glob("*.parquet"))
+    deltaflush = str(Path(sys.executable).with_name("deltaflush"))
+    first = check_demo_output(run_demo(deltaflush, tmp_path, env), tmp_path, env)
+    out = run_demo(deltaflush, tmp_path, env)
+    assert "duckdb" in out and "polars" in out  # installed here, so offered
+    second = check_demo_output(out, tmp_path, env)
+    assert first != second and Path(first).exists()
+
+
+def test_make_demo_installs_the_package_alone(tmp_path):
+    """`make demo` must not install the test extra (1.2 GB where the package is 233 MB)."""
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # not nested
+
+    def dry_run(target: str) -> list[str]:
+        return subprocess.run(["make", "--no-print-directory", "-n", target], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, check=True
+                              ).stdout.splitlines()
+
+    demo = dry_run("demo")
+    assert ".venv/bin/pip install -q -e ." in demo and not [c for c in demo if "[test]" in c]
+    assert demo[-1] == ".venv/bin/deltaflush demo"
+    assert ".venv/bin/pip install -q -e '.[test]'" in dry_run("test")
+
+
+def test_redbeat_gets_no_fallback_of_ours_to_warn_about(caplog):
+    """RedBeat warned at every beat start: our broker_transport_options, no
+    redbeat_redis_options."""
+    from redbeat.schedulers import RedBeatConfig
+
+    from workers.app import make_app
+
+    app = make_app(Settings())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RedBeatConfig(app)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_dead_list_and_replay(cli_env, redis_server, real_redis):

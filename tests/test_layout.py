@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from producer import ConfigError, Producer, Settings, TableConfig, wire
+from producer.errors import LayoutLocked
 from tests import seams
 from tests.conftest import id_batch
 from tests.reliability import check
@@ -129,7 +130,8 @@ def test_invalid_table_settings_are_refused_clearly(any_redis, changes, message)
 
 
 def test_resumed_claim_keeps_the_layout_it_started_with(any_redis, storage_dir):
-    """A crash before the commit, then a layout change: the retry rewrites the same files."""
+    """A crash before the commit: a layout change is refused while the claim waits, and a
+    codec change does not reach the resumed files: the retry rewrites the same files."""
     p = Producer(client=any_redis, settings=Settings())
     p.append("events", events(0, 40))
     p.configure("events", partition_by="country")
@@ -137,22 +139,26 @@ def test_resumed_claim_keeps_the_layout_it_started_with(any_redis, storage_dir):
         seams.flusher(any_redis, storage_dir, source={"commit": seams.crash}).flush("events")
     before = sorted(p.relative_to(storage_dir).as_posix()
                     for p in storage_dir.rglob("*.parquet"))
-    p.configure("events", partition_by="")
+    with pytest.raises(LayoutLocked, match="waits to be resumed"):
+        p.configure("events", partition_by="")
+    p.configure("events", compression="gzip")
     assert Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("events").files == 4
     after = sorted(p.relative_to(storage_dir).as_posix() for p in storage_dir.rglob("*.parquet"))
     assert before == after
+    assert {pq.read_metadata(path).row_group(0).column(0).compression
+            for path in storage_dir.rglob("*.parquet")} == {"ZSTD"}
     check("crash before commit, then a layout change (resumed)", storage_dir, "events",
           range(40))
 
 
 def test_table_set_and_show_cli(redis_server, real_redis, storage_dir):
     env = {"DELTAFLUSH_REDIS_URL": redis_server.url}
-    out = CliRunner().invoke(main, ["table", "set", "events", "--partition-by", "country",
-                                    "--sort-by", "id", "--compression", "snappy",
+    out = CliRunner().invoke(main, ["table", "set", "events", "--create", "--partition-by",
+                                    "country", "--sort-by", "id", "--compression", "snappy",
                                     "--flush-interval", "5"], env=env)
     assert out.exit_code == 0, out.output
-    out = CliRunner().invoke(main, ["table", "show", "events"], env=env)
-    shown = json.loads(out.output)
+    out = CliRunner().invoke(main, ["table", "show", "events", "--json"], env=env)
+    shown = json.loads(out.output)["config"]
     assert shown["partition_by"] == ["country"] and shown["flush_interval_s"] == 5.0
     out = CliRunner().invoke(main, ["table", "set", "events", "--compression", "rar"], env=env)
     assert out.exit_code == 2 and "not one of" in out.output
@@ -214,7 +220,9 @@ PARQUET_NEAREST = {"date64": pa.date32(), "time32s": pa.time32("ms"),
 
 
 def test_every_type_round_trips_with_its_exact_type(any_redis, storage_dir):
+    """Without spark_compatible (see tests/test_typepolicy.py for the default)."""
     p = Producer(client=any_redis, settings=Settings())
+    p.configure("types", spark_compatible=False)
     p.append("types", ALL_TYPES)
     Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("types")
     (path,) = (storage_dir / "types").glob("*.parquet")

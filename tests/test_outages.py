@@ -4,6 +4,7 @@ redis-server and real ``celery -A workers.app`` processes."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,11 +87,13 @@ def test_redis_killed_and_restarted_loses_no_acknowledged_append(aof_server, fle
 def test_storage_down_trims_nothing_and_everything_lands_when_it_returns(
         fleet, fleet_env, producer_for, real_redis, tmp_path):
     blocked = tmp_path / "mnt"
-    blocked.write_text("not a folder: the storage mount is gone")
+    blocked.mkdir()
     fleet.env["DELTAFLUSH_STORAGE_URI"] = str(blocked / "lake")
+    _, log = fleet.worker()  # storage is up at start (a worker stops if it is not)
+    shutil.rmtree(blocked)
+    blocked.write_text("not a folder: the storage mount is gone")
     p = producer_for()
     total = fill(p, batches=10)
-    _, log = fleet.worker()
     fleet.beat()
     wait_for(lambda: b"retry 2 in" in log.read_bytes(), 60, "flushes to fail and retry")
     assert real_redis.xlen(K.delta) == total // 100  # nothing trimmed

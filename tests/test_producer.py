@@ -78,7 +78,8 @@ def test_pandas_index_and_metadata_are_not_part_of_the_schema(p):
     assert stored.names == ["id"] and not stored.metadata
 
 
-@pytest.mark.parametrize("name", ["bad-name", "1st", "", "x" * 129, "a b", None])
+@pytest.mark.parametrize("name", ["bad-name", "1st", "", "x" * 129, "a b", None, "_events",
+                                  "_deltaflush_tmp"])
 def test_invalid_table_name_is_refused_before_anything_is_written(p, name):
     with pytest.raises(InvalidTableName) as err:
         p.append(name, id_batch(0, 1))

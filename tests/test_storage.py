@@ -1,9 +1,10 @@
 """Storage backends: a local folder and S3 (moto's server), through the same flush."""
 
+import fakeredis
 import pyarrow.dataset as ds
 import pytest
 
-from producer import Producer, Settings
+from producer import InvalidTableName, Producer, Settings, wire
 from tests.conftest import free_port, id_batch
 from workers.flusher import Flusher
 from workers.storage import TMP_DIR, Storage
@@ -13,6 +14,21 @@ def test_local_paths_and_file_uris_are_the_same_storage(tmp_path):
     assert Storage(str(tmp_path)).root == str(tmp_path)
     assert Storage(f"file://{tmp_path}").root == str(tmp_path)
     assert Storage("relative/dir").root.endswith("/relative/dir")
+
+
+@pytest.mark.parametrize("name", [TMP_DIR, "_deltaflush_catalog", "_x", "../x", "a/b"])
+def test_no_table_name_reaches_a_folder_of_our_own(tmp_path, name):
+    """Every folder of deltaflush's own beside the tables starts with '_' (today
+    _deltaflush_tmp, which the temp sweep empties); no table name can."""
+    assert not wire.valid_table_name(name)
+    with pytest.raises(InvalidTableName):
+        Producer(client=fakeredis.FakeRedis(), settings=Settings()).append(
+            name, [{"a": 1}])
+    storage = Storage(str(tmp_path))
+    for call in (storage.table_dir, storage.list_files,
+                 lambda t: storage.final_path(t, "part-x.parquet")):
+        with pytest.raises(InvalidTableName):
+            call(name)
 
 
 def test_publish_is_atomic_replace_and_leaves_no_temp(tmp_path):

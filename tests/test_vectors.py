@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from producer import Settings, wire
+from producer.tablecfg import TableConfig
 from tests.conftest import ROOT, read_ids
 from tests.rawcheck import append, key
 from workers.flusher import Flusher
@@ -86,6 +87,8 @@ def test_flush_outcome_of_each_payload(any_redis, storage_dir, name):
     if table_schema:
         any_redis.set(key("t", "schema"), table_schema)
     claimed = table_schema or vector["canonical"]
+    # the vectors test the protocol, not the type policy (spec section 5)
+    any_redis.set(key("t", "config"), TableConfig(spark_compatible=False).to_json())
     assert append(any_redis, "t", payload, _rows(vector), claimed)[0] == 1
     result = Flusher(any_redis, Storage(str(storage_dir)), Settings()).flush("t")
     assert any_redis.xlen(key("t", "delta")) == 0

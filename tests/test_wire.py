@@ -112,7 +112,7 @@ def test_next_id_is_the_smallest_greater_id():
 
 
 @pytest.mark.parametrize("name,ok", [
-    ("events", True), ("_x", True), ("A1_b2", True), ("a" * 128, True),
+    ("events", True), ("_x", False), ("_deltaflush_tmp", False), ("A1_b2", True), ("a" * 128, True),
     ("a" * 129, False), ("1abc", False), ("bad-name", False), ("a b", False), ("", False),
     ("a{b}", False), ("é", False), (None, False), (3, False),
 ])

@@ -53,6 +53,9 @@ def make_app(settings: Settings) -> Celery:
         # if it dies, another takes over within a lease period.
         beat_scheduler="redbeat.RedBeatScheduler",
         redbeat_redis_url=settings.redis_url,
+        # Explicit, or RedBeat falls back to broker_transport_options (the broker's, not
+        # its Redis's) with a deprecation warning at every beat start.
+        redbeat_redis_options={},
         redbeat_key_prefix=f"{settings.key_prefix}:redbeat:",
         redbeat_lock_key=f"{settings.key_prefix}:redbeat:lock",
         redbeat_lock_timeout=max(2, int(settings.lease_s)),

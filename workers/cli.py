@@ -1,4 +1,11 @@
-"""The ``deltaflush`` command: status, flush, demo."""
+"""The ``deltaflush`` command. It hands off: table administration is ``producer.admin``,
+flushing is ``Producer``/``Flusher``, checks are ``workers.doctor``, and what is printed is
+``workers.render``.
+
+Errors are one line on stderr (``Error: ...``) naming the setting at fault, with exit code
+2 for bad input (an invalid or unknown table name, an invalid setting) and 1 for a failure
+(an unreachable Redis or broker, unwritable storage); ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,70 +13,82 @@ import json
 import logging
 import sys
 import time
-from typing import cast
+from typing import Any
 
 import click
+import redis
 
-from producer import Producer, wire
+from producer import Producer, admin
 from producer.client import connect
-from producer.errors import DeltaflushError, InvalidTableName
+from producer.errors import ConfigError, DeltaflushError, InvalidInput
 from producer.settings import Settings
+from producer.typepolicy import CONVERT, REFUSE
 
+from . import render
+from .blame import BROKER, REDIS, STORAGE, SettingFailed, blame, classify, flat
 from .logs import configure_logging
+from .render import Column
 from .scheduler import iter_tables
-from .status import TableStatus, table_status, unstick
+from .status import table_status, unstick
+
+
+class Failure(click.ClickException):
+    """An error shown as one line, exit code 1."""
+
+
+class BadInput(Failure):
+    """Bad input (a table name, a setting), shown as one line, exit code 2."""
+
+    exit_code = 2
+
+
+class _Group(click.Group):
+    """Turns every error of a command into one line (unless ``--debug``)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            raise _failure(exc) from exc
+
+
+def _failure(exc: Exception) -> Failure:
+    if isinstance(exc, (InvalidInput, ConfigError)):
+        return BadInput(flat(exc))
+    if isinstance(exc, DeltaflushError) and not isinstance(exc, SettingFailed):
+        return Failure(flat(exc))
+    try:
+        settings = Settings.from_env()
+    except DeltaflushError:
+        settings = Settings()
+    known = classify(exc, settings)
+    if known is not None:
+        return Failure(str(known))
+    return Failure(f"{type(exc).__name__}: {flat(exc)} (--debug shows where)")
 
 
 def _settings() -> Settings:
-    try:
-        return Settings.from_env()
-    except DeltaflushError as exc:
-        raise click.UsageError(str(exc)) from exc
+    return Settings.from_env()  # a ConfigError names the variable: one line, exit 2
 
 
-@click.group()
+def _client(settings: Settings) -> redis.Redis:
+    with blame(REDIS, settings.redis_url, "not a Redis URL"):
+        return connect(settings.redis_url)
+
+
+@click.group(cls=_Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
-def main(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+def main(verbose: bool, debug: bool) -> None:
     """deltaflush: Arrow batches in Redis Streams, flushed to Parquet by a Celery fleet."""
     configure_logging(logging.INFO if verbose else logging.WARNING)
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def _bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024
-    return f"{n}B"
-
-
-def render(rows: list[TableStatus]) -> str:
-    header = ("table", "pending rows", "pending bytes", "oldest pending", "files", "rows flushed",
-              "dead", "state")
-    lines = [header] + [
-        (s.table, str(s.pending_rows), _bytes(s.pending_bytes), _age(s.oldest_pending_age_s),
-         str(s.files_flushed), str(s.rows_flushed), str(s.dead_entries),
-         s.state)
-        for s in rows
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for n, line in enumerate(lines):
-        out.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
-                             for i, cell in enumerate(line)).rstrip())
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+# --- status ----------------------------------------------------------------------------
 
 
 @main.command()
@@ -81,24 +100,28 @@ def status(as_json: bool, watch: float | None, tables: tuple[str, ...]) -> None:
     """Per table: pending rows and bytes, age of the oldest pending entry, files and rows
     flushed, dead letters."""
     settings = _settings()
-    client = connect(settings.redis_url)
+    client = _client(settings)
+    names = [admin.require_table(client, settings.key_prefix, t).table for t in tables]
     while True:
-        rows = table_status(client, settings.key_prefix, list(tables) or None)
+        rows = table_status(client, settings.key_prefix, names or None)
+        if watch is not None:
+            click.clear()
+            click.echo(f"deltaflush status, every {watch:g}s (Ctrl-C to stop)")
         if as_json:
-            text = json.dumps([r.as_dict() for r in rows], indent=2)
+            click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
         elif not rows:
-            text = "no tables yet: append to one with producer.Producer().append(...)"
+            click.echo("no tables yet: append to one with producer.Producer().append(...)")
         else:
-            text = render(rows)
+            render.status(rows)
         if watch is None:
-            click.echo(text)
             return
-        click.clear()
-        click.echo(f"deltaflush status, every {watch:g}s (Ctrl-C to stop)\n{text}")
         try:
             time.sleep(watch)
         except KeyboardInterrupt:
             return
+
+
+# --- flush -----------------------------------------------------------------------------
 
 
 @main.command()
@@ -111,28 +134,76 @@ def flush(table: str | None, all_tables: bool, local: bool) -> None:
     if bool(table) == all_tables:
         raise click.UsageError("give either a TABLE or --all")
     settings = _settings()
-    client = connect(settings.redis_url)
-    names = sorted(iter_tables(client, settings.key_prefix)) if all_tables else [str(table)]
+    client = _client(settings)
+    names = sorted(iter_tables(client, settings.key_prefix)) if all_tables else \
+        [admin.require_table(client, settings.key_prefix, str(table)).table]
     if local:
-        from .flusher import Flusher
-        from .storage import Storage
-
-        flusher = Flusher(client, Storage(settings.storage_uri), settings)
-        for i, name in enumerate(names, 1):
-            result = flusher.flush(name)
-            click.echo(f"[{i}/{len(names)}] {name}: {result.status}, {result.rows} rows, "
-                       f"{result.files} files, {_bytes(result.bytes)}")
+        _flush_here(settings, client, names)
         return
     producer = Producer(settings=settings, client=client)
     try:
-        for i, name in enumerate(names, 1):
-            sent = producer.flush(name)
-            click.echo(f"[{i}/{len(names)}] {name}: "
-                       + ("flush queued" if sent else "a flush is already queued"))
-    except DeltaflushError as exc:
-        raise click.UsageError(str(exc)) from exc
+        with render.progress("queueing flushes", len(names)) as bar:
+            for i, name in enumerate(names, 1):
+                with blame(BROKER, settings.broker_url, "cannot queue the flush"):
+                    sent = producer.flush(name)
+                bar.advance()
+                bar.log(f"[{i}/{len(names)}] {name}: "
+                        + ("flush queued" if sent else "a flush is already queued"))
     finally:
         producer.close()
+
+
+def _flush_here(settings: Settings, client: redis.Redis, names: list[str]) -> None:
+    """Flush ``names`` in this process, with a bar over their pending rows."""
+    from .flusher import Flusher
+    from .storage import Storage
+
+    with blame(STORAGE, settings.storage_uri, "not a storage URI"):
+        storage = Storage(settings.storage_uri)
+    flusher = Flusher(client, storage, settings)
+    pending = {s.table: s.pending_rows for s in table_status(client, settings.key_prefix, names)}
+    with render.progress("flushing", sum(pending.values())) as bar:
+        done = 0
+        for i, name in enumerate(names, 1):
+            keys = admin.keys_for(settings.key_prefix, name)
+
+            def step(name: str = name, keys: Any = keys, before: int = done) -> bool:
+                """Called between the files of a flush: moves the bar on."""
+                left = int(client.hget(keys.pending, "rows") or 0)
+                bar.update(before + max(0, pending[name] - left), f"flushing {name}")
+                return False
+
+            result = flusher.flush(name, stop=step)
+            done += pending[name]
+            bar.update(done)
+            bar.log(f"[{i}/{len(names)}] {name}: {result.status}, {result.rows} rows, "
+                    f"{result.files} files, {render.size(result.bytes)}")
+
+
+# --- doctor ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, one object per check.")
+def doctor(as_json: bool) -> None:
+    """Check that Redis is reachable and keeps data (noeviction, AOF), that the broker is
+    reachable and the storage writable: what every worker checks at start. Exits 1 if a
+    check fails."""
+    from .doctor import FAIL, failed, run_checks
+
+    results = run_checks(_settings())
+    if as_json:
+        click.echo(json.dumps([c.as_dict() for c in results], indent=2))
+    else:
+        style = {"ok": "green", "warn": "yellow", FAIL: "bold red"}
+        render.table([Column("check"), Column("status"), Column("detail")],
+                     [[c.name, c.status, c.detail] for c in results],
+                     styles=[style[c.status] for c in results])
+    if failed(results):
+        sys.exit(1)
+
+
+# --- exporter --------------------------------------------------------------------------
 
 
 @main.command()
@@ -143,13 +214,16 @@ def exporter(port: int, addr: str) -> None:
     from .metrics import serve
 
     settings = _settings()
-    serve(connect(settings.redis_url), settings.key_prefix, port, addr)
+    serve(_client(settings), settings.key_prefix, port, addr)
     click.echo(f"serving deltaflush metrics on http://{addr}:{port}/metrics")
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
+
+
+# --- table -----------------------------------------------------------------------------
 
 
 @main.group()
@@ -160,9 +234,10 @@ def table() -> None:
 @table.command("set")
 @click.argument("name")
 @click.option("--partition-by", help="Comma-separated columns, as Hive folders (col=value/); "
-              "'' to clear.")
+              "'' to clear. Fixed once the table has files.")
 @click.option("--partition-time", help="A time bucket of a timestamp column: "
-              "column:hour|day|month[:folder_key], e.g. ts:day:event_date; '' to clear.")
+              "column:hour|day|month[:folder_key], e.g. ts:day:event_date; '' to clear. "
+              "Fixed once the table has files.")
 @click.option("--sort-by", help="Comma-separated columns to sort each file by.")
 @click.option("--compression", help="zstd (default), snappy, gzip, lz4, brotli or none.")
 @click.option("--compression-level", help="Codec level, or 'default'.")
@@ -172,33 +247,69 @@ def table() -> None:
 @click.option("--statistics/--no-statistics", default=None, help="Column statistics.")
 @click.option("--flush-interval", "flush_interval_s", help="Seconds between scheduled "
               "flushes of this table, or 'default'.")
-def table_set(name: str, **options: object) -> None:
+@click.option("--spark-compatible", help="true (the default): write only types Spark reads "
+              "too; false: write every type as it is. Fixed once the table has files.")
+@click.option("--create", is_flag=True, help="Configure a table nothing was appended to yet.")
+def table_set(name: str, create: bool, **options: object) -> None:
     """Change TABLE's configuration; workers use it from their next flush."""
     changes = {k: v for k, v in options.items() if v is not None}
     if not changes:
         raise click.UsageError("give at least one setting to change (see --help)")
-    producer = Producer(settings=_settings())
-    try:
-        config = producer.configure(name, **changes)
-    except DeltaflushError as exc:
-        raise click.UsageError(str(exc)) from exc
-    finally:
-        producer.close()
-    click.echo(json.dumps(config.describe(), indent=2))
+    settings = _settings()
+    client = _client(settings)
+    if not create:
+        admin.require_table(client, settings.key_prefix, name)
+    admin.configure(client, settings.key_prefix, name, changes)
+    _show_table(admin.table_info(client, admin.keys_for(settings.key_prefix, name)))
 
 
 @table.command("show")
 @click.argument("name")
-def table_show(name: str) -> None:
-    """Print TABLE's configuration (defaults where nothing was set)."""
-    producer = Producer(settings=_settings())
-    try:
-        config = producer.table_config(name)
-    except DeltaflushError as exc:
-        raise click.UsageError(str(exc)) from exc
-    finally:
-        producer.close()
-    click.echo(json.dumps(config.describe(), indent=2))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def table_show(name: str, as_json: bool) -> None:
+    """Show TABLE's configuration (defaults where nothing was set), its columns, and the
+    columns some readers reject."""
+    settings = _settings()
+    client = _client(settings)
+    info = admin.table_info(client, admin.require_table(client, settings.key_prefix, name))
+    if as_json:
+        click.echo(json.dumps(info.as_dict(), indent=2))
+    else:
+        _show_table(info)
+
+
+def _show_table(info: admin.TableInfo) -> None:
+    fixed = {*admin.LAYOUT_SETTINGS, "format"} if info.layout_locked else set()
+    defaults = type(info.config)().describe()
+    rows = [[key, _value(value), ("fixed: the table has files" if key in fixed else
+                                  "default" if defaults[key] == value else "")]
+            for key, value in info.config.describe().items()]
+    render.table([Column("setting"), Column("value"), Column("")], rows,
+                 title=f"table {info.table}: {info.files_flushed} files flushed")
+    if info.schema is None:
+        render.say("no batch appended yet: no columns")
+        return
+    notes: dict[str, list[str]] = {}
+    for f in info.findings:
+        short = {CONVERT: f"written as {f.written_as}", REFUSE: "refused"}.get(
+            f.action, "some readers reject it" if "before" not in f.reason else "note")
+        notes.setdefault(f.column.split(".")[0].split("[")[0], []).append(short)
+    render.table([Column("column"), Column("type"), Column("readers")],
+                 [[c.name, str(c.type), "; ".join(notes.get(c.name, [])) or "all read it"]
+                  for c in info.schema],
+                 styles=["yellow" if c.name in notes else None for c in info.schema])
+    for f in info.findings:
+        verb = {CONVERT: "converted", REFUSE: "REFUSED"}.get(f.action, "warning")
+        render.say(f"{verb}: {f}", "red" if f.action == REFUSE else "yellow")
+
+
+def _value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "-"
+    return "-" if value in (None, "") else str(value)
+
+
+# --- dead letters ----------------------------------------------------------------------
 
 
 @table.command("unstick")
@@ -206,9 +317,8 @@ def table_show(name: str) -> None:
 def table_unstick(name: str) -> None:
     """Clear TABLE's stuck mark, once the cause is fixed, so that flushes run again."""
     settings = _settings()
-    if not wire.valid_table_name(name):
-        raise click.UsageError(str(InvalidTableName(name)))
-    reason = unstick(connect(settings.redis_url), wire.Keys(settings.key_prefix, name))
+    client = _client(settings)
+    reason = unstick(client, admin.require_table(client, settings.key_prefix, name))
     click.echo(f"{name} was not stuck" if reason is None else
                f"{name} unstuck; it was stuck because: {reason}")
 
@@ -221,20 +331,20 @@ def dead() -> None:
 @dead.command("list")
 @click.argument("table")
 @click.option("--limit", default=100, show_default=True)
-def dead_list(table: str, limit: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dead_list(table: str, limit: int, as_json: bool) -> None:
     """Show TABLE's dead letters: ID, size and why."""
     settings = _settings()
-    if not wire.valid_table_name(table):
-        raise click.UsageError(str(InvalidTableName(table)))
-    client = connect(settings.redis_url)
-    keys = wire.Keys(settings.key_prefix, table)
-    entries = cast(list[wire.Entry], client.xrange(keys.dead, count=limit))
-    total = client.xlen(keys.dead)
-    for entry_id, fields in entries:
-        size = len(fields.get(wire.FIELD_ARROW, b""))
-        error = fields.get(wire.FIELD_ERROR, b"").decode(errors="replace")
-        origin = fields.get(wire.FIELD_ENTRY_ID, b"?").decode()
-        click.echo(f"{entry_id.decode()}  (delta {origin}, {_bytes(size)}): {error}")
+    client = _client(settings)
+    letters, total = admin.dead_letters(
+        client, admin.require_table(client, settings.key_prefix, table), limit)
+    if as_json:
+        click.echo(json.dumps({"table": table, "total": total,
+                               "dead_letters": [d.as_dict() for d in letters]}, indent=2))
+        return
+    if letters:
+        render.table([Column("id"), Column("delta id"), Column("size", True), Column("error")],
+                     [[d.id, d.origin, render.size(d.size), d.error] for d in letters])
     click.echo(f"{total} dead letters in {table}" + (f", first {limit} shown"
                                                       if total > limit else ""))
 
@@ -244,20 +354,20 @@ def dead_list(table: str, limit: int) -> None:
 def dead_replay(table: str) -> None:
     """Re-append TABLE's dead letters that now decode and fit the table's schema."""
     settings = _settings()
-    producer = Producer(settings=settings)
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done % 100 == 0:
-            click.echo(f"[{done}/{total}] dead letters of {table} tried", err=True)
-
+    client = _client(settings)
+    keys = admin.require_table(client, settings.key_prefix, table)
+    producer = Producer(settings=settings, client=client)
     try:
-        replayed, still = producer.replay_dead(table, progress)
-    except DeltaflushError as exc:
-        raise click.UsageError(str(exc)) from exc
+        with render.progress(f"replaying dead letters of {table}",
+                             int(client.xlen(keys.dead))) as bar:
+            replayed, still = producer.replay_dead(table, lambda done, total: bar.update(done))
     finally:
         producer.close()
     click.echo(f"replayed {replayed} dead letters of {table}; {still} still do not decode "
                "or fit the table's schema")
+
+
+# --- demo ------------------------------------------------------------------------------
 
 
 @main.command()

@@ -5,12 +5,21 @@ included) runs in this process. A Celery worker and beat run as subprocesses thr
 standard ``celery -A workers.app ...`` commands; this process produces for a while, asks for
 a final flush, waits until every table is drained, reads the Parquet files back and checks
 that every row appended in this run is there exactly once.
+
+Each run starts from a clean state: it writes into a folder of its own under
+``DELTAFLUSH_STORAGE_URI`` (``./data/demo-<time>/``), so rows never pile up across runs and
+the counts it prints are this run's; earlier runs' folders are kept. With the embedded
+server Redis is new too; with ``DELTAFLUSH_REDIS_URL`` the demo says that it reuses that
+Redis and its ``demo_events_*`` tables. It ends with a command that reads the files back
+with what this environment has (pyarrow always; DuckDB and polars if installed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -44,15 +53,29 @@ def _batch(run: str, table: int, seq: int, rows: int) -> pa.Table:
     })
 
 
+def run_folder(storage_uri: str, name: str) -> str:
+    """``storage_uri`` with ``name`` as a last path segment (before a URI's query)."""
+    path, sep, query = storage_uri.partition("?")
+    return f"{path.rstrip('/')}/{name}{sep}{query}"
+
+
 def run_demo(seconds: float, n_tables: int, concurrency: int,
              echo: Callable[[str], None] = print) -> int:
     env = dict(os.environ)
-    env.setdefault("DELTAFLUSH_STORAGE_URI", "./data")
     env.setdefault("DELTAFLUSH_FLUSH_INTERVAL_S", "2")
+    env["DELTAFLUSH_STORAGE_URI"] = run_folder(
+        env.get("DELTAFLUSH_STORAGE_URI") or "./data",
+        time.strftime("demo-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4])
     with contextlib.ExitStack() as stack:
         if not env.get("DELTAFLUSH_REDIS_URL"):
             env["DELTAFLUSH_REDIS_URL"] = stack.enter_context(embedded_redis())
-            echo(f"embedded Redis-compatible server at {env['DELTAFLUSH_REDIS_URL']}")
+            # In memory by design: the workers' durability check need not warn about it.
+            env["DELTAFLUSH_ALLOW_VOLATILE_REDIS"] = "1"
+            echo(f"embedded Redis-compatible server at {env['DELTAFLUSH_REDIS_URL']} "
+                 "(in memory, new for this run)")
+        else:
+            echo("using the Redis at DELTAFLUSH_REDIS_URL; its tables demo_events_* are "
+                 "reused: rows an earlier run left unflushed land in this run's folder")
         settings = Settings.from_env(env)
         storage = Storage(settings.storage_uri)
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="deltaflush-demo-"))
@@ -65,7 +88,8 @@ def run_demo(seconds: float, n_tables: int, concurrency: int,
         ]
         stack.callback(_stop, procs)
         echo(f"worker ({concurrency} processes) and beat started; flush interval "
-             f"{settings.flush_interval_s:g}s; writing to {storage.root}")
+             f"{settings.flush_interval_s:g}s; this run writes to "
+             f"{storage.display(storage.root)} (earlier runs' folders are kept)")
         return _produce_and_check(settings, storage, seconds, n_tables, echo)
     return 1  # pragma: no cover
 
@@ -113,10 +137,28 @@ def _produce_and_check(settings: Settings, storage: Storage, seconds: float, n_t
         ok &= status == "ok"
         echo(f"  {table}: appended {appended[table]}, in Parquet {len(got)} "
              f"({unique} distinct), {files} files: {status}")
-    echo(f"Parquet files are under {storage.display(storage.root)}/<table>/ - read them "
-         f"with e.g. duckdb \"select count(*) from read_parquet('{storage.root}/*/*.parquet')\"")
+    echo(f"Parquet files are under {storage.display(storage.root)}/<table>/; count their rows "
+         "with:")
+    for command in reading_commands(storage):
+        echo(f"  {command}")
     producer.close()
     return 0 if ok else 1
+
+
+def reading_commands(storage: Storage) -> list[str]:
+    """Commands that read the run's files back, each with a reader this environment has
+    (the package brings pyarrow; DuckDB and polars only if they are installed)."""
+    root = storage.display(storage.root)
+    codes = [f'import pyarrow.dataset as ds; print(ds.dataset("{root}", '
+             'partitioning="hive").count_rows())']
+    glob = f"{root}/*/**/*.parquet"
+    if storage.local and importlib.util.find_spec("duckdb"):
+        codes.append(f'import duckdb; print(duckdb.read_parquet("{glob}", '
+                     'hive_partitioning=True).aggregate("count(*)").fetchall()[0][0])')
+    if storage.local and importlib.util.find_spec("polars"):
+        codes.append(f'import polars as pl; print(pl.scan_parquet("{glob}", '
+                     'hive_partitioning=True).select(pl.len()).collect().item())')
+    return [f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}" for code in codes]
 
 
 def _report(client, settings, tables, appended, echo, phase) -> None:  # type: ignore[no-untyped-def]
@@ -125,7 +167,7 @@ def _report(client, settings, tables, appended, echo, phase) -> None:  # type: i
     flushed = sum(s.rows_flushed for s in rows)
     files = sum(s.files_flushed for s in rows)
     echo(f"[{phase}] appended {sum(appended.values()):>8} rows | pending {pending:>7} | "
-         f"flushed (all runs) {flushed:>8} rows in {files} files")
+         f"flushed {flushed:>8} rows in {files} files")
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -5,6 +5,10 @@ each (``country=de/ts_day=2026-11-24``). Partition columns are not stored in the
 Spark and ``pyarrow.dataset``: readers take them from the folder names. A null value goes to
 Hive's ``__HIVE_DEFAULT_PARTITION__``; characters that are unsafe in a path are escaped as
 ``%XX`` like Hive does.
+
+It also gives the files their column types: a ``spark_compatible`` table writes types Spark
+reads too (``producer.typepolicy.spark_safe``), and each piece ``split()`` returns is
+already cast to ``file_schema``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from producer.tablecfg import BUCKETS, TableConfig
+from producer.typepolicy import spark_safe
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 _UNSAFE = set('"#%\'*/:=?\\\x7f{}[]^') | {chr(c) for c in range(0x20)}
@@ -28,7 +33,8 @@ class Layout:
         self.columns = [c for c in config.partition_by if c in schema.names]
         time = config.time
         self.time = time if time and time.column in schema.names else None
-        self.file_schema = pa.schema([f for f in schema if f.name not in self.columns])
+        self.file_schema, self._cast = spark_safe(
+            pa.schema([f for f in schema if f.name not in self.columns]), config)
 
     @property
     def partitioned(self) -> bool:
@@ -38,7 +44,7 @@ class Layout:
         """``[(folder, rows)]``: the rows of ``table`` for each partition folder it touches
         (folder ``""`` when the table is not partitioned), partition columns removed."""
         if not self.partitioned:
-            return [("", table)]
+            return [("", self._cast(table))]
         parts = [self._values(c, table.column(c)) for c in self.columns]
         if self.time:
             parts.append(self._bucket(table.column(self.time.column)))
@@ -50,7 +56,7 @@ class Layout:
         out = []
         for index, folder in enumerate(encoded.dictionary.to_pylist()):
             mask = pc.equal(encoded.indices, index)
-            out.append((folder, data.filter(mask)))
+            out.append((folder, self._cast(data.filter(mask))))
         return out
 
     @staticmethod

@@ -23,6 +23,9 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from producer import wire
+from producer.errors import InvalidTableName
+
 TMP_DIR = "_deltaflush_tmp"
 
 
@@ -49,10 +52,12 @@ class Storage:
         return f"Storage({self.uri!r})"
 
     def table_dir(self, table: str) -> str:
+        if not wire.valid_table_name(table):  # so never one of our own folders (TMP_DIR)
+            raise InvalidTableName(table)
         return posixpath.join(self.root, table)
 
     def final_path(self, table: str, name: str) -> str:
-        return posixpath.join(self.root, table, name)
+        return posixpath.join(self.table_dir(table), name)
 
     def temp_path(self, table: str, name: str, token: int) -> str:
         return posixpath.join(self.root, TMP_DIR, table, f"{name}.{token}.tmp")

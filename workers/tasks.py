@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import redis
-from celery.signals import setup_logging, worker_ready, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
 
 from producer import wire
 from producer.client import connect
@@ -25,7 +25,7 @@ from producer.due import queue_flush
 from producer.errors import InvalidTableName, LeaseLost
 
 from .app import app, settings
-from .checks import warn_on_eviction
+from .doctor import startup
 from .flusher import Flusher
 from .logs import configure_logging, json_logs
 from .scheduler import enqueue_due
@@ -76,14 +76,18 @@ def _on_shutdown(sender: Any = None, **_: Any) -> None:
         log.warning("could not tell running flushes to stop: %s", exc)
 
 
+@worker_init.connect
+def _start_up_checks(**_: Any) -> None:
+    """Stop, with the reason, a worker that could not flush or would lose data."""
+    startup(settings)  # workers.doctor: the checks of `deltaflush doctor`
+
+
 @worker_ready.connect
 def _check_redis(sender: Any = None, **_: Any) -> None:
     try:
-        client = runtime()[0]
-        client.delete(_stopping_key(str(getattr(sender, "hostname", ""))))
-        warn_on_eviction(client)
+        runtime()[0].delete(_stopping_key(str(getattr(sender, "hostname", ""))))
     except redis.RedisError as exc:
-        log.warning("could not check the Redis of the delta tier: %s", exc)
+        log.warning("could not clear the stop request of this worker: %s", exc)
 
 
 @app.task(name=wire.FLUSH_TASK, bind=True, max_retries=None)

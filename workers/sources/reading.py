@@ -22,6 +22,8 @@ import pyarrow as pa
 from producer import wire
 from producer.convert import conform
 from producer.errors import ClaimMismatch, SchemaConflict
+from producer.tablecfg import TableConfig
+from producer.typepolicy import refusal
 
 from . import Claim, Range
 
@@ -29,9 +31,11 @@ from . import Claim, Range
 Chunks = Iterator[list[tuple[str, dict[bytes, bytes]]]]
 
 
-def decode(payload: bytes | None, schema: pa.Schema | None, table: str) -> pa.Table:
+def decode(payload: bytes | None, schema: pa.Schema | None, table: str,
+           spark_compatible: bool = True) -> pa.Table:
     """One entry's payload as a table of ``schema`` (or its own, if None); ``ValueError``
-    says why it cannot be flushed. ``MemoryError`` passes: it is not the entry's fault."""
+    says why it cannot be flushed. ``MemoryError`` passes: it is not the entry's fault.
+    A column of a type the table cannot write (``producer.typepolicy``) is such a reason."""
     if payload is None:
         raise ValueError(f"entry has no {wire.FIELD_ARROW.decode()!r} field")
     batch = wire.decode_payload(payload)
@@ -44,6 +48,9 @@ def decode(payload: bytes | None, schema: pa.Schema | None, table: str) -> pa.Ta
             raise ValueError(str(exc)) from exc
         except (pa.ArrowException, TypeError) as exc:
             raise ValueError(f"cannot cast to the table's schema: {exc}") from exc
+    refused = refusal(batch.schema, spark_compatible, table)  # a dead letter, not a file
+    if refused is not None:
+        raise refused
     return batch
 
 
@@ -63,6 +70,7 @@ class EntryReader:
         self.stream = stream
         self.schema = schema
         self.config = config
+        self._spark = TableConfig.from_json(config).spark_compatible
         self.first: str | None = None
         self._chunks = chunks
         self._claim = claim
@@ -111,12 +119,12 @@ class EntryReader:
         """``(table, None, None)``, or ``(table, None, newer schema)`` if it decodes only in
         the table's evolved schema, or ``(None, why, None)`` for a dead letter."""
         try:
-            return decode(payload, self.schema, self.table), None, None
+            return decode(payload, self.schema, self.table, self._spark), None, None
         except ValueError as exc:
             newer = self._evolved(self.schema) if self._claim is None else None
             if newer is not None:
                 try:
-                    return decode(payload, newer, self.table), None, newer
+                    return decode(payload, newer, self.table, self._spark), None, newer
                 except ValueError:
                     pass
             return None, str(exc), None

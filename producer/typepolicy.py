@@ -1,0 +1,240 @@
+"""Which Arrow types every reader the README names can read, and what a table writes instead.
+
+A Parquet file with one column Spark cannot read is unreadable to Spark as a whole, even
+when the query selects other columns. So a table that is ``spark_compatible`` (the default,
+see ``producer.tablecfg.TableConfig``) writes each column as a type every reader takes, or
+refuses the column before anything of it is written:
+
+========================================  ==================================================
+Arrow type                                a ``spark_compatible`` table
+========================================  ==================================================
+``timestamp`` in s, ms or ns (any time    written as ``timestamp[us]``, Spark's own unit
+zone, nested too)                         (Spark refuses nanoseconds). Digits below a
+                                          microsecond are dropped (truncated toward zero).
+``halffloat``                             written as ``float32``: the same values
+``arrow.uuid``                            written as ``fixed_size_binary(16)``: the same bytes
+``time32``, ``time64``                    refused: Spark before 4.1 reads no Parquet TIME
+                                          column (4.1 only ``time64[us]``)
+``decimal`` over 38 digits                refused: Spark and polars reject it
+column names equal but for case           refused: Spark resolves names case-insensitively
+                                          and rejects the file
+unsigned integers                         kept (Spark 3.2+ reads them, ``uint64`` as
+                                          ``decimal(20,0)``); ``table show`` notes it
+========================================  ==================================================
+
+Types Parquet cannot store at all (intervals, unions) are refused whatever the setting.
+Without ``spark_compatible`` every other type is written as it is, and ``deltaflush table
+show`` lists the columns some readers reject.
+
+A refusal happens at ``configure`` and ``append`` (``AppendCheck``), before anything is
+written. A batch that reaches a flush anyway (a producer in another language, or a race
+with ``configure``) is set aside as a dead letter with the same message, never lost:
+``deltaflush dead replay`` re-appends it once the table or the batch is fixed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import wire
+from .errors import UnsupportedType
+from .tablecfg import TableConfig
+
+CONVERT, REFUSE, NOTE = "convert", "refuse", "note"
+
+_SPARK_OFF = ("or, if Spark never reads this table, give it spark_compatible=False before "
+              "its first flush (deltaflush table set {table} --spark-compatible false)")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One column that a reader would reject or read differently, and what is done."""
+
+    column: str
+    type: str
+    action: str  # CONVERT (written as ``written_as``), REFUSE, or NOTE (written as it is)
+    reason: str
+    written_as: str = ""
+    fix: str = ""
+
+    def __str__(self) -> str:
+        if self.action == CONVERT:
+            return f"{self.column} ({self.type}): written as {self.written_as}; {self.reason}"
+        return f"{self.column} ({self.type}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class _Issue:
+    column: str
+    type: str
+    reason: str
+    fix: str
+    written_as: str = ""  # what a spark_compatible table writes instead ("": refused)
+    note: bool = False  # readable by current readers; only worth a mention
+
+
+def _safe_type(t: pa.DataType) -> pa.DataType:
+    """``t`` with every part Spark rejects replaced by what a spark_compatible table writes."""
+    if pa.types.is_timestamp(t):
+        return t if t.unit == "us" else pa.timestamp("us", t.tz)
+    if pa.types.is_float16(t):
+        return pa.float32()
+    if getattr(t, "extension_name", None) == "arrow.uuid":
+        return t.storage_type
+    if pa.types.is_dictionary(t):
+        value = _safe_type(t.value_type)
+        return t if value.equals(t.value_type) else value  # decoded: the values are cast
+    if pa.types.is_map(t):
+        return pa.map_(t.key_field.with_type(_safe_type(t.key_type)),
+                       t.item_field.with_type(_safe_type(t.item_type)), t.keys_sorted)
+    if pa.types.is_large_list(t):
+        return pa.large_list(t.value_field.with_type(_safe_type(t.value_type)))
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(_safe_type(t.value_type)), t.list_size)
+    if pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_safe_type(t.value_type)))
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_safe_type(f.type)) for f in t])
+    return t
+
+
+def _issues(t: pa.DataType, path: str) -> list[_Issue]:
+    """What readers reject in ``t`` (a column at ``path``), nested types included."""
+    name = str(t)
+    if pa.types.is_timestamp(t) and t.unit == "ns":
+        return [_Issue(path, name, "Spark reads no nanosecond timestamps",
+                       "cast it to timestamp[us]", str(_safe_type(t)))]
+    if pa.types.is_float16(t):
+        return [_Issue(path, name, "Spark reads no half floats", "cast it to float32",
+                       str(_safe_type(t)))]
+    if getattr(t, "extension_name", None) == "arrow.uuid":
+        return [_Issue(path, name, "Spark reads no Parquet UUID columns",
+                       "cast it to fixed_size_binary(16) or a string", str(_safe_type(t)))]
+    if pa.types.is_time(t):
+        return [_Issue(path, name, "Spark before 4.1 reads no Parquet TIME columns (4.1 only "
+                       "time64[us])", "cast it to a string or to int64 (e.g. microseconds "
+                       "since midnight)")]
+    if pa.types.is_decimal(t) and t.precision > 38:
+        return [_Issue(path, name, "Spark and polars read no decimals over 38 digits",
+                       "cast it to decimal128(38, scale) if its values fit, or to a string")]
+    if pa.types.is_unsigned_integer(t):
+        return [_Issue(path, name, "Spark before 3.2 reads no unsigned integers (3.2+ reads "
+                       "uint64 as decimal(20,0))", "", note=True)]
+    if pa.types.is_dictionary(t):
+        return _issues(t.value_type, path)
+    if pa.types.is_map(t):
+        return _issues(t.key_type, f"{path}.key") + _issues(t.item_type, f"{path}.value")
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _issues(t.value_type, f"{path}[]")
+    if pa.types.is_struct(t):
+        return [i for f in t for i in _issues(f.type, f"{path}.{f.name}")] \
+            + _case_clashes([f.name for f in t], path + ".")
+    return []
+
+
+def _case_clashes(names: list[str], prefix: str = "") -> list[_Issue]:
+    seen: dict[str, str] = {}
+    out = []
+    for name in names:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            out.append(_Issue(prefix + name, f"beside {prefix}{other}",
+                              "Spark resolves column names case-insensitively and rejects "
+                              "names equal but for case", f"rename {prefix + name!r}"))
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def findings(schema: pa.Schema, spark_compatible: bool = True) -> tuple[Finding, ...]:
+    """Every column of ``schema`` that some reader rejects or reads differently, and what a
+    table with this ``spark_compatible`` setting does with it."""
+    out = []
+    issues = [i for f in schema for i in _issues(f.type, f.name)] + _case_clashes(schema.names)
+    for issue in issues:
+        if issue.note:
+            out.append(Finding(issue.column, issue.type, NOTE, issue.reason))
+            continue
+        if not spark_compatible:  # written as it is: some readers reject it
+            action, written = NOTE, ""
+        else:
+            action, written = (CONVERT if issue.written_as else REFUSE), issue.written_as
+        out.append(Finding(issue.column, issue.type, action, issue.reason, written, issue.fix))
+    unwritable = _parquet_refusal(write_schema(schema, spark_compatible))
+    if unwritable:
+        out.append(Finding("*", "", REFUSE, f"Parquet cannot store it: {unwritable}",
+                           fix="cast the column to a type Parquet has"))
+    return tuple(out)
+
+
+def _parquet_refusal(schema: pa.Schema) -> str | None:
+    """Why the Parquet writer cannot take ``schema``, or None."""
+    try:
+        pq.ParquetWriter(pa.BufferOutputStream(), schema).close()
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        return str(exc)
+    return None
+
+
+def write_schema(schema: pa.Schema, spark_compatible: bool) -> pa.Schema:
+    """The schema a table's files get for batches of ``schema``."""
+    if not spark_compatible:
+        return schema
+    return pa.schema([f.with_type(_safe_type(f.type)) for f in schema], schema.metadata)
+
+
+def spark_safe(schema: pa.Schema, config: TableConfig
+               ) -> tuple[pa.Schema, Callable[[pa.Table], pa.Table]]:
+    """``(write schema, cast)``: the schema of the files a table with ``config`` writes for
+    batches of ``schema``, and the function that brings such a batch to it (the identity
+    when nothing changes, so the common case costs nothing)."""
+    target = write_schema(schema, config.spark_compatible)
+    if target.equals(schema):
+        return schema, _same
+    # safe=False lets nanoseconds be truncated to microseconds, the documented conversion;
+    # the other conversions (float16 -> float32, uuid -> its bytes) are exact anyway.
+    return target, lambda table: table.cast(target, safe=False)
+
+
+def _same(table: pa.Table) -> pa.Table:
+    return table
+
+
+def refusal(schema: pa.Schema, spark_compatible: bool, table: str) -> UnsupportedType | None:
+    """The error that refuses a batch (or a setting) of ``schema`` for ``table``, or None."""
+    for f in findings(schema, spark_compatible):
+        if f.action == REFUSE:
+            spark = spark_compatible and f.column != "*"
+            fix = f.fix + (", " + _SPARK_OFF.format(table=table) if spark else "")
+            return UnsupportedType(table, f.column, f.type, f.reason, fix)
+    return None
+
+
+class AppendCheck:
+    """Refuses, at ``append``, a batch whose types the table cannot write (see above).
+
+    Nearly every schema needs no look-up: only one with a type Spark rejects costs one
+    ``GET`` of the table's configuration, and a table's last accepted schema is remembered
+    so the check runs once per schema, not per batch.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._accepted: dict[str, pa.Schema] = {}
+
+    def check(self, keys: wire.Keys, schema: pa.Schema) -> None:
+        known = self._accepted.get(keys.table)
+        if known is not None and known.equals(schema):
+            return
+        error = refusal(schema, False, keys.table)
+        if error is None and refusal(schema, True, keys.table) is not None:
+            config = TableConfig.from_json(self._client.get(keys.config))
+            error = refusal(schema, config.spark_compatible, keys.table)
+        if error is not None:
+            raise error
+        self._accepted[keys.table] = schema
