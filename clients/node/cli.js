@@ -29,6 +29,50 @@ function parseArgs(argv) {
   return { command, opts };
 }
 
+/**
+ * JSON.parse, except that integers beyond 2^53 become bigints instead of losing digits
+ * (nanosecond timestamps since 1970 are about 1.7e18).
+ */
+function parseJsonExact(text) {
+  const token = /\s*(?:("(?:[^"\\]|\\.)*")|(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)|(true|false|null)|([[\]{},:]))/y;
+  let at = 0;
+  const next = () => {
+    token.lastIndex = at;
+    const m = token.exec(text);
+    if (!m) throw new SyntaxError(`invalid JSON at offset ${at}`);
+    at = token.lastIndex;
+    return m;
+  };
+  const value = (m = next()) => {
+    if (m[1] !== undefined) return JSON.parse(m[1]);
+    if (m[2] !== undefined) {
+      const n = Number(m[2]);
+      return /^-?\d+$/.test(m[2]) && !Number.isSafeInteger(n) ? BigInt(m[2]) : n;
+    }
+    if (m[3] !== undefined) return JSON.parse(m[3]);
+    const close = m[4] === '[' ? ']' : m[4] === '{' ? '}' : null;
+    if (!close) throw new SyntaxError(`unexpected ${m[4]} at offset ${at}`);
+    const out = close === ']' ? [] : {};
+    let t = next();
+    if (t[4] === close) return out;
+    for (;;) {
+      if (close === ']') {
+        out.push(value(t));
+      } else {
+        if (t[1] === undefined || next()[4] !== ':') throw new SyntaxError(`bad object at ${at}`);
+        out[JSON.parse(t[1])] = value();
+      }
+      t = next();
+      if (t[4] === close) return out;
+      if (t[4] !== ',') throw new SyntaxError(`expected , or ${close} at offset ${at}`);
+      t = next();
+    }
+  };
+  const result = value();
+  if (text.slice(at).trim() !== '') throw new SyntaxError(`trailing text at offset ${at}`);
+  return result;
+}
+
 function need(opts, ...names) {
   for (const n of names) if (opts[n] === undefined) throw new UsageError(`--${n} is required`);
 }
@@ -92,7 +136,7 @@ async function run(command, opts) {
     if (opts.payload !== undefined) return await appendPayload(producer, opts);
     need(opts, 'rows');
     const { schema } = parseCanonical(fs.readFileSync(opts.schema));
-    const table = rowsToTable(JSON.parse(fs.readFileSync(opts.rows, 'utf8')), schema);
+    const table = rowsToTable(parseJsonExact(fs.readFileSync(opts.rows, 'utf8')), schema);
     return { ok: true, entry_id: await producer.append(opts.table, table) };
   } finally {
     await producer.close();
@@ -119,4 +163,6 @@ async function main() {
   process.exitCode = result.ok ? 0 : EXIT[result.error];
 }
 
-main();
+if (require.main === module) main();
+
+module.exports = { parseJsonExact, parseArgs };

@@ -110,7 +110,7 @@ class Producer {
     this.maxPendingBytes = o.maxPendingBytes;
     this.maxBatchBytes = o.maxBatchBytes;
     this.retryForMs = Math.min(o.retryForMs, DEDUP_TTL_S * 1000);
-    this.ownsRedis = !(o.redis instanceof Redis);
+    this.ownsRedis = !(o.redis && typeof o.redis.multi === 'function'); // else a client
     this.redis = this.ownsRedis ? new Redis(o.redis || 'redis://localhost:6379/0', {
       // Lost replies are retried here, transaction by transaction (7.5), not by ioredis.
       maxRetriesPerRequest: 1,
@@ -224,7 +224,9 @@ class Producer {
           this.known.set(table, { raw: Buffer.from(schema), nodes: target });
           return value.toString();
         case 0:
-          // CONFLICT: the table's schema changed; shape again from it (section 8).
+          // CONFLICT: the table's schema changed; shape again from it (section 8). The same
+          // stored value again would only resend the same transaction: never done.
+          if (known.raw && known.raw.equals(value)) sends = MAX_SENDS;
           this.known.set(table, readStored(value));
           if (sends >= MAX_SENDS) {
             throw new errors.SchemaRace(`the schema of table ${table} kept changing: ` +
