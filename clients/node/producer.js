@@ -112,10 +112,15 @@ class Producer {
     this.retryForMs = Math.min(o.retryForMs, DEDUP_TTL_S * 1000);
     this.ownsRedis = !(o.redis && typeof o.redis.multi === 'function'); // else a client
     this.redis = this.ownsRedis ? new Redis(o.redis || 'redis://localhost:6379/0', {
-      // Lost replies are retried here, transaction by transaction (7.5), not by ioredis.
-      maxRetriesPerRequest: 1,
+      // Lost replies are retried here, transaction by transaction (7.5), not by ioredis:
+      // a closed connection fails the commands waiting on it at once (with
+      // autoResendUnfulfilledCommands off and retries left, ioredis would drop them silently).
+      maxRetriesPerRequest: 0,
       autoResendUnfulfilledCommands: false,
+      enableReadyCheck: false, // INFO is not among the commands a producer needs (section 12)
     }) : o.redis;
+    // Connection errors reach the caller through the commands they fail (and are retried).
+    if (this.ownsRedis) this.redis.on('error', () => {});
     this.script = fs.readFileSync(SCRIPT_PATH);
     this.known = new Map(); // table -> {raw, nodes}: registered in this process
   }
