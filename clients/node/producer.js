@@ -149,7 +149,12 @@ class Producer {
       const keys = tableKeys(this.prefix, table);
       const replies = await this.withRetries(() => this.redis.pipeline()
         .sadd(`${this.prefix}:tables`, table).getBuffer(keys.schema).exec());
-      for (const [err] of replies) if (err) throw err;
+      for (const [err] of replies) {
+        if (err && /^OOM/.test(err.message)) {
+          throw new errors.OutOfMemory(`Redis is out of memory: ${err.message}`);
+        }
+        if (err) throw err;
+      }
       this.known.set(table, readStored(replies[1][1]));
     }
     return this.known.get(table);
@@ -173,11 +178,11 @@ class Producer {
             keys.dedup, keys.dead, keys.protocol, ...argv)
           .exec();
       } catch (e) {
-        // EXECABORT or OOM before anything ran: nothing was appended (7.4).
-        if (e instanceof ReplyError && /OOM|EXECABORT/.test(e.message)) {
-          throw new errors.OutOfMemory(`Redis is out of memory: ${e.message}`);
-        }
-        throw e;
+        if (!(e instanceof ReplyError)) throw e; // a lost connection: retried
+        // EXEC refused as a whole (EXECABORT, OOM): nothing ran, nothing was appended (7.4).
+        const why = [e.message, ...(e.previousErrors || []).map((x) => x.message)].join('; ');
+        if (/\bOOM\b/.test(why)) throw new errors.OutOfMemory(`Redis is out of memory: ${why}`);
+        throw new errors.DeltaflushError(`Redis refused the append transaction: ${why}`);
       }
       if (results === null) throw new Error('the transaction was discarded');
       const [xaddErr] = results[0];

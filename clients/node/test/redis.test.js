@@ -266,3 +266,19 @@ test('a lost reply: the same transaction again, appended once (7.5)', opts, asyn
     proxy.close();
   }
 });
+
+test('out of memory: a retryable error, nothing appended (7.4)', opts, async () => {
+  const p = new dp.Producer({ redis: url });
+  const table = fresh();
+  try {
+    await p.register(table);
+    await admin.config('SET', 'maxmemory', '1');
+    await assert.rejects(p.append(table, batchOf(BASE, idName(1))),
+      (e) => e instanceof dp.OutOfMemory && e.retryable);
+    await assert.rejects(p.append(fresh(), batchOf(BASE, idName(1))), dp.OutOfMemory);
+  } finally {
+    await admin.config('SET', 'maxmemory', '0');
+    await p.close();
+  }
+  assert.equal(await admin.xlen(key(table, 'delta')), 0);
+});
