@@ -164,8 +164,8 @@ function buildData(type, values, path = '') {
       const data = new Uint32Array(n * words);
       values.forEach((v, i) => {
         if (v === null || v === undefined) return;
-        if (typeof v !== 'bigint') throw bad(`${type} (a bigint, unscaled)`, v, path);
-        let x = BigInt.asUintN(type.bitWidth, v);
+        // The unscaled integer: 12345 is 123.45 in a decimal of scale 2.
+        let x = BigInt.asUintN(type.bitWidth, integer(v, `${type} (unscaled)`, path));
         for (let w = 0; w < words; w++, x >>= 32n) data[i * words + w] = Number(x & 0xffffffffn);
       });
       return arrow.makeData({ ...base, data });
