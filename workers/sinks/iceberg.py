@@ -309,7 +309,11 @@ class IcebergSink:
         return table, spec
 
     def _create_or_evolve(self, name: str, lake: pa.Schema, config: TableConfig) -> Table:
-        from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
+        from pyiceberg.exceptions import (
+            CommitFailedException,
+            TableAlreadyExistsError,
+            ValidationError,
+        )
 
         wanted = wanted_fields(config, lake)
         for _ in range(COMMIT_TRIES):
@@ -334,7 +338,7 @@ class IcebergSink:
                 return table
             except (CommitFailedException, TableAlreadyExistsError):
                 time.sleep(random.uniform(0, 0.05))
-            except ValueError as exc:
+            except (ValueError, ValidationError) as exc:
                 raise LakeSchemaError(
                     f"table {name!r}: the Iceberg table cannot take the range's schema or "
                     f"layout: {exc}") from exc
@@ -377,7 +381,7 @@ class IcebergSink:
                 if held != rng.last:
                     log.info("table %s holds stream %s up to %s: range %s..%s was committed "
                              "before", rng.table, rng.stream, held, rng.first, rng.last)
-                self._forget(staged, delete=True)
+                self._drop_unsent(staged)
                 return Committed(already=True, details={"conflicts": conflicts})
             self._check_staged(staged)
             txn = table.transaction()
@@ -396,6 +400,7 @@ class IcebergSink:
                 new = txn.commit_transaction()
             except CommitFailedException:
                 # another commit came first: this one did not land; look again
+                self._forget(staged)
                 conflicts += 1
                 failpoint("lake.conflict")
                 time.sleep(random.uniform(0, min(1.0, 0.01 * 2 ** attempt)))
@@ -445,14 +450,19 @@ class IcebergSink:
             while len(self._sent) > SENT_REMEMBERED:
                 self._sent.popitem(last=False)
 
-    def _forget(self, staged: Staged, delete: bool) -> None:
-        """Done with a range that the table held already: no commit of these files landed
-        (a commit that met another one did not), so they may go."""
+    def _forget(self, staged: Staged) -> None:
+        """The commit sent with these files failed for sure (it met another commit)."""
         with self._lock:
             for f in staged.files:
                 self._sent.pop(f.temp, None)
-        if delete:
-            for f in staged.files:
+
+    def _drop_unsent(self, staged: Staged) -> None:
+        """Delete the files of a range the table held already, unless a commit of them may
+        have landed (then they are the ones the table holds)."""
+        with self._lock:
+            sent = {f.temp for f in staged.files if f.temp in self._sent}
+        for f in staged.files:
+            if f.temp not in sent:
                 self.storage.discard(f.temp)
 
     def discard(self, staged: Staged) -> None:
