@@ -31,10 +31,17 @@ key                              type    content
                                          ``reason``, ``since_ms``; no flush runs until an
                                          operator clears it (``deltaflush table unstick``)
 ``{prefix}:{<table>}:batch:<id>`` string the entry ID of a recent batch ID (dedups retries)
+``{prefix}:{<table>}:lake``      hash    a lake table as its sink last described it:
+                                         ``format``, ``snapshot``, ``files``, ``small_files``,
+                                         ``rows``, ``bytes``, ``at_ms`` (``workers.maintenance``)
+``{prefix}:{<table>}:maint``     hash    ``last_ms`` (maintenance last scheduled),
+                                         ``orphans_ms`` (orphan files last removed)
+``{prefix}:{<table>}:maint_lock`` string token of the maintenance run that holds the table (PX)
+``{prefix}:{<table>}:maint_fence`` string counter the maintenance tokens are drawn from
 ===============================  ======  =====================================================
 
-Task messages carry only table names: ``flush_table(table)`` on the queue :data:`QUEUE`,
-serialised as JSON.
+Task messages carry only table names: ``flush_table(table)`` and
+``deltaflush.maintain_table(table)`` on the queue :data:`QUEUE`, serialised as JSON.
 """
 
 from __future__ import annotations
@@ -60,7 +67,10 @@ FIELD_ENTRY_ID = b"entry_id"
 FLUSH_TASK = "flush_table"
 #: Name of the periodic task that beat sends; it enqueues ``flush_table`` for due tables.
 SCHEDULE_TASK = "deltaflush.schedule_flushes"
-#: Queue of ``flush_table`` messages.
+#: Name of the task that maintains one lake table (compaction, snapshot expiry, orphan
+#: files); its only argument is the table name.
+MAINTAIN_TASK = "deltaflush.maintain_table"
+#: Queue of ``flush_table`` (and ``deltaflush.maintain_table``) messages.
 QUEUE = "deltaflush"
 #: Queue of the scheduling task, kept apart so that it never waits behind long flushes.
 SCHEDULE_QUEUE = "deltaflush.schedule"
@@ -129,6 +139,22 @@ class Keys:
     @property
     def stuck(self) -> str:
         return self._k("stuck")
+
+    @property
+    def lake(self) -> str:
+        return self._k("lake")
+
+    @property
+    def maint(self) -> str:
+        return self._k("maint")
+
+    @property
+    def maint_lock(self) -> str:
+        return self._k("maint_lock")
+
+    @property
+    def maint_fence(self) -> str:
+        return self._k("maint_fence")
 
     def dedup(self, batch_id: str) -> str:
         """Remembers, for a short while, the entry ID a batch ID was appended as."""

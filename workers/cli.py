@@ -54,14 +54,18 @@ def _bytes(n: int) -> str:
 
 
 def render(rows: list[TableStatus]) -> str:
-    header = ("table", "pending rows", "pending bytes", "oldest pending", "files", "rows flushed",
-              "dead", "state")
-    lines = [header] + [
+    header: tuple[str, ...] = ("table", "pending rows", "pending bytes", "oldest pending",
+                               "files", "rows flushed", "dead", "state")
+    lines: list[tuple[str, ...]] = [header] + [
         (s.table, str(s.pending_rows), _bytes(s.pending_bytes), _age(s.oldest_pending_age_s),
          str(s.files_flushed), str(s.rows_flushed), str(s.dead_entries),
          s.state)
         for s in rows
     ]
+    if any(s.lake for s in rows):  # lake tables: format, snapshot, files (small ones)
+        header = (*header, "lake")
+        lines = [header] + [(*line, _lake(s.lake)) for line, s in
+                            zip(lines[1:], rows, strict=True)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for n, line in enumerate(lines):
@@ -70,6 +74,13 @@ def render(rows: list[TableStatus]) -> str:
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def _lake(lake: dict[str, object] | None) -> str:
+    if not lake:
+        return "-"
+    return (f"{lake['format']} @{lake['snapshot'] or '-'}: {lake['files']} files, "
+            f"{lake['small_files']} small")
 
 
 @main.command()
@@ -172,6 +183,17 @@ def table() -> None:
 @click.option("--statistics/--no-statistics", default=None, help="Column statistics.")
 @click.option("--flush-interval", "flush_interval_s", help="Seconds between scheduled "
               "flushes of this table, or 'default'.")
+@click.option("--format", "format", help="parquet, iceberg or delta (fixed once the table has "
+              "flushed data).")
+@click.option("--target-file-bytes", help="Lake tables: size compaction packs files up to.")
+@click.option("--compact-min-small-files", help="Lake tables: compact once this many files "
+              "are under half the target.")
+@click.option("--snapshot-retention", "snapshot_retention_s", help="Lake tables: seconds "
+              "snapshots are kept.")
+@click.option("--orphan-retention", "orphan_retention_s", help="Lake tables: seconds before "
+              "an unreferenced file is removed.")
+@click.option("--maintenance-interval", "maintenance_interval_s", help="Lake tables: seconds "
+              "between maintenance runs.")
 def table_set(name: str, **options: object) -> None:
     """Change TABLE's configuration; workers use it from their next flush."""
     changes = {k: v for k, v in options.items() if v is not None}
@@ -190,15 +212,22 @@ def table_set(name: str, **options: object) -> None:
 @table.command("show")
 @click.argument("name")
 def table_show(name: str) -> None:
-    """Print TABLE's configuration (defaults where nothing was set)."""
-    producer = Producer(settings=_settings())
+    """Print TABLE's configuration (defaults where nothing was set); for a lake table also
+    its current snapshot, files and small files ("lake")."""
+    settings = _settings()
+    producer = Producer(settings=settings)
     try:
         config = producer.table_config(name)
     except DeltaflushError as exc:
         raise click.UsageError(str(exc)) from exc
     finally:
         producer.close()
-    click.echo(json.dumps(config.describe(), indent=2))
+    shown = config.describe()
+    if config.format in ("iceberg", "delta"):
+        from .maintenance import describe_table
+
+        shown["lake"] = describe_table(settings, name, config)
+    click.echo(json.dumps(shown, indent=2, default=str))
 
 
 @table.command("unstick")
@@ -211,6 +240,29 @@ def table_unstick(name: str) -> None:
     reason = unstick(connect(settings.redis_url), wire.Keys(settings.key_prefix, name))
     click.echo(f"{name} was not stuck" if reason is None else
                f"{name} unstuck; it was stuck because: {reason}")
+
+
+@main.command()
+@click.argument("table")
+def compact(table: str) -> None:
+    """Rewrite lake table TABLE's small files into files near its size target, in one
+    atomic commit, while flushes go on (iceberg and delta tables)."""
+    from .maintenance import NotALakeTable, compact_table
+
+    settings = _settings()
+    if not wire.valid_table_name(table):
+        raise click.UsageError(str(InvalidTableName(table)))
+    try:
+        done = compact_table(settings, table)
+    except NotALakeTable as exc:
+        raise click.UsageError(str(exc)) from exc
+    if done["status"] == "busy":
+        click.echo(f"{table}: a maintenance run holds the table; try again later")
+        return
+    c, info = done.get("compaction", {}), done["table_info"]
+    click.echo(f"{table}: {c.get('compacted', 0)} files rewritten into {c.get('written', 0)}; "
+               f"now {info['files']} files ({info['small_files']} small), snapshot "
+               f"{info['snapshot']}")
 
 
 @main.group()

@@ -248,7 +248,9 @@ def expire_snapshots(sink: IcebergSink, name: str, config: TableConfig) -> dict[
 
 def referenced(table: Table) -> set[str]:
     """Every file the table's metadata needs: metadata files (current and logged), and the
-    manifest lists, manifests, data and delete files of every live snapshot, statistics."""
+    manifest lists, manifests, data and delete files of every live snapshot, statistics.
+    (A manifest's entry of a file *deleted* by its snapshot does not count: the snapshot
+    before, if still live, lists that file itself.)"""
     paths = {table.metadata_location}
     paths.update(e.metadata_file for e in table.metadata.metadata_log)
     paths.update(s.statistics_path for s in table.metadata.statistics)
@@ -260,7 +262,7 @@ def referenced(table: Table) -> set[str]:
             manifests[manifest.manifest_path] = manifest
     for path, manifest in manifests.items():
         paths.add(path)
-        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=False):
+        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
             paths.add(entry.data_file.file_path)
     return {fs_path(p) for p in paths}
 
