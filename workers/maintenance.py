@@ -3,17 +3,18 @@ protocol of the table's sink (``workers.sinks``), so Iceberg and Delta tables ar
 by the same code.
 
 * **When.** Every scheduling round (beat, ``deltaflush.schedule_flushes``) also checks, at
-  most every ``ROUND_S``, which lake tables are due: one script per table
-  (``producer/lua/maintain_due.lua``, in pipelined batches) finds the table's format and
-  ``maintenance_interval_s`` in its configuration and marks it scheduled, so two rounds
-  never both queue it. A due table gets ``deltaflush.maintain_table(table)`` on the
-  project's queue.
+  most every ``ROUND_S`` (or flush interval, if shorter), which lake tables are due: one
+  script per table (``producer/lua/maintain_due.lua``, in pipelined batches) finds the
+  table's format and ``maintenance_interval_s`` in its configuration and marks it
+  scheduled, so two rounds never both queue it. A due table gets
+  ``deltaflush.maintain_table(table)`` on the project's queue.
 * **What.** ``maintain`` follows the table's policy: compact once the table has
   ``compact_min_small_files`` small files, expire snapshots older than
   ``snapshot_retention_s``, and (at most every ``ORPHANS_EVERY_S``, a listing of the whole
   table) remove files no snapshot references that are older than ``orphan_retention_s``.
 * **One at a time.** A run holds the table's maintenance lock (``{T}:maint_lock``, a lease
-  with a fencing token, renewed while it runs), so two runs never overlap; flushes do not
+  with a fencing token, renewed while it runs, as long as a flush lease), so two runs
+  never overlap; flushes do not
   take it and go on meanwhile. The lock only saves work: each step is one atomic commit
   that a concurrent commit makes fail and retry, so even overlapping runs stay correct.
 * **Seen.** Each run stores the sink's ``describe`` in ``{T}:lake`` (status and metrics
@@ -52,8 +53,6 @@ DUE = scripts.load("maintain_due")
 ROUND_S = 10.0
 #: Orphan removal lists the whole table: at most once an hour per table.
 ORPHANS_EVERY_S = 3600.0
-#: How long a maintenance run holds its lock between renewals (renewed every third).
-LOCK_MS = 60_000
 LAKE_FORMATS = ("iceberg", "delta")
 
 
@@ -100,7 +99,9 @@ def maintain(client: redis.Redis, flusher: Flusher, table: str, *, compact: bool
     keys = wire.Keys(flusher.settings.key_prefix, table)
     config = TableConfig.from_json(client.get(keys.config))
     sink = lake_sink(flusher, config, table)
-    lock = acquire(client, _LockKeys(keys.prefix, table), LOCK_MS)
+    # held like a flush lease: renewed every third of DELTAFLUSH_LEASE_S while the run goes
+    # on, free again within that period once its worker is gone
+    lock = acquire(client, _LockKeys(keys.prefix, table), flusher.settings.lease_ms)
     if lock is None:
         return {"table": table, "status": "busy"}
     done: dict[str, Any] = {"table": table, "status": "ok"}

@@ -137,7 +137,7 @@ def schedule_flushes() -> int:
         _last_sweep = time.monotonic()
         flusher.storage.sweep_temp(older_than_s=2 * settings.task_time_limit_s)
     global _last_maintenance_round
-    if time.monotonic() - _last_maintenance_round > ROUND_S:
+    if time.monotonic() - _last_maintenance_round > min(ROUND_S, settings.flush_interval_s):
         _last_maintenance_round = time.monotonic()
         enqueue_maintenance(client, settings.key_prefix, send_maintain)
     return len(sent)
