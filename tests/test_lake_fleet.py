@@ -113,3 +113,22 @@ def test_beat_compacts_by_itself_while_flushes_go_on(fault, lake_env, fleet, pro
     name = "compaction by beat alongside flushes" + (
         ", a worker SIGKILLed with a compaction written" if fault else "")
     check_lake(name, storage_dir, TABLE, range(total))
+
+
+def test_the_demo_runs_with_iceberg_tables(tmp_path):
+    """`deltaflush demo --format iceberg` with nothing but the package."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAFLUSH_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("deltaflush")), "demo", "--seconds", "2",
+         "--tables", "1", "--format", "iceberg"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "in Iceberg" in proc.stdout and proc.stdout.count(": ok") == 1
+    assert (tmp_path / "data" / "_deltaflush" / "catalog.db").exists()
+    assert duckdb_ids(tmp_path / "data", "demo_events_0")

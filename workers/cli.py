@@ -316,12 +316,15 @@ def dead_replay(table: str) -> None:
 @click.option("--seconds", default=15.0, show_default=True, help="How long to produce.")
 @click.option("--tables", default=3, show_default=True, help="How many tables to fill.")
 @click.option("--workers", default=2, show_default=True, help="Worker processes.")
-def demo(seconds: float, tables: int, workers: int) -> None:
+@click.option("--format", "fmt", type=click.Choice(["parquet", "iceberg"]), default=None,
+              help="Format of the demo's tables (default: DELTAFLUSH_TABLE_FORMAT).")
+def demo(seconds: float, tables: int, workers: int, fmt: str | None) -> None:
     """Run the whole pipeline on this machine: producer, Celery worker and beat, then show
     where the Parquet files are."""
     from .demo import run_demo
 
-    sys.exit(run_demo(seconds=seconds, n_tables=tables, concurrency=workers, echo=click.echo))
+    sys.exit(run_demo(seconds=seconds, n_tables=tables, concurrency=workers, echo=click.echo,
+                      fmt=fmt))
 
 
 if __name__ == "__main__":  # pragma: no cover
