@@ -103,11 +103,12 @@ def pg_database() -> Iterator[str]:
     admin.close()
 
 
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 def test_a_postgresql_catalog_cut_off_mid_flush_loses_and_duplicates_nothing(
-        real_redis, storage_dir, pg_database):
+        driver, real_redis, storage_dir, pg_database):
     proxy = Proxy(PG)
     settings = Settings(max_file_bytes=8_000, table_format="iceberg",
-                        catalog_uri=f"postgresql+psycopg2://postgres@127.0.0.1:{proxy.port}/"
+                        catalog_uri=f"postgresql+{driver}://postgres@127.0.0.1:{proxy.port}/"
                                     f"{pg_database}")
     p = Producer(client=real_redis, settings=settings)
     for i in range(10):
@@ -138,11 +139,15 @@ def test_a_postgresql_catalog_cut_off_mid_flush_loses_and_duplicates_nothing(
     assert namespace == "deltaflush" and location == table.metadata_location
     ids = sorted(r[0] for r in connect().execute("SELECT id FROM iceberg_scan(?)",
                                                  [location]).fetchall())
-    check_ids("iceberg: PostgreSQL catalog unreachable mid-flush, then back", ids, range(1000),
-              None, str)
+    check_ids(f"iceberg: PostgreSQL catalog ({driver}) unreachable mid-flush, then back", ids,
+              range(1000), None, str)
     sink.catalog.engine.dispose()  # type: ignore[attr-defined]
     p.close()
     proxy.close()
+
+
+#: moto keeps its buckets per process, shared with tests/test_storage.py: a table of its own
+S3_TABLE = "iceberg_events"
 
 
 def test_an_iceberg_table_on_s3(real_redis, s3_uri, tmp_path):  # noqa: F811
@@ -150,14 +155,15 @@ def test_an_iceberg_table_on_s3(real_redis, s3_uri, tmp_path):  # noqa: F811
                         catalog_uri=f"sqlite:///{tmp_path}/catalog.db")
     p = Producer(client=real_redis, settings=settings)
     for i in range(20):
-        p.append("events", id_batch(i * 50, 50))
+        p.append(S3_TABLE, id_batch(i * 50, 50))
     storage = Storage(s3_uri)
-    result = Flusher(real_redis, storage, settings).flush("events")
+    result = Flusher(real_redis, storage, settings).flush(S3_TABLE)
     assert result.rows == 1000 and result.files > 1
-    assert all(path.startswith("s3://lake/prefix/events/data/part-") for path in result.paths)
-    table = IcebergSink(storage, settings).load("events")
-    assert table is not None and table.location() == "s3://lake/prefix/events"
-    assert table.metadata_location.startswith("s3://lake/prefix/events/metadata/")
+    assert all(path.startswith("s3://lake/prefix/iceberg_events/data/part-")
+               for path in result.paths)
+    table = IcebergSink(storage, settings).load(S3_TABLE)
+    assert table is not None and table.location() == "s3://lake/prefix/iceberg_events"
+    assert table.metadata_location.startswith("s3://lake/prefix/iceberg_events/metadata/")
     ids = sorted(table.scan().to_arrow()["id"].to_pylist())
     check_ids("iceberg on S3 (moto), read back by pyiceberg", ids, range(1000), None, str)
     p.close()

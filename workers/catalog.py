@@ -2,7 +2,8 @@
 
 ``DELTAFLUSH_CATALOG_URI`` chooses it:
 
-* ``sqlite:////abs/path.db``, ``postgresql+psycopg2://user@host/db`` (any SQLAlchemy URL):
+* ``sqlite:////abs/path.db``, ``postgresql+psycopg://user@host/db`` (psycopg 3, or
+  ``postgresql+psycopg2://``; any SQLAlchemy URL):
   pyiceberg's SQL catalog, whose table ``iceberg_tables`` maps each table to its current
   metadata file; a commit is a compare-and-set of that row, so concurrent writers conflict
   instead of overwriting each other;
