@@ -45,6 +45,7 @@ def lake(client) -> dict:
 def test_compaction_packs_small_files_and_keeps_every_row(real_redis, storage_dir):
     p, f, total = small_table(real_redis, storage_dir)
     assert lake(real_redis)["files"] == 10  # counted by each commit
+    assert lake(real_redis)["format"] == "iceberg" and lake(real_redis)["snapshot"]
     p.configure(TABLE, target_file_bytes=1 << 20)
     done = maintenance.maintain(real_redis, f, TABLE, compact=True)
     assert done["compaction"]["compacted"] == 10 and done["compaction"]["written"] == 1

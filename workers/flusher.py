@@ -224,7 +224,7 @@ class Flusher:
         if self.redis is not None and sink.format in LAKE_FORMATS:
             try:  # counters only: the range is committed and trimmed either way
                 record_commit(self.redis, wire.Keys(self.settings.key_prefix, source.table),
-                              done, self.settings.max_file_bytes)
+                              done, sink.format, self.settings.max_file_bytes)
             except redis.RedisError as exc:
                 log.warning("could not count a lake commit of %s: %s", source.table, exc)
         if done.range.dead:

@@ -170,7 +170,7 @@ def record(client: redis.Redis, keys: wire.Keys, info: TableInfo, done: dict[str
     pipe.execute()
 
 
-def record_commit(client: redis.Redis, keys: wire.Keys, done: Done,
+def record_commit(client: redis.Redis, keys: wire.Keys, done: Done, fmt: str,
                   max_file_bytes: int) -> None:
     """Count one lake commit of a flush in ``{T}:stats`` (commits, conflicts met, ranges
     found committed already) and move ``{T}:lake`` on: its snapshot, and the files it
@@ -183,7 +183,8 @@ def record_commit(client: redis.Redis, keys: wire.Keys, done: Done,
         config = TableConfig.from_json(done.range.config)
         small = (config.target_file_bytes or max_file_bytes) / 2
         pipe.hincrby(keys.stats, "lake_commits", 1)
-        pipe.hset(keys.lake, "snapshot", str(details.get("snapshot") or ""))
+        pipe.hset(keys.lake, mapping={"format": fmt,
+                                      "snapshot": str(details.get("snapshot") or "")})
         pipe.hincrby(keys.lake, "files", len(done.committed.paths))
         pipe.hincrby(keys.lake, "small_files",
                      sum(1 for f in done.staged.files if f.size < small))

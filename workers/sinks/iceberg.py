@@ -25,12 +25,13 @@ snapshot expiry, compaction and snapshots made by other writers, whatever they c
 stream is at or past the range's last ID, the table holds the range: it commits nothing and
 returns ``Committed(already=True)`` (a retry after a crash between the lake commit and the
 Redis trim, or a zombie that wakes after a takeover). Otherwise it commits on *that* loaded
-snapshot: the commit requires the branch to still be at it (pyiceberg's
-``AssertRefSnapshotId``; the catalog compares and sets), so any commit in between (another
+snapshot (``iceberg_commit.append``): the commit requires the branch to still be at it
+(``AssertRefSnapshotId``; the catalog compares and sets), so any commit in between (another
 shard's flush, a compaction, a zombie) fails it with ``CommitFailedException``. A conflict
 is retried by loading the table again and checking again, never by re-applying the append
-on the new snapshot: pyiceberg's own retry does exactly that, so the tables are created with
-``commit.retry.num-retries=0`` (and a table found with another value is set back to it).
+on the new snapshot. pyiceberg's own transactions (used by maintenance) retry by doing
+exactly that, so the tables are created with ``commit.retry.num-retries=0`` (and a table
+found with another value is set back to it).
 
 **Never referencing a removed file.** Orphan removal deletes only files no snapshot lists
 and older than the table's ``orphan_retention_s`` (days; far above any flush). Just before
@@ -74,6 +75,7 @@ from workers.writer import FileSet
 
 from . import Committed, Staged, StagedFile, StageStart, TableInfo
 from .folder import ROW_GROUP_BYTES, file_metadata
+from .iceberg_commit import append
 from .iceberg_types import conform, lake_schema, with_field_ids
 
 if TYPE_CHECKING:
@@ -221,11 +223,13 @@ def data_file(metadata: Any, spec: PartitionSpec, uri: str, size: int,
         parquet_metadata=footer,
         stats_columns=compute_statistics_plan(schema, properties),
         parquet_column_mapping=parquet_path_to_id_mapping(schema))
-    return DataFile.from_args(
+    found = DataFile.from_args(
         content=DataFileContent.DATA, file_path=uri, file_format=FileFormat.PARQUET,
         partition=stats.partition(spec, schema), file_size_in_bytes=size,
-        sort_order_id=None, spec_id=spec.spec_id, equality_ids=None, key_metadata=None,
+        sort_order_id=None, equality_ids=None, key_metadata=None,
         **stats.to_serialized_dict())
+    found.spec_id = spec.spec_id  # not a field of the file: the manifest it goes in says it
+    return found
 
 
 class IcebergSink:
@@ -384,20 +388,14 @@ class IcebergSink:
                 self._drop_unsent(staged)
                 return Committed(already=True, details={"conflicts": conflicts})
             self._check_staged(staged)
-            txn = table.transaction()
-            txn.set_properties({WATERMARK + rng.stream: rng.last})
             summary = {SUMMARY_STREAM: rng.stream, SUMMARY_FIRST: rng.first,
                        SUMMARY_LAST: rng.last, "deltaflush.entries": str(rng.count)}
-            try:
-                with txn.update_snapshot(snapshot_properties=summary).merge_append() as add:
-                    for f in staged.files:
-                        add.append_data_file(f.data_file)  # type: ignore[attr-defined]
-            except catalog_errors() as exc:  # reading manifests to merge them
-                raise CatalogUnavailable(f"Iceberg table {rng.table!r}: {exc}") from exc
             failpoint("lake.commit")
             self._remember(staged)
             try:
-                new = txn.commit_transaction()
+                snapshot_id, _ = append(
+                    table, [f.data_file for f in staged.files],  # type: ignore[attr-defined]
+                    {WATERMARK + rng.stream: rng.last}, summary)
             except CommitFailedException:
                 # another commit came first: this one did not land; look again
                 self._forget(staged)
@@ -409,10 +407,8 @@ class IcebergSink:
                 raise CatalogUnavailable(f"committing range {rng.first}..{rng.last} to "
                                          f"Iceberg table {rng.table!r} failed: {exc}") from exc
             failpoint("lake.committed")
-            snapshot = new.current_snapshot()
             return Committed(tuple(self.storage.display(f.final) for f in staged.files),
-                             details={"conflicts": conflicts, "snapshot": str(
-                                 snapshot.snapshot_id) if snapshot else None})
+                             details={"conflicts": conflicts, "snapshot": str(snapshot_id)})
         raise CatalogUnavailable(f"Iceberg table {rng.table!r}: {COMMIT_TRIES} commits of "
                                  f"range {rng.first}..{rng.last} in a row met another commit")
 
