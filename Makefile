@@ -42,7 +42,8 @@ bench: $(STAMP)
 # ten times the rows and rounds.
 RELIABILITY_TESTS := tests/test_fleet.py tests/test_outages.py tests/test_chaos.py \
 	tests/test_flusher.py tests/test_producer.py tests/test_evolution.py tests/test_fuzz.py \
-	tests/test_layout.py
+	tests/test_layout.py tests/test_lake_fleet.py tests/test_iceberg.py tests/test_maintenance.py \
+	tests/test_catalogs.py
 reliability: $(STAMP)
 	rm -f .reliability.jsonl
 	DELTAFLUSH_RELIABILITY_LOG=.reliability.jsonl $(BIN)/python -m pytest -q $(RELIABILITY_TESTS)

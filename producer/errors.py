@@ -17,10 +17,12 @@
     ├── UpgradeRequired                    the table needs a later protocol: upgrade deltaflush
     └── FlushError                         raised on the worker side
         ├── LeaseLost                      another flusher took the table over: stop, do not commit
+        ├── CatalogUnavailable(OSError)    a lake table's catalog failed: retried with backoff
         └── InvariantViolation             the table's state breaks the protocol: the table is
             │                              marked stuck, never retried in a loop
             ├── ClaimMismatch              the claim, or the entries read for it, are not the range
-            └── NotAtHead                  the claimed range does not start at the delta's head
+            ├── NotAtHead                  the claimed range does not start at the delta's head
+            └── LakeSchemaError            a type or value the lake format cannot hold losslessly
 
 Nothing is written to Redis or storage when an ``InvalidInput`` is raised. Transient
 failures (a lost connection, a storage error) keep their own types (``redis.ConnectionError``,
@@ -185,3 +187,15 @@ class ClaimMismatch(InvariantViolation):
 class NotAtHead(InvariantViolation):
     """The claimed range does not start at the delta's head: trimming it would remove entries
     that no file holds, so nothing was trimmed."""
+
+
+class LakeSchemaError(InvariantViolation):
+    """A range holds a type, a value or a schema change that the table's lake format cannot
+    hold without loss (an Iceberg column cannot change from int to double, for instance).
+    The table is marked stuck with this message; its entries stay in Redis."""
+
+
+class CatalogUnavailable(FlushError, OSError):
+    """A lake table's catalog could not be reached, failed, or kept conflicting with other
+    commits. Nothing was trimmed: like a storage error (an ``OSError``), the flush is
+    retried with backoff and its next try resumes the claim."""

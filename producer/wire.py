@@ -4,8 +4,9 @@ the canonical form of schemas, and the names of the Celery messages.
 docs/spec.md is the specification a producer in any language implements (deltaflush
 protocol :data:`PROTOCOL`): it has the table of keys and fields, which this module names in
 code (:class:`Keys`, the ``FIELD_*`` constants). Change one together with the other.
-Task messages carry only table names: ``flush_table(table)`` on the queue :data:`QUEUE`,
-serialised as JSON; a producer never needs them (docs/spec.md, "Requesting a flush").
+Task messages carry only table names: ``flush_table(table)`` and
+``deltaflush.maintain_table(table)`` on the queue :data:`QUEUE`, serialised as JSON; a
+producer never needs them (docs/spec.md, "Requesting a flush").
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ FIELD_FLUSH_REQUESTED = b"flush_requested"
 FLUSH_TASK = "flush_table"
 #: Name of the periodic task that beat sends; it enqueues ``flush_table`` for due tables.
 SCHEDULE_TASK = "deltaflush.schedule_flushes"
-#: Queue of ``flush_table`` messages.
+#: Name of the task that maintains one lake table (compaction, snapshot expiry, orphan
+#: files); its only argument is the table name.
+MAINTAIN_TASK = "deltaflush.maintain_table"
+#: Queue of ``flush_table`` (and ``deltaflush.maintain_table``) messages.
 QUEUE = "deltaflush"
 #: Queue of the scheduling task, kept apart so that it never waits behind long flushes.
 SCHEDULE_QUEUE = "deltaflush.schedule"
@@ -120,6 +124,22 @@ class Keys:
     def protocol(self) -> str:
         """The lowest protocol version a producer must speak to append (absent: 1)."""
         return self._k("protocol")
+
+    @property
+    def lake(self) -> str:
+        return self._k("lake")
+
+    @property
+    def maint(self) -> str:
+        return self._k("maint")
+
+    @property
+    def maint_lock(self) -> str:
+        return self._k("maint_lock")
+
+    @property
+    def maint_fence(self) -> str:
+        return self._k("maint_fence")
 
     def dedup(self, batch_id: str) -> str:
         """Remembers, for a short while, the entry ID a batch ID was appended as."""

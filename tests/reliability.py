@@ -1,5 +1,6 @@
-"""Check a table's Parquet output for loss and duplication, and record the outcome for the
-reliability report (docs/reliability.md, made by ``make reliability`` / ``make chaos``).
+"""Check a table's Parquet output (or lake table) for loss and duplication, and record the
+outcome for the reliability report (docs/reliability.md, made by ``make reliability`` /
+``make chaos``).
 
 With ``DELTAFLUSH_RELIABILITY_LOG`` set, every check appends one JSON line: the fault, the
 test, the rows appended and the rows lost and duplicated. ``DELTAFLUSH_CHAOS_SCALE``
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tests.conftest import read_ids
@@ -32,20 +33,36 @@ def check(fault: str, root: Path | str, table: str, expected: Iterable[int],
           must_have: Iterable[int] | None = None) -> None:
     """Assert every id of ``must_have`` (default: ``expected``) is in the table's files once,
     and no id outside ``expected`` or twice; record the outcome either way."""
+    check_ids(fault, read_ids(root, table), expected, must_have,
+              lambda missing: diagnose(root, table, missing))
+
+
+def check_lake(fault: str, root: Path | str, table: str, expected: Iterable[int],
+               must_have: Iterable[int] | None = None) -> None:
+    """``check`` for a lake table (Iceberg in the default SQLite catalog of ``root``): its
+    current snapshot read back by DuckDB's ``iceberg_scan``, an independent reader."""
+    from tests.lake import duckdb_ids
+
+    check_ids(f"iceberg: {fault}", duckdb_ids(root, table), expected, must_have,
+              lambda missing: f"missing ids: {len(missing)}, from {min(missing)} to "
+                              f"{max(missing)}")
+
+
+def check_ids(fault: str, ids: list[int], expected: Iterable[int],
+              must_have: Iterable[int] | None, diagnosis: Callable[[set[int]], str]) -> None:
     expected = set(expected)
     must = expected if must_have is None else set(must_have)
-    ids = read_ids(root, table)
     counts = Counter(ids)
     duplicated = sum(n - 1 for n in counts.values() if n > 1)
     lost = len(must - counts.keys())
     foreign = len(counts.keys() - expected)
     test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
     record(fault, test, len(must), lost, duplicated + foreign)
-    assert duplicated == 0, f"{fault}: {duplicated} duplicated rows in {table}"
-    assert foreign == 0, f"{fault}: {foreign} rows that were never appended in {table}"
+    assert duplicated == 0, f"{fault}: {duplicated} duplicated rows"
+    assert foreign == 0, f"{fault}: {foreign} rows that were never appended"
     if lost:
-        print(diagnose(root, table, must - counts.keys()))
-    assert lost == 0, f"{fault}: {lost} rows lost from {table}"
+        print(diagnosis(must - counts.keys()))
+    assert lost == 0, f"{fault}: {lost} rows lost"
 
 
 def refused(kind: str, rows: int, entries_written: int) -> None:

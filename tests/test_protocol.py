@@ -1,6 +1,7 @@
 """The flush protocol through its seams: the same tests over each range source (in memory,
-and a Redis stream on fakeredis and on a real redis-server) and each sink (in memory, and
-the folder of Parquet files). Faults are injected by wrapping a seam (``tests.seams``)."""
+and a Redis stream on fakeredis and on a real redis-server) and each sink (in memory, the
+folder of Parquet files, an Iceberg table read back by DuckDB). Faults are injected by
+wrapping a seam (``tests.seams``)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 from producer import Producer, Settings, wire
 from producer.errors import LeaseLost
 from tests.conftest import id_batch, read_ids
+from tests.lake import duckdb_ids
 from tests.seams import Hooked
 from workers.flusher import Flusher
 from workers.sinks.folder import FolderSink
+from workers.sinks.iceberg import IcebergSink
 from workers.sinks.memory import MemorySink
 from workers.sources.memory import MemoryStream
 from workers.sources.redis_stream import RedisStream
@@ -39,8 +42,12 @@ class Rig:
                 "fake_redis" if source_kind == "fakeredis" else "real_redis")
             producer = Producer(client=self.client, settings=SETTINGS)
             self._append = lambda data: producer.append("events", data)
-        self.sink = MemorySink() if sink_kind == "memory" else FolderSink(
-            Storage(str(self.root)), SETTINGS.max_file_bytes)
+        if sink_kind == "memory":
+            self.sink = MemorySink()
+        elif sink_kind == "iceberg":
+            self.sink = IcebergSink(Storage(str(self.root)), SETTINGS)
+        else:
+            self.sink = FolderSink(Storage(str(self.root)), SETTINGS.max_file_bytes)
 
     def append(self, data: pa.Table) -> str:
         return self._append(data)
@@ -58,6 +65,8 @@ class Rig:
     def ids(self) -> list[int]:
         if self.sink_kind == "folder":
             return read_ids(self.root, "events")
+        if self.sink_kind == "iceberg":
+            return duckdb_ids(self.root, "events")
         rows = self.sink.table("events")
         return sorted(rows["id"].to_pylist()) if rows is not None else []
 
@@ -70,7 +79,7 @@ def source_kind(request):
     return request.param
 
 
-@pytest.fixture(params=["memory", "folder"])
+@pytest.fixture(params=["memory", "folder", "iceberg"])
 def rig(request, source_kind, tmp_path) -> Rig:
     return Rig(source_kind, request.param, request, tmp_path)
 

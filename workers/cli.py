@@ -249,6 +249,17 @@ def table() -> None:
               "flushes of this table, or 'default'.")
 @click.option("--spark-compatible", help="true (the default): write only types Spark reads "
               "too; false: write every type as it is. Fixed once the table has files.")
+@click.option("--format", "format", help="parquet, iceberg or delta (fixed once the table has "
+              "flushed data).")
+@click.option("--target-file-bytes", help="Lake tables: size compaction packs files up to.")
+@click.option("--compact-min-small-files", help="Lake tables: compact once this many files "
+              "are under half the target.")
+@click.option("--snapshot-retention", "snapshot_retention_s", help="Lake tables: seconds "
+              "snapshots are kept.")
+@click.option("--orphan-retention", "orphan_retention_s", help="Lake tables: seconds before "
+              "an unreferenced file is removed.")
+@click.option("--maintenance-interval", "maintenance_interval_s", help="Lake tables: seconds "
+              "between maintenance runs.")
 @click.option("--create", is_flag=True, help="Configure a table nothing was appended to yet.")
 def table_set(name: str, create: bool, **options: object) -> None:
     """Change TABLE's configuration; workers use it from their next flush."""
@@ -267,15 +278,22 @@ def table_set(name: str, create: bool, **options: object) -> None:
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def table_show(name: str, as_json: bool) -> None:
-    """Show TABLE's configuration (defaults where nothing was set), its columns, and the
-    columns some readers reject."""
+    """Show TABLE's configuration (defaults where nothing was set), its columns, the
+    columns some readers reject and, for a lake table, its snapshot and files."""
     settings = _settings()
     client = _client(settings)
     info = admin.table_info(client, admin.require_table(client, settings.key_prefix, name))
+    lake = None
+    if info.config.format in ("iceberg", "delta"):  # the lake table, as its sink sees it
+        from .maintenance import describe_table
+
+        lake = describe_table(settings, name, info.config)
     if as_json:
-        click.echo(json.dumps(info.as_dict(), indent=2))
+        click.echo(json.dumps({**info.as_dict(), "lake": lake}, indent=2, default=str))
     else:
         _show_table(info)
+        if lake:
+            render.say(f"lake table: {render.lake(lake)}")
 
 
 def _show_table(info: admin.TableInfo) -> None:
@@ -309,9 +327,6 @@ def _value(value: object) -> str:
     return "-" if value in (None, "") else str(value)
 
 
-# --- dead letters ----------------------------------------------------------------------
-
-
 @table.command("unstick")
 @click.argument("name")
 def table_unstick(name: str) -> None:
@@ -321,6 +336,29 @@ def table_unstick(name: str) -> None:
     reason = unstick(client, admin.require_table(client, settings.key_prefix, name))
     click.echo(f"{name} was not stuck" if reason is None else
                f"{name} unstuck; it was stuck because: {reason}")
+
+
+@main.command()
+@click.argument("table")
+def compact(table: str) -> None:
+    """Rewrite lake table TABLE's small files into files near its size target, in one
+    atomic commit, while flushes go on (iceberg and delta tables)."""
+    from .maintenance import compact_table
+
+    settings = _settings()
+    client = _client(settings)
+    admin.require_table(client, settings.key_prefix, table)
+    done = compact_table(settings, table)  # NotALakeTable: a ConfigError, one line
+    if done["status"] == "busy":
+        click.echo(f"{table}: a maintenance run holds the table; try again later")
+        return
+    c, info = done.get("compaction", {}), done["table_info"]
+    click.echo(f"{table}: {c.get('compacted', 0)} files rewritten into {c.get('written', 0)}; "
+               f"now {info['files']} files ({info['small_files']} small), snapshot "
+               f"{info['snapshot']}")
+
+
+# --- dead letters ----------------------------------------------------------------------
 
 
 @main.group()
@@ -374,12 +412,15 @@ def dead_replay(table: str) -> None:
 @click.option("--seconds", default=15.0, show_default=True, help="How long to produce.")
 @click.option("--tables", default=3, show_default=True, help="How many tables to fill.")
 @click.option("--workers", default=2, show_default=True, help="Worker processes.")
-def demo(seconds: float, tables: int, workers: int) -> None:
+@click.option("--format", "fmt", type=click.Choice(["parquet", "iceberg"]), default=None,
+              help="Format of the demo's tables (default: DELTAFLUSH_TABLE_FORMAT).")
+def demo(seconds: float, tables: int, workers: int, fmt: str | None) -> None:
     """Run the whole pipeline on this machine: producer, Celery worker and beat, then show
     where the Parquet files are."""
     from .demo import run_demo
 
-    sys.exit(run_demo(seconds=seconds, n_tables=tables, concurrency=workers, echo=click.echo))
+    sys.exit(run_demo(seconds=seconds, n_tables=tables, concurrency=workers, echo=click.echo,
+                      fmt=fmt))
 
 
 if __name__ == "__main__":  # pragma: no cover

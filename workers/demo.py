@@ -36,6 +36,7 @@ from producer import Producer
 from producer.client import connect
 from producer.settings import Settings
 
+from .catalog import catalog_uri
 from .embedded import embedded_redis
 from .status import table_status
 from .storage import Storage
@@ -60,8 +61,10 @@ def run_folder(storage_uri: str, name: str) -> str:
 
 
 def run_demo(seconds: float, n_tables: int, concurrency: int,
-             echo: Callable[[str], None] = print) -> int:
+             echo: Callable[[str], None] = print, fmt: str | None = None) -> int:
     env = dict(os.environ)
+    if fmt:  # the format of the demo's tables (new tables take the default format)
+        env["DELTAFLUSH_TABLE_FORMAT"] = fmt
     env.setdefault("DELTAFLUSH_FLUSH_INTERVAL_S", "2")
     env["DELTAFLUSH_STORAGE_URI"] = run_folder(
         env.get("DELTAFLUSH_STORAGE_URI") or "./data",
@@ -128,19 +131,29 @@ def _produce_and_check(settings: Settings, storage: Storage, seconds: float, n_t
         echo("timed out waiting for the workers to drain the tables")
         return 1
     ok = True
+    lake = settings.table_format == "iceberg"
     for table in tables:
-        data = ds.dataset(storage.table_dir(table), filesystem=storage.fs, format="parquet")
-        got = data.to_table(columns=["id"], filter=ds.field("run") == run)["id"]
+        if lake:
+            got, files = _iceberg_ids(settings, storage, table, run)
+        else:
+            data = ds.dataset(storage.table_dir(table), filesystem=storage.fs, format="parquet")
+            got = data.to_table(columns=["id"], filter=ds.field("run") == run)["id"]
+            files = len(storage.list_files(table))
         unique = len(pc.unique(got))
-        files = len(storage.list_files(table))
         status = "ok" if len(got) == unique == appended[table] else "MISMATCH"
         ok &= status == "ok"
-        echo(f"  {table}: appended {appended[table]}, in Parquet {len(got)} "
+        echo(f"  {table}: appended {appended[table]}, in {'Iceberg' if lake else 'Parquet'} "
+             f"{len(got)} "
              f"({unique} distinct), {files} files: {status}")
-    echo(f"Parquet files are under {storage.display(storage.root)}/<table>/; count their rows "
-         "with:")
-    for command in reading_commands(storage):
-        echo(f"  {command}")
+    if lake:
+        echo(f"Iceberg tables {settings.catalog_namespace}.<table> are in the catalog "
+             f"{catalog_uri(settings, storage)}, their files under "
+             f"{storage.display(storage.root)}/<table>/; read them as docs/lake.md shows")
+    else:
+        echo(f"Parquet files are under {storage.display(storage.root)}/<table>/; count "
+             "their rows with:")
+        for command in reading_commands(storage):
+            echo(f"  {command}")
     producer.close()
     return 0 if ok else 1
 
@@ -159,6 +172,18 @@ def reading_commands(storage: Storage) -> list[str]:
         codes.append(f'import polars as pl; print(pl.scan_parquet("{glob}", '
                      'hive_partitioning=True).select(pl.len()).collect().item())')
     return [f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}" for code in codes]
+
+
+def _iceberg_ids(settings: Settings, storage: Storage, table: str, run: str
+                 ) -> tuple[pa.ChunkedArray, int]:
+    """The ids of this run in an Iceberg table's current snapshot, and its data files."""
+    from .sinks.iceberg import IcebergSink
+
+    found = IcebergSink(storage, settings).load(table)
+    if found is None:
+        return pa.chunked_array([], pa.int64()), 0
+    scan = found.scan(row_filter=f"run == '{run}'", selected_fields=("id",))
+    return scan.to_arrow()["id"], len(list(found.scan().plan_files()))
 
 
 def _report(client, settings, tables, appended, echo, phase) -> None:  # type: ignore[no-untyped-def]

@@ -40,6 +40,7 @@ from producer.tablecfg import TableConfig
 
 from . import sinks
 from .failpoints import failpoint
+from .maintenance import LAKE_FORMATS, record_commit
 from .protocol import Done, Written, commit_range, write_range
 from .sinks import Sink
 from .sinks.folder import file_name
@@ -220,6 +221,12 @@ class Flusher:
                 written.staging.abort()
             raise
         done = commit_range(source, sink, lease, written, started)
+        if self.redis is not None and sink.format in LAKE_FORMATS:
+            try:  # counters only: the range is committed and trimmed either way
+                record_commit(self.redis, wire.Keys(self.settings.key_prefix, source.table),
+                              done, sink.format, self.settings.max_file_bytes)
+            except redis.RedisError as exc:
+                log.warning("could not count a lake commit of %s: %s", source.table, exc)
         if done.range.dead:
             log.warning("table %s: %d entries could not be flushed and went to the dead "
                         "letters (`deltaflush dead list %s`), e.g. %s: %s", source.table,

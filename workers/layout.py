@@ -2,7 +2,9 @@
 
 ``split()`` cuts a batch into one piece per partition it touches and names the folder of
 each (``country=de/ts_day=2026-11-24``). Partition columns are not stored in the files, as in
-Spark and ``pyarrow.dataset``: readers take them from the folder names. A null value goes to
+Spark and ``pyarrow.dataset``: readers take them from the folder names. Lake tables keep them
+(``keep_partition_columns``): Iceberg readers take every column from the files, and find the
+partition in the table's metadata, not in folder names. A null value goes to
 Hive's ``__HIVE_DEFAULT_PARTITION__``; characters that are unsafe in a path are escaped as
 ``%XX`` like Hive does.
 
@@ -13,6 +15,8 @@ already cast to ``file_schema``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -20,6 +24,11 @@ from producer.tablecfg import BUCKETS, TableConfig
 from producer.typepolicy import spark_safe
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
+def _same(table: pa.Table) -> pa.Table:
+    return table
+
 _UNSAFE = set('"#%\'*/:=?\\\x7f{}[]^') | {chr(c) for c in range(0x20)}
 
 
@@ -28,13 +37,19 @@ def escape(value: str) -> str:
 
 
 class Layout:
-    def __init__(self, config: TableConfig, schema: pa.Schema) -> None:
+    def __init__(self, config: TableConfig, schema: pa.Schema,
+                 keep_partition_columns: bool = False) -> None:
         self.config = config
         self.columns = [c for c in config.partition_by if c in schema.names]
         time = config.time
         self.time = time if time and time.column in schema.names else None
-        self.file_schema, self._cast = spark_safe(
-            pa.schema([f for f in schema if f.name not in self.columns]), config)
+        self.keep = keep_partition_columns
+        self._cast: Callable[[pa.Table], pa.Table] = _same
+        if self.keep:  # a lake table: its sink gives the files their types (and field IDs)
+            self.file_schema = schema
+        else:
+            self.file_schema, self._cast = spark_safe(
+                pa.schema([f for f in schema if f.name not in self.columns]), config)
 
     @property
     def partitioned(self) -> bool:
@@ -42,7 +57,8 @@ class Layout:
 
     def split(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
         """``[(folder, rows)]``: the rows of ``table`` for each partition folder it touches
-        (folder ``""`` when the table is not partitioned), partition columns removed."""
+        (folder ``""`` when the table is not partitioned), partition columns removed unless
+        kept."""
         if not self.partitioned:
             return [("", self._cast(table))]
         parts = [self._values(c, table.column(c)) for c in self.columns]
@@ -52,7 +68,7 @@ class Layout:
         if isinstance(folders, pa.ChunkedArray):
             folders = folders.combine_chunks()
         encoded = pc.dictionary_encode(folders)
-        data = table.drop_columns(self.columns)
+        data = table if self.keep else table.drop_columns(self.columns)
         out = []
         for index, folder in enumerate(encoded.dictionary.to_pylist()):
             mask = pc.equal(encoded.indices, index)

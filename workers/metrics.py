@@ -68,6 +68,21 @@ class DeltaflushCollector(Collector):
         bytes_total = counter("bytes_flushed", "Parquet bytes written.")
         files_total = counter("files_written", "Parquet files written.")
         refused = counter("backpressure_refusals", "Appends refused by backpressure.")
+        lake_files = gauge("lake_files", "Data files in a lake table's current snapshot.")
+        lake_small = gauge("lake_small_files", "Data files under half the size target in a "
+                           "lake table's current snapshot (compaction rewrites them).")
+        lake_counters = [(counter(name, doc), field) for name, doc, field in (
+            ("lake_commits", "Lake commits (snapshots) made by flushes.", "lake_commits"),
+            ("lake_commit_conflicts", "Lake commits that met another commit and were "
+             "retried by looking at the table again.", "lake_conflicts"),
+            ("lake_ranges_already_committed", "Ranges a flush found the lake table held "
+             "already (a retry after a crash, or a zombie): nothing committed twice.",
+             "lake_already"),
+            ("lake_compactions", "Compactions of a lake table.", "lake_compactions"),
+            ("lake_files_compacted", "Data files rewritten by compactions.",
+             "lake_files_compacted"),
+            ("lake_snapshots_expired", "Snapshots expired.", "lake_snapshots_expired"),
+            ("lake_orphans_removed", "Orphan files removed.", "lake_orphans_removed"))]
         durations = HistogramMetricFamily("deltaflush_flush_duration_seconds",
                                           "Seconds from reading one file's range to committing it "
                                           "(a range is read while the one before commits).",
@@ -86,12 +101,18 @@ class DeltaflushCollector(Collector):
             files_total.add_metric(t, s.files_flushed)
             st = stats.get(s.table, {})
             refused.add_metric(t, int(st.get(b"backpressure", 0)))
+            if s.lake is not None:
+                lake_files.add_metric(t, s.lake["files"])
+                lake_small.add_metric(t, s.lake["small_files"])
+                for family, field in lake_counters:
+                    family.add_metric(t, int(st.get(field.encode(), 0)))
             buckets = [(f"{b:g}", int(st.get(f"dur_le_{b:g}".encode(), 0)))
                        for b in DURATION_BUCKETS]
             buckets.append(("+Inf", int(st.get(b"dur_count", 0))))
             durations.add_metric(t, buckets, float(st.get(b"dur_sum", 0.0)))
         yield from (pending_rows, pending_bytes, pending_entries, oldest, flushing, stuck, dead,
-                    rows_total, bytes_total, files_total, refused, durations)
+                    rows_total, bytes_total, files_total, refused, durations, lake_files,
+                    lake_small, *(family for family, _ in lake_counters))
 
 
 def serve(client: redis.Redis, prefix: str, port: int, addr: str = "0.0.0.0") -> Any:

@@ -150,4 +150,17 @@ def status(rows: list[TableStatus]) -> None:
                       str(s.dead_entries), state])
         styles.append(_STATE_STYLE[state] if state == "stuck" or not s.dead_entries
                       else "red")
-    table(STATUS_COLUMNS, cells, styles=styles)
+    columns = STATUS_COLUMNS
+    if any(s.lake for s in rows):  # lake tables: format, snapshot, files (small ones)
+        columns = [*columns, Column("lake")]
+        for line, s in zip(cells, rows, strict=True):
+            line.append(lake(s.lake))
+    table(columns, cells, styles=styles)
+
+
+def lake(described: dict[str, object] | None) -> str:
+    """A lake table in a few words: format, snapshot, files (and how many are small)."""
+    if not described:
+        return "-"
+    return (f"{described['format']} @{described['snapshot'] or '-'}: "
+            f"{described['files']} files, {described['small_files']} small")

@@ -9,6 +9,7 @@ import redis
 
 from producer import wire
 
+from .maintenance import lake_info
 from .scheduler import iter_tables
 
 
@@ -27,6 +28,9 @@ class TableStatus:
     last_flush_age_s: float | None
     #: why the table is stuck (no flush runs until ``deltaflush table unstick``), or None
     stuck: str | None = None
+    #: a lake table's format, current snapshot, file and small-file counts (``{T}:lake``,
+    #: moved on by each commit, recounted by each maintenance run); None for parquet
+    lake: dict[str, Any] | None = None
 
     @property
     def state(self) -> str:
@@ -59,9 +63,10 @@ def table_status(client: redis.Redis, prefix: str, tables: list[str] | None = No
             pipe.xlen(k.dead)
             pipe.exists(k.lease)
             pipe.hget(k.stuck, "reason")
+            pipe.hgetall(k.lake)
         replies = pipe.execute()
         for j, name in enumerate(chunk):
-            xlen, pending, first, stats, dead, leased, stuck = replies[j * 7:(j + 1) * 7]
+            xlen, pending, first, stats, dead, leased, stuck, lake = replies[j * 8:(j + 1) * 8]
             oldest = None
             if first:
                 oldest = max(0.0, (now_ms - wire.parse_id(first[0][0])[0]) / 1000)
@@ -79,6 +84,7 @@ def table_status(client: redis.Redis, prefix: str, tables: list[str] | None = No
                 flushing=bool(leased),
                 last_flush_age_s=(now_ms - last_flush) / 1000 if last_flush else None,
                 stuck=stuck.decode(errors="replace") if stuck is not None else None,
+                lake=lake_info(lake),
             ))
     return out
 

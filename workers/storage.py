@@ -86,6 +86,13 @@ class Storage:
             self.fs.copy_file(temp, final)
             self.fs.delete_file(temp)
 
+    def sync(self, path: str) -> None:
+        """Make a closed file, written in place, durable with its folder entry: ``fsync``
+        both on a local filesystem; nothing on object storage (a completed upload is)."""
+        if self.local:
+            _fsync_path(path)
+            _fsync_path(os.path.dirname(path), directory=True)
+
     def discard(self, path: str) -> None:
         try:
             self.fs.delete_file(path)

@@ -6,7 +6,10 @@
   protocol is marked stuck by the flusher and the task returns ``status: "stuck"`` (never
   retried in a loop). A flush stops taking new files at half its time limit and, if more
   is pending, queues its own continuation.
-* ``deltaflush.schedule_flushes``: what beat sends every ``flush_interval_s``.
+* ``deltaflush.schedule_flushes``: what beat sends every ``flush_interval_s``; it also
+  queues the maintenance of lake tables that are due (``workers.maintenance``).
+* ``deltaflush.maintain_table(table)``: one maintenance run of a lake table (compaction,
+  snapshot expiry, orphan files) following its policy; transient errors are retried.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from .app import app, settings
 from .doctor import startup
 from .flusher import Flusher
 from .logs import configure_logging, json_logs
+from .maintenance import ROUND_S, NotALakeTable, maintain
+from .maintenance import enqueue_due as enqueue_maintenance
 from .scheduler import enqueue_due
 from .storage import Storage
 
@@ -40,6 +45,7 @@ MAX_BACKOFF_S = 60
 _runtime: tuple[int, redis.Redis, Flusher] | None = None
 SWEEP_EVERY_S = 300
 _last_sweep = float("-inf")
+_last_maintenance_round = float("-inf")
 
 
 def runtime() -> tuple[redis.Redis, Flusher]:
@@ -53,6 +59,10 @@ def runtime() -> tuple[redis.Redis, Flusher]:
 
 def send_flush(table: str) -> None:
     app.send_task(wire.FLUSH_TASK, args=[table], queue=wire.QUEUE)
+
+
+def send_maintain(table: str) -> None:
+    app.send_task(wire.MAINTAIN_TASK, args=[table], queue=wire.QUEUE)
 
 
 if json_logs():  # DELTAFLUSH_LOG_JSON=1: JSON lines instead of Celery's own format
@@ -130,4 +140,24 @@ def schedule_flushes() -> int:
     if time.monotonic() - _last_sweep > SWEEP_EVERY_S:
         _last_sweep = time.monotonic()
         flusher.storage.sweep_temp(older_than_s=2 * settings.task_time_limit_s)
+    global _last_maintenance_round
+    if time.monotonic() - _last_maintenance_round > min(ROUND_S, settings.flush_interval_s):
+        _last_maintenance_round = time.monotonic()
+        enqueue_maintenance(client, settings.key_prefix, send_maintain)
     return len(sent)
+
+
+@app.task(name=wire.MAINTAIN_TASK, bind=True, max_retries=8)
+def maintain_table(self: Any, table: str) -> dict[str, Any]:
+    if not wire.valid_table_name(table):
+        raise InvalidTableName(table)
+    client, flusher = runtime()
+    try:
+        return maintain(client, flusher, table)
+    except NotALakeTable as exc:  # its format changed since it was scheduled: nothing to do
+        return {"table": table, "status": "skipped", "error": str(exc)}
+    except TRANSIENT as exc:
+        countdown = min(MAX_BACKOFF_S, 2 ** min(self.request.retries, 6))
+        log.warning("maintenance of %s failed (%s); retry %d in %ss", table, exc,
+                    self.request.retries + 1, countdown)
+        raise self.retry(exc=exc, countdown=countdown) from exc

@@ -6,8 +6,9 @@ already (a retried or a zombie commit) changes nothing. It can tell the last ran
 committed for a stream (``last_committed``). ``discard`` removes staged files that will not
 be committed.
 
-Implementations: ``folder`` (Parquet files in a folder, the ``parquet`` format) and
-``memory`` (for tests, like dramatiq's stub broker); lake formats plug in here too.
+Implementations: ``folder`` (Parquet files in a folder, the ``parquet`` format), ``iceberg``
+(an Apache Iceberg table in a catalog) and ``memory`` (for tests, like dramatiq's stub
+broker).
 """
 
 from __future__ import annotations
@@ -156,4 +157,8 @@ def for_format(fmt: str, storage: Storage, settings: Settings) -> Sink:
         from .folder import FolderSink
 
         return FolderSink(storage, settings.max_file_bytes)
+    if fmt == "iceberg":
+        from .iceberg import IcebergSink
+
+        return IcebergSink(storage, settings)
     raise NotImplementedError(f"table format {fmt!r} has no sink yet")
