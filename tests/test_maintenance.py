@@ -165,8 +165,11 @@ def test_cli_compact_table_show_status_and_metrics(real_redis, storage_dir, redi
     out = CliRunner().invoke(main, ["table", "set", TABLE, "--target-file-bytes", "1048576"],
                              env=env)
     assert out.exit_code == 0, out.output
-    shown = json.loads(CliRunner().invoke(main, ["table", "show", TABLE], env=env).output)
-    assert shown["format"] == "iceberg" and shown["lake"]["files"] == 6
+    shown = json.loads(CliRunner().invoke(main, ["table", "show", TABLE, "--json"],
+                                          env=env).output)
+    assert shown["config"]["format"] == "iceberg" and shown["lake"]["files"] == 6
+    text = CliRunner().invoke(main, ["table", "show", TABLE], env=env).output
+    assert "lake table: iceberg @" in text and "6 files, 6 small" in text
     out = CliRunner().invoke(main, ["compact", TABLE], env=env)
     assert out.exit_code == 0, out.output
     assert "6 files rewritten into 1; now 1 files (1 small)" in out.output
