@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from producer import Producer, Settings, wire
-from tests.conftest import ROOT, id_batch, read_ids, wait_for
+from tests.conftest import ROOT, id_batch, landed, read_ids, wait_for
 from tests.make_vectors import ERROR_CLASSES
 from tests.test_vectors import BY_NAME, MANIFEST, VECTORS
 
@@ -166,8 +166,9 @@ def test_tables_cross_languages_and_a_worker_flushes_them_exactly_once(
     fleet.beat()
     expected = {"made_foreign": 30, "made_python": 20, "evolving": 10, "garbage": 10}
     for table, n in expected.items():
-        wait_for(lambda t=table, n=n: read_ids(storage_dir, t) == list(range(n)) and
-                 real_redis.xlen(k[t].delta) == 0, 90, f"{table} to be flushed", 0.2)
+        wait_for(lambda t=table, n=n: landed(real_redis, t, n), 90, f"{table} to be flushed",
+                 0.2)
+        assert read_ids(storage_dir, table) == list(range(n)), table
     [(_, dead)] = real_redis.xrange(k["garbage"].dead)
     assert dead[b"arrow"] == b"not an Arrow stream"
     assert dead[b"error"].decode().startswith(tuple(ERROR_CLASSES["undecodable"]))
@@ -186,12 +187,12 @@ def test_a_flush_requested_by_the_foreign_producer(foreign, fleet, real_redis, s
     fleet.worker()
     fleet.beat()
     ok(foreign.append("events", SCHEMA, rows(0, 5)))  # never scheduled yet: due at once
-    wait_for(lambda: read_ids(storage_dir, "events") == list(range(5)), 90,
-             "the first scheduled flush", 0.2)
+    wait_for(lambda: landed(real_redis, "events", 5), 90, "the first scheduled flush", 0.2)
+    assert read_ids(storage_dir, "events") == list(range(5))
     ok(foreign.append("events", SCHEMA, rows(5, 5)))
     ok(foreign.request_flush("events"))
-    wait_for(lambda: read_ids(storage_dir, "events") == list(range(10)), 90,
-             "the requested flush", 0.2)
+    wait_for(lambda: landed(real_redis, "events", 10), 90, "the requested flush", 0.2)
+    assert read_ids(storage_dir, "events") == list(range(10))
 
 
 def test_refusals(foreign, real_redis):
