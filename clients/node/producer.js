@@ -63,9 +63,9 @@ function readStored(raw) {
         `schema this producer can read (${e.message}); deltaflush protocol 1 stores one`);
     }
   }
-  const schema = readIpcSchema(raw);
   let nodes = null;
   try {
+    const schema = readIpcSchema(raw);
     nodes = schema && schemaNodes(schema);
   } catch { /* refused below */ }
   if (!nodes) {
