@@ -276,10 +276,18 @@ class Producer {
 
   /**
    * Sends `payload` as it is, claiming the canonical form `schema` (ARGV 1, byte for byte),
-   * with no shaping and no retry: Appendix A's `append --payload`. Returns the reply.
+   * ARGV 4 and 6 empty, with no shaping and no retry after a refusal: Appendix A's
+   * `append --payload`. Returns the reply.
    */
   async appendPayload(table, payload, rows, schema) {
-    await this.register(table);
+    checkTableName(table);
+    // Registration is the SADD alone: the stored schema does not change this transaction.
+    const [[err]] = await this.withRetries(() => this.redis.pipeline()
+      .sadd(`${this.prefix}:tables`, table).exec());
+    if (err && /^OOM/.test(err.message)) {
+      throw new errors.OutOfMemory(`Redis is out of memory: ${err.message}`);
+    }
+    if (err) throw err;
     const batchId = crypto.randomUUID().replaceAll('-', '');
     return this.transact(table, { payload: Buffer.from(payload), rows, batchId, schema });
   }

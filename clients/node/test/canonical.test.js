@@ -12,8 +12,9 @@ const arrow = require('apache-arrow');
 const { canonicalSchema, parseCanonical, readIpcSchema, schemaNodes, canonicalText } =
   require('../canonical');
 const { widens, targetNodes, conform, rowsToTable } = require('../shape');
-const { SchemaConflict, UnsupportedData } = require('../errors');
-const { parseJsonExact } = require('../cli');
+const errors = require('../errors');
+const { SchemaConflict, UnsupportedData } = errors;
+const { parseJsonExact, failure, EXIT } = require('../cli');
 
 const ROOT = path.join(__dirname, '..', '..', '..');
 const VECTORS = path.join(ROOT, 'spec', 'vectors');
@@ -220,4 +221,43 @@ test('schemaNodes reads the all-types vector back through Arrow exactly', () => 
   // and builds an all-null batch of every type, which arrow-js writes and reads back
   const table = rowsToTable([{ id: 1 }, { id: 2 }], schema);
   assert.equal(canonicalSchema(arrow.tableFromIPC(arrow.tableToIPC(table, 'stream')).schema), v.canonical);
+});
+
+test('Appendix A outcomes: the "error" of each failure and its exit status', () => {
+  const outcomes = [
+    [new SchemaConflict('x', 'id'), 'schema_conflict', 2],
+    [new errors.Backpressure('x', 5), 'backpressure', 3],
+    [new errors.UpgradeRequired(2), 'upgrade_required', 4],
+    [new errors.OutOfMemory('x'), 'out_of_memory', 5],
+    [new errors.SchemaRace('x'), 'schema_race', 6],
+    [new errors.UnreadableTableSchema('x'), 'other', 1],
+    [new Error('x'), 'other', 1],
+  ];
+  for (const [e, error, status] of outcomes) {
+    assert.equal(failure(e).error, error);
+    assert.equal(EXIT[error], status);
+  }
+  assert.equal(failure(new SchemaConflict('x', 'id')).column, 'id');
+  assert.equal(failure(new errors.UpgradeRequired(2)).required, 2);
+});
+
+test('Appendix A values: binary and fixed-size binary from strings, decimals unscaled, maps', () => {
+  const schema = parseCanonical('[{"children":[],"name":"b","nullable":true,"type":"z"},' +
+    '{"children":[],"name":"w","nullable":true,"type":"w:2"},' +
+    '{"children":[],"name":"d","nullable":true,"type":"d:40,2,256"},' +
+    '{"children":[{"children":[{"children":[],"name":"key","nullable":false,"type":"u"},' +
+    '{"children":[],"name":"value","nullable":true,"type":"l"}],"name":"entries",' +
+    '"nullable":false,"type":"+s"}],"name":"m","nullable":true,"type":"+m"}]').schema;
+  const rows = parseJsonExact('[{"b":"é","w":"ab","d":-1234567890123456789012345678901234567890,' +
+    '"m":{"a":1}},{"m":[["a",2],["a",3]]}]');
+  const back = arrow.tableFromIPC(arrow.tableToIPC(rowsToTable(rows, schema), 'stream'));
+  assert.deepEqual([...back.getChild('b').get(0)], [0xc3, 0xa9]);
+  assert.deepEqual([...back.getChild('w').get(0)], [0x61, 0x62]);
+  const words = back.getChild('d').data[0].values.slice(0, 8);
+  let x = 0n;
+  for (let i = 7; i >= 0; i--) x = (x << 32n) | BigInt(words[i]);
+  assert.equal(BigInt.asIntN(256, x), -1234567890123456789012345678901234567890n);
+  assert.equal(back.getChild('m').data[0].children[0].length, 3); // the pairs, as they are
+  assert.throws(() => rowsToTable([{ w: 'abc' }], schema), UnsupportedData);
+  assert.throws(() => rowsToTable([{ d: 1.5 }], schema), UnsupportedData);
 });
