@@ -82,6 +82,18 @@ function isConnectionError(e) {
     .test(e.message) || ['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE'].includes(e.code);
 }
 
+/**
+ * The error to report for a MULTI refused as a whole (a ReplyError: EXECABORT, OOM, NOPERM
+ * of a command in it); nothing of it ran. Other errors (a lost connection) are returned as
+ * they are.
+ */
+function refusal(e, what) {
+  if (!(e instanceof ReplyError)) return e;
+  const why = [e.message, ...(e.previousErrors || []).map((x) => x.message)].join('; ');
+  if (/\bOOM\b/.test(why)) return new errors.OutOfMemory(`Redis is out of memory: ${why}`);
+  return new errors.DeltaflushError(`Redis refused ${what}: ${why}`);
+}
+
 /** An arrow.Table from a Table or RecordBatch. */
 function toTable(data) {
   if (data instanceof arrow.Table) return data;
@@ -121,12 +133,42 @@ class Producer {
     }) : o.redis;
     // Connection errors reach the caller through the commands they fail (and are retried).
     if (this.ownsRedis) this.redis.on('error', () => {});
+    // ioredis reports a refused SELECT (no +select, or no such database) only as an 'error'
+    // event, and goes on in database 0: in another database, every command of this producer
+    // follows a SELECT of its own inside one MULTI, so that none runs in database 0 (12).
+    this.db = Number((this.redis.options && this.redis.options.db) || 0);
     this.script = fs.readFileSync(SCRIPT_PATH);
     this.known = new Map(); // table -> {raw, nodes}: registered in this process
   }
 
   async close() {
     if (this.ownsRedis) await this.redis.quit().catch(() => this.redis.disconnect());
+  }
+
+  /**
+   * A MULTI, after `SELECT db` when the database is not 0; its results are those of the
+   * commands queued after the SELECT (`results`).
+   */
+  multi() {
+    return this.db ? this.redis.multi().select(this.db) : this.redis.multi();
+  }
+
+  results(replies) {
+    return this.db ? replies.slice(1) : replies;
+  }
+
+  /**
+   * The [error, reply] pairs of the commands `queue` adds: pipelined in database 0, else in
+   * one MULTI after a SELECT (see the constructor). Throws what `refusal` makes of a refused
+   * MULTI.
+   */
+  async send(queue, what) {
+    if (!this.db) return queue(this.redis.pipeline()).exec();
+    try {
+      return this.results(await queue(this.multi()).exec());
+    } catch (e) {
+      throw refusal(e, what);
+    }
   }
 
   /** Runs `send` again on a lost connection, with backoff, for up to retryForMs. */
@@ -147,8 +189,8 @@ class Producer {
     checkTableName(table);
     if (!this.known.has(table)) {
       const keys = tableKeys(this.prefix, table);
-      const replies = await this.withRetries(() => this.redis.pipeline()
-        .sadd(`${this.prefix}:tables`, table).getBuffer(keys.schema).exec());
+      const replies = await this.withRetries(() => this.send((c) => c
+        .sadd(`${this.prefix}:tables`, table).getBuffer(keys.schema), 'the registration'));
       for (const [err] of replies) {
         if (err && /^OOM/.test(err.message)) {
           throw new errors.OutOfMemory(`Redis is out of memory: ${err.message}`);
@@ -172,19 +214,18 @@ class Producer {
     const reply = await this.withRetries(async () => {
       let results;
       try {
-        results = await this.redis.multi()
+        results = await this.multi()
           .xadd(keys.delta, '*', 'arrow', payload, 'rows', String(rows), 'batch', batchId)
           .evalBuffer(this.script, 7, keys.schema, keys.delta, keys.pending, keys.stats,
             keys.dedup, keys.dead, keys.protocol, ...argv)
           .exec();
       } catch (e) {
-        if (!(e instanceof ReplyError)) throw e; // a lost connection: retried
-        // EXEC refused as a whole (EXECABORT, OOM): nothing ran, nothing was appended (7.4).
-        const why = [e.message, ...(e.previousErrors || []).map((x) => x.message)].join('; ');
-        if (/\bOOM\b/.test(why)) throw new errors.OutOfMemory(`Redis is out of memory: ${why}`);
-        throw new errors.DeltaflushError(`Redis refused the append transaction: ${why}`);
+        // EXEC refused as a whole (EXECABORT: OOM, NOPERM): nothing ran, nothing was
+        // appended (7.4). A lost connection is thrown as it is, and retried.
+        throw refusal(e, 'the append transaction');
       }
       if (results === null) throw new Error('the transaction was discarded');
+      results = this.results(results);
       const [xaddErr] = results[0];
       const [evalErr, evalReply] = results[1];
       if (evalErr) {
@@ -264,8 +305,8 @@ class Producer {
     const keys = tableKeys(this.prefix, table);
     for (let wait = 50; Date.now() + wait <= deadline; wait = Math.min(wait * 2, 1000)) {
       await sleep(wait);
-      const [[e1, bytes], [e2, len]] = await this.redis.pipeline()
-        .hget(keys.pending, 'bytes').xlen(keys.delta).exec();
+      const [[e1, bytes], [e2, len]] = await this.send((c) => c
+        .hget(keys.pending, 'bytes').xlen(keys.delta), 'the wait for room');
       if (e1 || e2) throw e1 || e2;
       if (this.maxPendingBytes <= 0 || Number(bytes || 0) < this.maxPendingBytes || len === 0) {
         return true;
@@ -282,8 +323,8 @@ class Producer {
   async appendPayload(table, payload, rows, schema) {
     checkTableName(table);
     // Registration is the SADD alone: the stored schema does not change this transaction.
-    const [[err]] = await this.withRetries(() => this.redis.pipeline()
-      .sadd(`${this.prefix}:tables`, table).exec());
+    const [[err]] = await this.withRetries(() => this.send((c) => c
+      .sadd(`${this.prefix}:tables`, table), 'the registration'));
     if (err && /^OOM/.test(err.message)) {
       throw new errors.OutOfMemory(`Redis is out of memory: ${err.message}`);
     }
@@ -296,7 +337,9 @@ class Producer {
   async requestFlush(table) {
     checkTableName(table);
     const { sched } = tableKeys(this.prefix, table);
-    await this.withRetries(() => this.redis.hset(sched, 'flush_requested', String(Date.now())));
+    const [[err]] = await this.withRetries(() => this.send((c) => c
+      .hset(sched, 'flush_requested', String(Date.now())), 'the flush request'));
+    if (err) throw err;
   }
 }
 
