@@ -28,6 +28,21 @@ const DEFAULTS = {
 // The check script, sent unchanged (7.2). The repository's copy is the one of this protocol.
 const SCRIPT_PATH = process.env.DELTAFLUSH_APPEND_CHECK ||
   path.join(__dirname, '..', '..', 'producer', 'lua', 'append_check.lua');
+// Protocol 1's check script is the file of this SHA-256 (docs/spec.md, 7.2).
+const APPEND_CHECK_SHA256 = '2d696eed6944ad58e81d72cfed23f9102ce7809ae37b871ba48f977643083e17';
+
+/** The check script at `file`, refused unless it is protocol 1's (7.2). */
+function loadCheckScript(file = SCRIPT_PATH) {
+  const script = fs.readFileSync(file);
+  const digest = crypto.createHash('sha256').update(script).digest('hex');
+  if (digest !== APPEND_CHECK_SHA256) {
+    throw new errors.WrongCheckScript(`${file} is not the append check of deltaflush protocol ` +
+      `1: its SHA-256 is ${digest}, protocol 1's is ${APPEND_CHECK_SHA256} (docs/spec.md, ` +
+      '7.2). Use the append_check.lua of a deltaflush release that speaks protocol 1, unchanged' +
+      ' (its line endings too).');
+  }
+  return script;
+}
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -118,6 +133,7 @@ class Producer {
       throw new errors.DeltaflushError(`invalid key prefix ${JSON.stringify(o.prefix)}: not ` +
         'empty, no {, } or space');
     }
+    this.script = loadCheckScript(); // refused before any connection is opened
     this.prefix = o.prefix;
     this.maxPendingBytes = o.maxPendingBytes;
     this.maxBatchBytes = o.maxBatchBytes;
@@ -137,7 +153,6 @@ class Producer {
     // event, and goes on in database 0: in another database, every command of this producer
     // follows a SELECT of its own inside one MULTI, so that none runs in database 0 (12).
     this.db = Number((this.redis.options && this.redis.options.db) || 0);
-    this.script = fs.readFileSync(SCRIPT_PATH);
     this.known = new Map(); // table -> {raw, nodes}: registered in this process
   }
 
@@ -343,4 +358,7 @@ class Producer {
   }
 }
 
-module.exports = { Producer, PROTOCOL, checkTableName, tableKeys, readStored, ...errors };
+module.exports = {
+  Producer, PROTOCOL, APPEND_CHECK_SHA256, checkTableName, tableKeys, readStored,
+  loadCheckScript, ...errors,
+};

@@ -261,3 +261,26 @@ test('Appendix A values: binary and fixed-size binary from strings, decimals uns
   assert.throws(() => rowsToTable([{ w: 'abc' }], schema), UnsupportedData);
   assert.throws(() => rowsToTable([{ d: 1.5 }], schema), UnsupportedData);
 });
+
+test('7.2: the check script is refused unless it has protocol 1\'s digest', () => {
+  const dp = require('../producer');
+  const spec = fs.readFileSync(path.join(ROOT, 'docs', 'spec.md'), 'utf8');
+  assert.match(spec, new RegExp(`^SHA-256\\s+${dp.APPEND_CHECK_SHA256}$`, 'm'));
+  const good = path.join(ROOT, 'producer', 'lua', 'append_check.lua');
+  assert.ok(dp.loadCheckScript(good).equals(fs.readFileSync(good)));
+  const copy = path.join(require('node:os').tmpdir(), `append_check_${process.pid}.lua`);
+  try {
+    fs.writeFileSync(copy, fs.readFileSync(good, 'utf8').replace(/\n/g, '\r\n'));
+    assert.throws(() => dp.loadCheckScript(copy), (e) => e instanceof dp.WrongCheckScript &&
+      e.message.includes(copy) && e.message.includes(dp.APPEND_CHECK_SHA256));
+  } finally {
+    fs.rmSync(copy, { force: true });
+  }
+  const env = { ...process.env, DELTAFLUSH_APPEND_CHECK: path.join(VECTORS, 'garbage.arrows') };
+  const run = require('node:child_process').spawnSync(process.execPath, [path.join(__dirname,
+    '..', 'cli.js'), 'request-flush', '--redis', 'redis://127.0.0.1:1/0', '--table', 't'], { env });
+  assert.equal(run.status, 1);
+  const out = JSON.parse(run.stdout.toString().trim().split('\n').pop());
+  assert.equal(out.error, 'other');
+  assert.match(out.message, /not the append check of deltaflush protocol 1/);
+});
