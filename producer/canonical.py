@@ -104,7 +104,9 @@ def schema_from_canonical(data: bytes | str) -> pa.Schema:
         fields = json.loads(data)
         if not isinstance(fields, list):
             raise ValueError("not a JSON array")
-        return pa.schema([_from_field(f) for f in fields])
+        schema = pa.schema([_from_field(f) for f in fields])
+        canonical_schema(schema)  # at least one field, names unique at every level (6.2)
+        return schema
     except (ValueError, TypeError, KeyError, AttributeError, pa.ArrowException) as exc:
         raise ValueError(f"not a canonical schema ({exc}): {data[:200]!r}") from exc
 

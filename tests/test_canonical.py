@@ -169,7 +169,11 @@ def test_a_name_with_a_lone_surrogate_is_refused():
 
 
 @pytest.mark.parametrize("text", [
-    b"", b"{}", b"[1]", b'[{"name":"a"}]', b"not json",
+    b"", b"{}", b"[]", b"[1]", b'[{"name":"a"}]', b"not json",
+    b'[{"children":[],"name":"a","nullable":true,"type":"l"},'
+    b'{"children":[],"name":"a","nullable":true,"type":"u"}]',
+    b'[{"children":[{"children":[],"name":"x","nullable":true,"type":"l"},{"children":[],'
+    b'"name":"x","nullable":true,"type":"l"}],"name":"s","nullable":true,"type":"+s"}]',
     b'[{"children":[],"name":"a","nullable":true,"type":"q"}]',
     b'[{"children":[],"name":"a","nullable":"yes","type":"l"}]',
     b'[{"children":[],"name":"a","nullable":true,"type":"+l"}]',

@@ -305,6 +305,33 @@ def test_an_equivalent_stored_form_is_brought_to_the_canonical_one(any_redis, mo
     assert any_redis.get(K.schema) == wire.canonical_schema(id_batch(0, 1).schema)
 
 
+@pytest.mark.parametrize("stored", [
+    b"[not json", b"[1]", b'[{"children":[],"name":"id","nullable":true,"type":"q"}]',
+    b'[{"children":[],"name":"id","nullable":true,"type":"l"},'
+    b'{"children":[],"name":"id","nullable":true,"type":"l"}]',
+], ids=["not-json", "not-fields", "unknown-type", "duplicate-name"])
+def test_a_stored_schema_that_cannot_be_read_refuses_the_append_and_stays(
+        any_redis, monkeypatch, stored):
+    """docs/spec.md 6.4: a stored value starting with '[' that is no canonical schema (a
+    later protocol's, or a faulty writer's): nothing is sent, nothing replaces it. The same
+    for such a value returned by a CONFLICT."""
+    any_redis.set(K.schema, stored)
+    p = producer(any_redis)
+    sent = _count_sends(p, monkeypatch)
+    with pytest.raises(ValueError, match="stored schema is not a protocol-1 canonical schema"):
+        p.append("events", id_batch(0, 1))
+    assert sent == [] and any_redis.get(K.schema) == stored and any_redis.xlen(K.delta) == 0
+    any_redis.delete(K.schema)
+    p2 = producer(any_redis)
+    p2._register(K)  # knows the table has no schema yet; then a faulty writer stores one
+    any_redis.set(K.schema, stored)
+    sent = _count_sends(p2, monkeypatch)
+    with pytest.raises(ValueError, match="stored schema is not a protocol-1 canonical schema"):
+        p2.append("events", id_batch(0, 1))
+    assert len(sent) == 1 and any_redis.get(K.schema) == stored
+    assert any_redis.xlen(K.delta) == 0
+
+
 def test_dictionary_columns_fit_a_string_column(any_redis, storage_dir, monkeypatch):
     """A dictionary is an encoding, not a type: a dictionary-encoded batch appends to a
     table of strings, and the other way round, with no refusal; files hold strings."""
