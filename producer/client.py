@@ -359,6 +359,10 @@ class Producer:
                 raise UpgradeRequired(table, int(value), wire.PROTOCOL)
             else:  # CONFLICT: the table's schema is not the one the batch was shaped for
                 races += 1
+                if bytes(value) in (item.schema_bytes, item.evolves_from):
+                    # the schema the batch was shaped for: shaping again would send the same
+                    # payload (docs/spec.md, section 8); no protocol-1 check replies so
+                    raise SchemaRace(table, races, same=True)
                 if races > SCHEMA_RACES:
                     raise SchemaRace(table, races)
                 self._remember(table, bytes(value))

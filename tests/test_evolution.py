@@ -244,6 +244,31 @@ def test_a_schema_race_is_retried_a_bounded_number_of_times(any_redis, monkeypat
     assert 1 not in ids  # the raced batch is not in
 
 
+@pytest.mark.parametrize("returned", ["schema", "evolves_from"])
+def test_a_conflict_returning_the_schema_just_used_is_not_sent_again(
+        any_redis, monkeypatch, returned):
+    """docs/spec.md, section 8: a CONFLICT that returns ARGV 1 or ARGV 4 (which no protocol-1
+    check does) would make the producer send the very same payload again: SchemaRace at
+    once, after one send."""
+    p = producer(any_redis)
+    p.append("events", id_batch(0, 1))
+    sent = []
+
+    def wrong_check(keys, items):
+        sent.extend(items)
+        [item] = items
+        return [[0, item.schema_bytes if returned == "schema" else item.evolves_from]]
+
+    monkeypatch.setattr(p, "_transaction", wrong_check)
+    batch = id_batch(1, 1)
+    if returned == "evolves_from":  # an evolution: ARGV 4 is the stored schema
+        batch = batch.append_column("extra", pa.array([1], pa.int64()))
+    with pytest.raises(SchemaRace, match="already shaped for"):
+        p.append("events", batch)
+    assert len(sent) == 1 and any_redis.xlen(K.delta) == 1
+    assert (sent[0].evolves_from != b"") == (returned == "evolves_from")
+
+
 def test_a_race_that_becomes_a_real_conflict_says_what_differs(any_redis, monkeypatch):
     p = producer(any_redis)
     p.append("events", id_batch(0, 1))

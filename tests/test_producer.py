@@ -95,6 +95,9 @@ def test_invalid_table_name_is_refused_before_anything_is_written(p, name):
     ([], "empty"),
     (pa.table({"a": pa.array([], pa.int64())}), "empty"),
     ([{"a": 1}, {"a": "x"}], "cannot convert"),
+    (pa.table([pa.array([1]), pa.array([2])], names=["a", "a"]), "two or more columns named"),
+    (pa.table({"s": pa.array([{"x": 1, "y": 2}])}).cast(pa.schema([("s", pa.struct(
+        [("x", pa.int64()), ("x", pa.int64())]))])), "struct 's' has two or more"),
 ])
 def test_unsupported_data_is_refused_with_a_clear_message(p, data, match):
     with pytest.raises(UnsupportedData, match=match):

@@ -258,6 +258,35 @@ test('section 12: a database other than 0 needs +select, and nothing goes to dat
     }
   });
 
+test('section 8: 4 CONFLICTs for one batch, or one returning the schema just used: SchemaRace',
+  opts, async () => {
+    const p = new dp.Producer({ redis: url });
+    const other = new dp.Producer({ redis: url });
+    const table = fresh();
+    const withExtra = (n) => JSON.stringify([...JSON.parse(BASE),
+      { children: [], name: `extra${n}`, nullable: true, type: 'l' }]);
+    try {
+      await p.append(table, batchOf(BASE, idName(1)));
+      const real = p.transact.bind(p);
+      let sends = 0;
+      p.transact = async (t, args) => { // another producer evolves the table before each send
+        sends++;
+        await other.append(t, batchOf(withExtra(sends), [{ id: 100 + sends, name: 'o' }]));
+        return real(t, args);
+      };
+      await assert.rejects(p.append(table, batchOf(BASE, idName(1))), dp.SchemaRace);
+      assert.equal(sends, 4);
+      sends = 0;
+      p.transact = async (t, args) => { // a check that is not protocol 1's
+        sends++;
+        return [0, Buffer.from(args.schema)];
+      };
+      await assert.rejects(p.append(table, batchOf(BASE, idName(1))), dp.SchemaRace);
+      assert.equal(sends, 1);
+      assert.equal(await admin.xlen(key(table, 'delta')), 5); // 1 + the other's 4
+    } finally { await p.close(); await other.close(); }
+  });
+
 test('a lost reply: the same transaction again, appended once (7.5)', opts, async () => {
   // A proxy that loses the reply to the first EXEC it forwards, closing the connection.
   const target = new URL(url);
