@@ -63,7 +63,37 @@ def canonical_schema(schema: pa.Schema) -> bytes:
     fields) of one name, or no column at all."""
     if not len(schema):
         raise UnsupportedData("a table needs at least one column")
+    check_names(schema)
     return _dump(_fields("", schema))
+
+
+def check_names(fields: Any, parent: str = "") -> None:
+    """Raise ``UnsupportedData`` if the name of a column, or of a struct's field at any depth,
+    is not valid UTF-8. A name is Unicode text (docs/spec.md, 6.2); pyarrow reads a payload
+    whatever its names hold and decodes a name only when asked for it."""
+    for i, f in enumerate(fields):
+        try:
+            name = f.name
+        except UnicodeDecodeError as exc:
+            where = f"struct {parent!r}" if parent else "the batch"
+            raise UnsupportedData(
+                f"column {i} of {where} has a name that is not valid UTF-8 ({exc}); a name "
+                "must be Unicode text (docs/spec.md, 6.2)") from exc
+        _check_type_names(name, f.type)
+
+
+def _check_type_names(name: str, t: pa.DataType) -> None:
+    if isinstance(t, pa.BaseExtensionType):
+        _check_type_names(name, t.storage_type)
+    elif pa.types.is_dictionary(t):
+        _check_type_names(name, t.value_type)
+    elif pa.types.is_struct(t):
+        check_names(list(t), name)
+    elif pa.types.is_map(t):
+        _check_type_names(name, t.key_type)
+        _check_type_names(name, t.item_type)
+    elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        _check_type_names(name, t.value_type)
 
 
 def schema_from_canonical(data: bytes | str) -> pa.Schema:
@@ -74,7 +104,9 @@ def schema_from_canonical(data: bytes | str) -> pa.Schema:
         fields = json.loads(data)
         if not isinstance(fields, list):
             raise ValueError("not a JSON array")
-        return pa.schema([_from_field(f) for f in fields])
+        schema = pa.schema([_from_field(f) for f in fields])
+        canonical_schema(schema)  # at least one field, names unique at every level (6.2)
+        return schema
     except (ValueError, TypeError, KeyError, AttributeError, pa.ArrowException) as exc:
         raise ValueError(f"not a canonical schema ({exc}): {data[:200]!r}") from exc
 

@@ -250,7 +250,15 @@ class Producer:
         """Keep the table's schema, as ``{T}:schema`` held it (``stored``)."""
         known = self._schemas.get(table)
         if known is None or known[1] != stored:
-            self._schemas[table] = (wire.stored_schema(stored), stored)
+            try:
+                schema = wire.stored_schema(stored)
+            except ValueError as exc:  # never replaced (docs/spec.md 6.4): appended under it
+                raise ValueError(
+                    f"table {table!r}: its stored schema is not a protocol-{wire.PROTOCOL} "
+                    f"canonical schema, so no batch can be shaped to it; nothing was "
+                    f"appended (docs/spec.md 6.4; a later protocol, or a faulty writer, "
+                    f"stored it): {exc}") from exc
+            self._schemas[table] = (schema, stored)
 
     def _shape(self, table: str, item: _Pending) -> _Pending:
         """Bring the batch to the table's schema as this producer last saw it: conformed to
@@ -351,6 +359,10 @@ class Producer:
                 raise UpgradeRequired(table, int(value), wire.PROTOCOL)
             else:  # CONFLICT: the table's schema is not the one the batch was shaped for
                 races += 1
+                if bytes(value) in (item.schema_bytes, item.evolves_from):
+                    # the schema the batch was shaped for: shaping again would send the same
+                    # payload (docs/spec.md, section 8); no protocol-1 check replies so
+                    raise SchemaRace(table, races, same=True)
                 if races > SCHEMA_RACES:
                     raise SchemaRace(table, races)
                 self._remember(table, bytes(value))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .canonical import normalize, same_type
+from .canonical import check_names, normalize, same_type
 from .errors import MISSING, SchemaConflict, UnsupportedData
 
 SUPPORTED = "a pyarrow.Table, a pyarrow.RecordBatch, a pandas.DataFrame or a list of dicts"
@@ -41,6 +41,7 @@ def to_table(data: Any) -> pa.Table:
             ) from exc
     else:
         raise UnsupportedData(f"append takes {SUPPORTED}, not {type(data).__name__}")
+    check_names(table.schema)  # before anything else reads them
     if table.num_columns == 0 or table.num_rows == 0:
         raise UnsupportedData(
             f"the batch is empty ({table.num_rows} rows, {table.num_columns} columns); "

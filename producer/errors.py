@@ -93,8 +93,16 @@ class SchemaRace(DeltaflushError):
     it at the same moment), more often than the producer retries. Nothing was written;
     retryable."""
 
-    def __init__(self, table: str, tries: int) -> None:
+    def __init__(self, table: str, tries: int, same: bool = False) -> None:
         self.table, self.tries = table, tries
+        if same:  # a CONFLICT that returned the very schema the batch was shaped for
+            super().__init__(
+                f"Redis refused this batch for table {table!r} for a schema change, but "
+                "returned the schema the batch was already shaped for: reshaping cannot help, "
+                "and the same payload is not sent again (docs/spec.md, section 8; is the "
+                "append check protocol 1's?). Nothing of the batch was written."
+            )
+            return
         super().__init__(
             f"the schema of table {table!r} changed {tries} times while this batch was being "
             "appended (other producers evolving it at the same moment); nothing of the batch "

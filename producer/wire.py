@@ -19,6 +19,7 @@ import pyarrow as pa
 
 # The canonical form of schemas (docs/spec.md, "Canonical schema"), part of the contract.
 from .canonical import canonical_schema as canonical_schema
+from .canonical import check_names
 from .canonical import normalize as normalize
 from .canonical import schema_from_canonical as schema_from_canonical
 
@@ -192,7 +193,8 @@ def _write_stream(sink: pa.NativeFile, table: pa.Table) -> None:
 
 def decode_payload(payload: bytes) -> pa.Table:
     """Decode and fully validate one payload; raise ``ValueError`` if it is not a valid
-    Arrow IPC stream (truncated, garbage, or buffers inconsistent with the schema).
+    Arrow IPC stream (truncated, garbage, buffers inconsistent with the schema, or a name
+    that is not UTF-8).
 
     Running out of memory is not the payload's fault: ``MemoryError`` passes through, so a
     flush fails and is retried instead of setting a good entry aside as a dead letter (and
@@ -202,6 +204,7 @@ def decode_payload(payload: bytes) -> pa.Table:
         reader = pa.ipc.open_stream(pa.py_buffer(payload))
         table = reader.read_all()
         _validate(table)
+        check_names(table.schema)  # pyarrow decodes a name only when asked (docs/spec.md 6.2)
     except MemoryError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:

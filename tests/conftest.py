@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pytest
 import redis
 
-from producer import Producer, Settings
+from producer import Producer, Settings, wire
 
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -145,11 +145,28 @@ def id_batch(start: int, rows: int, payload: str = "x") -> pa.Table:
 
 
 def read_ids(root: Path | str, table: str) -> list[int]:
+    """The ``id`` column of the table's published Parquet files, sorted.
+
+    Only ``*.parquet`` files are read, never the folder as a whole: ``Storage.publish``
+    creates the table's folder, then renames the first file into it, so a test that polls
+    can find the folder empty, and a dataset of no file has no ``id`` column
+    (``ArrowInvalid: No match for FieldRef.Name(id)``)."""
     path = Path(root) / table
-    if not path.exists():
+    files = sorted(str(f) for f in path.rglob("*.parquet")
+                   if not any(part[0] in "._" for part in f.relative_to(path).parts))
+    if not files:
         return []
-    return sorted(ds.dataset(str(path), format="parquet").to_table(columns=["id"])["id"]
+    return sorted(ds.dataset(files, format="parquet").to_table(columns=["id"])["id"]
                   .to_pylist())
+
+
+def landed(client: redis.Redis, table: str, rows: int, prefix: str = "deltaflush") -> bool:
+    """Whether ``rows`` rows of ``table`` have landed: flushed and committed (counted in
+    ``:stats``), nothing left in its delta, and no flush under way (no lease, no claim).
+    Poll this, then read the files: a folder is not a signal."""
+    keys = wire.Keys(prefix, table)
+    return (client.xlen(keys.delta) == 0 and not client.exists(keys.lease, keys.claim)
+            and int(client.hget(keys.stats, "rows") or 0) >= rows)
 
 
 def assert_exactly_once(root: Path | str, table: str, expected: int) -> None:

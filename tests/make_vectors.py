@@ -123,6 +123,13 @@ def invalid_utf8() -> bytes:
                                          schema=BASE)])
 
 
+def invalid_utf8_name() -> bytes:
+    """The v5 vector with the name of its column `name` made invalid UTF-8 (0xFF)."""
+    payload = stream(BASE, [base()])
+    assert payload.count(b"name") == 1, "the name must occur once, in the Schema message"
+    return payload.replace(b"name", b"n\xffme")
+
+
 def file_format() -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, BASE) as writer:
@@ -223,6 +230,9 @@ VECTORS: list[tuple[str, str, Maker, str | None, dict[str, Any]]] = [
      {"check": "accepted", "dead": "undecodable"}),
     ("invalid-utf8", "a utf8 column holding bytes that are not UTF-8",
      invalid_utf8, "base", {"check": "accepted", "dead": "undecodable"}),
+    ("invalid-utf8-name", "a column name that is not valid UTF-8 (0xFF): no canonical form "
+     "(arrow-js reads it as U+FFFD); a dead letter",
+     invalid_utf8_name, "base", {"check": "accepted", "dead": "undecodable"}),
     ("file-format", "the Arrow IPC *file* format (ARROW1 magic) instead of the stream format",
      file_format, "base", {"check": "accepted", "dead": "undecodable"}),
     ("extension", "a new table with an extension type column (arrow.uuid): its storage type",

@@ -8,14 +8,18 @@ import json
 import shutil
 import subprocess
 
+import fakeredis
 import pyarrow as pa
 import pytest
 
-from producer import wire
+from producer import Producer, Settings, wire
 from producer.errors import UnsupportedData
 from tests.conftest import ROOT
 from tests.make_vectors import all_types
+from tests.rawcheck import append, key
 from tests.test_layout import ALL_TYPES
+from workers.flusher import Flusher
+from workers.storage import Storage
 
 #: The worked examples of docs/spec.md, byte for byte (the spec quotes these strings).
 EXAMPLES = [
@@ -127,8 +131,49 @@ def test_types_deltaflush_does_not_carry_are_refused_naming_the_column(t):
         wire.canonical_schema(pa.schema([("ok", pa.int8()), ("odd", t)]))
 
 
+@pytest.mark.parametrize("name", ["col", "xyz"], ids=["column", "struct-field"])
+def test_a_name_that_is_not_utf8_has_no_canonical_form_and_is_refused(name, tmp_path):
+    """docs/spec.md 6.2: a name is Unicode text. Bytes that are not UTF-8 (which arrow-js
+    would read as U+FFFD) give a schema no canonical form: the producer refuses the batch
+    before writing anything, and the flusher dead-letters such a payload (undecodable)."""
+    table = pa.table({"col": [1], "st": [{"xyz": 1}]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    good = sink.getvalue().to_pybytes()
+    assert good.count(name.encode()) == 1
+    bad = good.replace(name.encode(), name.encode()[:1] + b"\xff" + name.encode()[2:])
+    with pytest.raises(UnsupportedData, match="not valid UTF-8"):
+        wire.canonical_schema(pa.ipc.open_stream(bad).schema)
+    client = fakeredis.FakeRedis()
+    with pytest.raises(UnsupportedData, match="not valid UTF-8"):
+        Producer(client=client, settings=Settings()).append(
+            "t", pa.ipc.open_stream(bad).read_all())
+    assert client.keys() == []
+    with pytest.raises(ValueError, match="not a valid Arrow IPC stream"):
+        wire.decode_payload(bad)
+    # appended anyway (by a producer that does not check): a dead letter, class undecodable
+    assert append(client, "t", bad, 1, wire.canonical_schema(table.schema).decode())[0] == 1
+    assert Flusher(client, Storage(str(tmp_path)), Settings()).flush("t").dead == 1
+    [(_, dead)] = client.xrange(key("t", "dead"))
+    assert dead[b"error"].startswith(b"not a valid Arrow IPC stream")
+
+
+def test_a_name_with_a_lone_surrogate_is_refused():
+    """Python cannot encode a lone surrogate (JavaScript's JSON.stringify writes it as
+    \\udxxx): no canonical form, refused before anything is written."""
+    client = fakeredis.FakeRedis()
+    with pytest.raises(UnsupportedData, match="surrogates not allowed"):
+        Producer(client=client, settings=Settings()).append("t", [{"a\ud800": 1}])
+    assert client.keys() == []
+
+
 @pytest.mark.parametrize("text", [
-    b"", b"{}", b"[1]", b'[{"name":"a"}]', b"not json",
+    b"", b"{}", b"[]", b"[1]", b'[{"name":"a"}]', b"not json",
+    b'[{"children":[],"name":"a","nullable":true,"type":"l"},'
+    b'{"children":[],"name":"a","nullable":true,"type":"u"}]',
+    b'[{"children":[{"children":[],"name":"x","nullable":true,"type":"l"},{"children":[],'
+    b'"name":"x","nullable":true,"type":"l"}],"name":"s","nullable":true,"type":"+s"}]',
     b'[{"children":[],"name":"a","nullable":true,"type":"q"}]',
     b'[{"children":[],"name":"a","nullable":"yes","type":"l"}]',
     b'[{"children":[],"name":"a","nullable":true,"type":"+l"}]',

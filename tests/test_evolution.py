@@ -244,6 +244,31 @@ def test_a_schema_race_is_retried_a_bounded_number_of_times(any_redis, monkeypat
     assert 1 not in ids  # the raced batch is not in
 
 
+@pytest.mark.parametrize("returned", ["schema", "evolves_from"])
+def test_a_conflict_returning_the_schema_just_used_is_not_sent_again(
+        any_redis, monkeypatch, returned):
+    """docs/spec.md, section 8: a CONFLICT that returns ARGV 1 or ARGV 4 (which no protocol-1
+    check does) would make the producer send the very same payload again: SchemaRace at
+    once, after one send."""
+    p = producer(any_redis)
+    p.append("events", id_batch(0, 1))
+    sent = []
+
+    def wrong_check(keys, items):
+        sent.extend(items)
+        [item] = items
+        return [[0, item.schema_bytes if returned == "schema" else item.evolves_from]]
+
+    monkeypatch.setattr(p, "_transaction", wrong_check)
+    batch = id_batch(1, 1)
+    if returned == "evolves_from":  # an evolution: ARGV 4 is the stored schema
+        batch = batch.append_column("extra", pa.array([1], pa.int64()))
+    with pytest.raises(SchemaRace, match="already shaped for"):
+        p.append("events", batch)
+    assert len(sent) == 1 and any_redis.xlen(K.delta) == 1
+    assert (sent[0].evolves_from != b"") == (returned == "evolves_from")
+
+
 def test_a_race_that_becomes_a_real_conflict_says_what_differs(any_redis, monkeypatch):
     p = producer(any_redis)
     p.append("events", id_batch(0, 1))
@@ -303,6 +328,33 @@ def test_an_equivalent_stored_form_is_brought_to_the_canonical_one(any_redis, mo
     p.append("events", id_batch(0, 2))
     assert len(sent) == 1
     assert any_redis.get(K.schema) == wire.canonical_schema(id_batch(0, 1).schema)
+
+
+@pytest.mark.parametrize("stored", [
+    b"[not json", b"[1]", b'[{"children":[],"name":"id","nullable":true,"type":"q"}]',
+    b'[{"children":[],"name":"id","nullable":true,"type":"l"},'
+    b'{"children":[],"name":"id","nullable":true,"type":"l"}]',
+], ids=["not-json", "not-fields", "unknown-type", "duplicate-name"])
+def test_a_stored_schema_that_cannot_be_read_refuses_the_append_and_stays(
+        any_redis, monkeypatch, stored):
+    """docs/spec.md 6.4: a stored value starting with '[' that is no canonical schema (a
+    later protocol's, or a faulty writer's): nothing is sent, nothing replaces it. The same
+    for such a value returned by a CONFLICT."""
+    any_redis.set(K.schema, stored)
+    p = producer(any_redis)
+    sent = _count_sends(p, monkeypatch)
+    with pytest.raises(ValueError, match="stored schema is not a protocol-1 canonical schema"):
+        p.append("events", id_batch(0, 1))
+    assert sent == [] and any_redis.get(K.schema) == stored and any_redis.xlen(K.delta) == 0
+    any_redis.delete(K.schema)
+    p2 = producer(any_redis)
+    p2._register(K)  # knows the table has no schema yet; then a faulty writer stores one
+    any_redis.set(K.schema, stored)
+    sent = _count_sends(p2, monkeypatch)
+    with pytest.raises(ValueError, match="stored schema is not a protocol-1 canonical schema"):
+        p2.append("events", id_batch(0, 1))
+    assert len(sent) == 1 and any_redis.get(K.schema) == stored
+    assert any_redis.xlen(K.delta) == 0
 
 
 def test_dictionary_columns_fit_a_string_column(any_redis, storage_dir, monkeypatch):

@@ -26,7 +26,8 @@ import pyarrow.dataset as ds
 import pytest
 
 from producer import Producer, Settings, wire
-from tests.conftest import ROOT, id_batch, read_ids, wait_for
+from producer.tablecfg import TableConfig
+from tests.conftest import ROOT, id_batch, landed, read_ids, wait_for
 from tests.make_vectors import ERROR_CLASSES
 from tests.test_vectors import BY_NAME, MANIFEST, VECTORS
 
@@ -91,9 +92,13 @@ class Foreign:
                             "--rows", self._file(json.dumps(data)), *extra)
 
     def append_payload(self, table: str, payload: bytes, schema: str | bytes,
-                       row_count: int) -> tuple[int, dict[str, Any]]:
+                       row_count: int, max_pending_bytes: int | None = None
+                       ) -> tuple[int, dict[str, Any]]:
+        extra = [] if max_pending_bytes is None else ["--max-pending-bytes",
+                                                       str(max_pending_bytes)]
         return self._result("append", "--table", table, "--schema", self._file(schema),
-                            "--payload", self._file(payload), "--row-count", str(row_count))
+                            "--payload", self._file(payload), "--row-count", str(row_count),
+                            *extra)
 
     def request_flush(self, table: str) -> tuple[int, dict[str, Any]]:
         return self._result("request-flush", "--table", table)
@@ -166,8 +171,9 @@ def test_tables_cross_languages_and_a_worker_flushes_them_exactly_once(
     fleet.beat()
     expected = {"made_foreign": 30, "made_python": 20, "evolving": 10, "garbage": 10}
     for table, n in expected.items():
-        wait_for(lambda t=table, n=n: read_ids(storage_dir, t) == list(range(n)) and
-                 real_redis.xlen(k[t].delta) == 0, 90, f"{table} to be flushed", 0.2)
+        wait_for(lambda t=table, n=n: landed(real_redis, t, n), 90, f"{table} to be flushed",
+                 0.2)
+        assert read_ids(storage_dir, table) == list(range(n)), table
     [(_, dead)] = real_redis.xrange(k["garbage"].dead)
     assert dead[b"arrow"] == b"not an Arrow stream"
     assert dead[b"error"].decode().startswith(tuple(ERROR_CLASSES["undecodable"]))
@@ -186,12 +192,12 @@ def test_a_flush_requested_by_the_foreign_producer(foreign, fleet, real_redis, s
     fleet.worker()
     fleet.beat()
     ok(foreign.append("events", SCHEMA, rows(0, 5)))  # never scheduled yet: due at once
-    wait_for(lambda: read_ids(storage_dir, "events") == list(range(5)), 90,
-             "the first scheduled flush", 0.2)
+    wait_for(lambda: landed(real_redis, "events", 5), 90, "the first scheduled flush", 0.2)
+    assert read_ids(storage_dir, "events") == list(range(5))
     ok(foreign.append("events", SCHEMA, rows(5, 5)))
     ok(foreign.request_flush("events"))
-    wait_for(lambda: read_ids(storage_dir, "events") == list(range(10)), 90,
-             "the requested flush", 0.2)
+    wait_for(lambda: landed(real_redis, "events", 10), 90, "the requested flush", 0.2)
+    assert read_ids(storage_dir, "events") == list(range(10))
 
 
 def test_refusals(foreign, real_redis):
@@ -212,7 +218,35 @@ def test_refusals(foreign, real_redis):
     ok(foreign.append("full", SCHEMA, rows(0, 10)))
     status, out = foreign.append("full", SCHEMA, rows(10, 10), max_pending_bytes=1)
     assert (status, out["error"]) == (3, "backpressure"), out
+    payload = wire.encode_batches(SCHEMA, pa.Table.from_pylist(rows(10, 1), SCHEMA).to_batches())
+    status, out = foreign.append_payload("full", bytes(payload), wire.canonical_schema(SCHEMA),
+                                         1, max_pending_bytes=1)  # ARGV 5 in both forms
+    assert (status, out["error"]) == (3, "backpressure"), out
     assert real_redis.xlen(wire.Keys("deltaflush", "full").delta) == 1
+
+    # out of memory: at registration, or when the transaction is refused
+    ok(foreign.append("oom", SCHEMA, rows(0, 1)))
+    real_redis.config_set("maxmemory", 1)
+    try:
+        status, out = foreign.append("oom", SCHEMA, rows(1, 1))
+        assert (status, out["error"]) == (5, "out_of_memory"), out
+        status, out = foreign.append_payload("oom", bytes(payload),
+                                             wire.canonical_schema(SCHEMA), 1)
+        assert (status, out["error"]) == (5, "out_of_memory"), out
+        status, out = foreign.append("oom_new", SCHEMA, rows(0, 1))
+        assert (status, out["error"]) == (5, "out_of_memory"), out
+    finally:
+        real_redis.config_set("maxmemory", 0)
+    assert real_redis.xlen(wire.Keys("deltaflush", "oom").delta) == 1
+
+    # a stored value starting with '[' that is no canonical schema (6.4): refused, untouched
+    for n, broken in enumerate([b"[not json", b'[{"children":[],"name":"id","nullable":true,'
+                                              b'"type":"q"}]']):
+        keys = wire.Keys("deltaflush", f"broken{n}")
+        real_redis.set(keys.schema, broken)
+        status, out = foreign.append(f"broken{n}", SCHEMA, rows(0, 1))
+        assert (status, out["error"]) == (1, "other"), out
+        assert real_redis.get(keys.schema) == broken and real_redis.xlen(keys.delta) == 0
 
     old = wire.Keys("deltaflush", "old")
     real_redis.set(old.schema, SCHEMA.serialize().to_pybytes())  # before protocol 1
@@ -222,6 +256,80 @@ def test_refusals(foreign, real_redis):
     else:
         assert status == 1 and "protocol 1" in out["message"], out
         assert real_redis.xlen(old.delta) == 0
+
+
+#: Appendix A's values of every kind, in a JSON file: integers beyond 2^53 (int64, uint64,
+#: nanoseconds since 1970), binary and fixed-size binary as strings (their UTF-8 bytes),
+#: decimals as unscaled integers (beyond 2^64 too), maps as objects or lists of pairs.
+VALUES_SCHEMA = pa.schema([
+    ("id", pa.int64()), ("u64", pa.uint64()), ("ts", pa.timestamp("ns", tz="UTC")),
+    ("day", pa.date32()), ("t", pa.time64("us")), ("dur", pa.duration("ms")),
+    ("half", pa.float16()), ("bin", pa.binary()), ("lbin", pa.large_binary()),
+    ("fixed", pa.binary(3)), ("price", pa.decimal128(10, 2)), ("huge", pa.decimal256(40, 2)),
+    ("attrs", pa.map_(pa.string(), pa.int64())), ("tags", pa.list_(pa.string())),
+    ("point", pa.struct([("x", pa.int32()), ("y", pa.float64())])),
+])
+VALUES_ROWS = [
+    {"id": 2**63 - 1, "u64": 2**64 - 1, "ts": 1_700_000_000_123_456_789, "day": 19_000,
+     "t": 3_600_000_001, "dur": -5, "half": 1.5, "bin": "héllo", "lbin": "", "fixed": "abc",
+     "price": 12345, "huge": 1234567890123456789012345678901234567890,
+     "attrs": {"a": 1, "b": None}, "tags": ["x", None], "point": {"x": 1, "y": 0.5}},
+    {"id": -(2**63), "u64": 0, "ts": -1, "day": -1, "t": 0, "dur": 0, "half": -2.0,
+     "bin": "\u0000", "lbin": "日本", "fixed": "xyz", "price": -5, "huge": -1,
+     "attrs": [["k", 3], ["k", 4]], "tags": [], "point": {"x": None}},
+    {"id": 0},
+]
+
+
+def test_row_values_of_every_kind(foreign, real_redis):
+    """Appendix A, Values: the batch a foreign producer builds from JSON rows holds exactly
+    the values Python means by them."""
+    import decimal
+    d = decimal.Decimal
+    keys = wire.Keys("deltaflush", "values")  # times and 40 digits: not for Spark (section 5)
+    real_redis.set(keys.config, TableConfig(spark_compatible=False).to_json())
+    ok(foreign.append("values", VALUES_SCHEMA, VALUES_ROWS))
+    [(_, fields)] = real_redis.xrange(keys.delta)
+    got = wire.decode_payload(fields[b"arrow"])
+    assert wire.canonical_schema(got.schema) == wire.canonical_schema(VALUES_SCHEMA)
+    want = pa.table({
+        "id": pa.array([2**63 - 1, -(2**63), 0], pa.int64()),
+        "u64": pa.array([2**64 - 1, 0, None], pa.uint64()),
+        "ts": pa.array([1_700_000_000_123_456_789, -1, None], pa.timestamp("ns", tz="UTC")),
+        "day": pa.array([19_000, -1, None], pa.date32()),
+        "t": pa.array([3_600_000_001, 0, None], pa.time64("us")),
+        "dur": pa.array([-5, 0, None], pa.duration("ms")),
+        "half": pa.array([1.5, -2.0, None], pa.float16()),
+        "bin": [b"h\xc3\xa9llo", b"\x00", None], "lbin": pa.array([b"", "日本".encode(), None],
+                                                                 pa.large_binary()),
+        "fixed": pa.array([b"abc", b"xyz", None], pa.binary(3)),
+        "price": pa.array([d("123.45"), d("-0.05"), None], pa.decimal128(10, 2)),
+        "huge": pa.array([d("12345678901234567890123456789012345678.90"), d("-0.01"), None],
+                         pa.decimal256(40, 2)),
+        "attrs": pa.array([[("a", 1), ("b", None)], [("k", 3), ("k", 4)], None],
+                          pa.map_(pa.string(), pa.int64())),
+        "tags": [["x", None], [], None],
+        "point": pa.array([{"x": 1, "y": 0.5}, {"x": None, "y": None}, None],
+                          VALUES_SCHEMA.field("point").type),
+    })
+    for name in VALUES_SCHEMA.names:
+        assert got.column(name).to_pylist() == want.column(name).to_pylist(), name
+
+
+@pytest.mark.parametrize("column", [
+    pa.field("iv", pa.month_day_nano_interval()), pa.field("view", pa.string_view()),
+    pa.field("id", pa.int8()),  # a second column named id
+], ids=["interval", "string-view", "duplicate-name"])
+def test_canonical_of_a_schema_protocol_1_does_not_carry(foreign, tmp_path, column):
+    """Appendix A, canonical: a schema that reads but cannot be a table's exits 1, with
+    nothing on stdout."""
+    schema = pa.schema([pa.field("id", pa.int64()), column])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema):
+        pass
+    path = tmp_path / "payload.arrows"
+    path.write_bytes(sink.getvalue().to_pybytes())
+    assert foreign.canonical(path) == (1, b"")
 
 
 def test_every_vector_through_the_foreign_producer(foreign, real_redis):
@@ -235,7 +343,7 @@ def test_every_vector_through_the_foreign_producer(foreign, real_redis):
         path = VECTORS / vector["file"]
         status, out = foreign.canonical(path)
         if vector["canonical"] is None:
-            assert status != 0, f"{name}: read a payload that is not a valid IPC stream"
+            assert (status, out) == (1, b""), f"{name}: a canonical form of a payload that has none"
         else:
             assert (status, out) == (0, vector["canonical"].encode() + b"\n"), name
         table = f"v{n}"
@@ -248,3 +356,33 @@ def test_every_vector_through_the_foreign_producer(foreign, real_redis):
         want = 0 if vector["check"] == "accepted" else 2
         assert status == want, (name, result)
         assert real_redis.xlen(wire.Keys("deltaflush", table).delta) == (want == 0), name
+
+
+def test_the_command_line_reports_a_schema_race(real_redis, redis_server, monkeypatch,
+                                                tmp_path, capsys):
+    """Appendix A: a batch that meets a 4th CONFLICT is `schema_race`, exit 6. Here the
+    Python command line, in-process, with another producer evolving the table before each
+    send (the Node command line's outcomes: clients/node/test)."""
+    from tests import conformance_cli
+
+    Producer(client=real_redis, settings=Settings()).append("race", id_batch(0, 1))
+    real_transaction = Producer._transaction
+    other = Producer(client=real_redis, settings=Settings())
+    other._racing = True  # type: ignore[attr-defined]
+    sends = []
+
+    def racing(self, keys, items):
+        if not getattr(self, "_racing", False):
+            sends.append(1)
+            other.append("race", id_batch(len(sends), 1).append_column(
+                f"extra{len(sends)}", pa.array([1], pa.int64())))
+        return real_transaction(self, keys, items)
+
+    monkeypatch.setattr(Producer, "_transaction", racing)
+    schema, data = tmp_path / "schema", tmp_path / "rows"
+    schema.write_bytes(wire.canonical_schema(SCHEMA))
+    data.write_text(json.dumps(rows(10, 1)))
+    status = conformance_cli.main(["append", "--redis", redis_server.url, "--table", "race",
+                                   "--schema", str(schema), "--rows", str(data)])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (status, out["error"], len(sends)) == (6, "schema_race", 4), out

@@ -95,6 +95,9 @@ def test_invalid_table_name_is_refused_before_anything_is_written(p, name):
     ([], "empty"),
     (pa.table({"a": pa.array([], pa.int64())}), "empty"),
     ([{"a": 1}, {"a": "x"}], "cannot convert"),
+    (pa.table([pa.array([1]), pa.array([2])], names=["a", "a"]), "two or more columns named"),
+    (pa.table({"s": pa.array([{"x": 1, "y": 2}])}).cast(pa.schema([("s", pa.struct(
+        [("x", pa.int64()), ("x", pa.int64())]))])), "struct 's' has two or more"),
 ])
 def test_unsupported_data_is_refused_with_a_clear_message(p, data, match):
     with pytest.raises(UnsupportedData, match=match):
@@ -196,15 +199,25 @@ def test_append_when_redis_is_out_of_memory_leaves_no_unchecked_entry(tmp_path):
         server.stop()
 
 
+#: docs/spec.md, Permissions: what the protocol needs, and what the client library sends.
+PRODUCER_ACL = ["+sadd", "+get", "+multi", "+exec", "+xadd", "+eval", "+set", "+hget",
+                "+hincrby", "+xlen", "+xdel", "+xgroup|setid", "+xgroup|create",
+                "+xinfo|groups", "+xrevrange", "+hset"]
+
+
+def _idle(p: Producer) -> None:
+    """As if every connection of ``p`` had been idle for the health-check interval."""
+    for conn in p.redis.connection_pool._available_connections:
+        conn.next_health_check = 0
+
+
 def test_a_producer_needs_only_the_documented_acl(redis_server, real_redis):
     """docs/spec.md (Permissions) lists what a producer's Redis user needs; a user with
     exactly that appends, evolves the schema, is deduplicated, meets backpressure and
-    requests a flush."""
+    requests a flush; +ping for the client's health check of an idle connection."""
     real_redis.acl_setuser(
         "appender", enabled=True, passwords=["+s3cret"], keys=["deltaflush:*"],
-        commands=["+sadd", "+get", "+multi", "+exec", "+xadd", "+eval", "+set", "+hget",
-                  "+hincrby", "+xlen", "+xdel", "+xgroup|setid", "+xgroup|create",
-                  "+xinfo|groups", "+xrevrange", "+hset"])
+        commands=[*PRODUCER_ACL, "+ping"])
     try:
         url = redis_server.url.replace("redis://", "redis://appender:s3cret@")
         p = Producer(settings=Settings(redis_url=url, max_pending_bytes=0))
@@ -216,6 +229,7 @@ def test_a_producer_needs_only_the_documented_acl(redis_server, real_redis):
         assert p._accepted(keys, item, p._transaction(keys, [item])[0]) == \
             p._accepted(keys, item, p._transaction(keys, [item])[0])
         assert real_redis.xlen(K.delta) == 4
+        _idle(p)  # redis-py PINGs a connection idle for 30 s before it uses it again
         p.request_flush("events")
         assert real_redis.hexists(K.sched, "flush_requested")
         p.close()
@@ -226,3 +240,35 @@ def test_a_producer_needs_only_the_documented_acl(redis_server, real_redis):
         assert real_redis.xlen(K.delta) == 4
     finally:
         real_redis.acl_deluser("appender")
+
+
+def test_what_the_client_library_sends_needs_permissions_too(redis_server, real_redis):
+    """docs/spec.md, Permissions: without +ping an append after 30 s of idle connection
+    fails (the health check's PING is refused); a database other than 0 needs +select."""
+    real_redis.acl_setuser("bare", enabled=True, passwords=["+s3cret"], keys=["deltaflush:*"],
+                           commands=PRODUCER_ACL)
+    real_redis.acl_setuser("db1", enabled=True, passwords=["+s3cret"], keys=["deltaflush:*"],
+                           commands=[*PRODUCER_ACL, "+ping", "+select"])
+    url = redis_server.url.replace("redis://", "redis://{}:s3cret@")
+    db1 = redis.Redis.from_url(redis_server.url[:-1] + "1")
+    try:
+        p = Producer(settings=Settings(redis_url=url.format("bare")))
+        p.append("events", id_batch(0, 1))
+        _idle(p)
+        with pytest.raises(redis.exceptions.NoPermissionError, match="'ping'"):
+            p.append("events", id_batch(1, 1))
+        p.close()
+        with pytest.raises(redis.exceptions.NoPermissionError, match="'select'"):
+            Producer(settings=Settings(redis_url=url.format("bare")[:-1] + "1")).append(
+                "events", id_batch(1, 1))
+        p = Producer(settings=Settings(redis_url=url.format("db1")[:-1] + "1"))
+        p.append("events", id_batch(1, 1))
+        _idle(p)
+        p.append("events", id_batch(2, 1))
+        p.close()
+        assert real_redis.xlen(K.delta) == 1
+        assert db1.xlen(K.delta) == 2
+    finally:
+        real_redis.acl_deluser("bare", "db1")
+        db1.flushdb()
+        db1.close()

@@ -139,6 +139,27 @@ def test_a_flush_request_waits_for_a_running_flush_and_is_met_by_a_queued_one(an
     assert not any_redis.hexists(k.sched, "flush_requested")
 
 
+def test_a_flush_request_needs_no_registration_of_its_own(any_redis):
+    """docs/spec.md, "Requesting a flush": no SADD before the HSET. A table with something
+    pending was registered by its first append; a request for a table that is not
+    registered is never read (and registers nothing), and a later registration with nothing
+    pending drops it."""
+    p = Producer(client=any_redis, settings=Settings())
+    p.append("a", id_batch(0, 1))
+    assert due_tables(any_redis, "deltaflush", 60_000) == ["a"]
+    any_redis.delete(wire.Keys("deltaflush", "a").queued)
+    Producer(client=any_redis, settings=Settings()).request_flush("a")  # a new process
+    assert due_tables(any_redis, "deltaflush", 60_000) == ["a"]
+    ghost = wire.Keys("deltaflush", "ghost")
+    p.request_flush("ghost")
+    assert due_tables(any_redis, "deltaflush", 60_000) == []
+    assert any_redis.smembers("deltaflush:tables") == {b"a"}
+    assert any_redis.hexists(ghost.sched, "flush_requested")  # left, harmless
+    any_redis.sadd("deltaflush:tables", "ghost")  # registered, nothing appended yet
+    assert due_tables(any_redis, "deltaflush", 60_000) == []
+    assert not any_redis.hexists(ghost.sched, "flush_requested")
+
+
 @pytest.mark.integration
 def test_a_flush_requested_through_redis_alone_is_run_by_the_fleet(
         fleet, real_redis, storage_dir):

@@ -69,3 +69,24 @@ def test_a_script_refusal_raises_its_class(any_redis):
     assert claim(any_redis, {"lease": "lease", "claim": "claim"}, {**args, "token": 7}) == 1
     with pytest.raises(ClaimMismatch, match="CLAIMED"):
         claim(any_redis, {"lease": "lease", "claim": "claim"}, {**args, "token": 7})
+
+
+def test_the_spec_gives_the_digests_of_protocol_1s_check_script(real_redis):
+    """docs/spec.md 7.2 names the append check by its SHA-256 and SHA-1, so that a producer
+    carrying a copy can tell it is the right one; the Node producer checks the same SHA-256,
+    and Redis gives the script the same SHA-1."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = (root / "docs" / "spec.md").read_text(encoding="utf-8")
+    data = (scripts.FOLDER / "append_check.lua").read_bytes()
+    assert b"\r" not in data  # the digests are of LF line endings (.gitattributes)
+    sha256 = re.search(r"^SHA-256\s+([0-9a-f]{64})$", spec, re.M)
+    sha1 = re.search(r"^SHA-1\s+([0-9a-f]{40})$", spec, re.M)
+    assert sha256 and sha256[1] == hashlib.sha256(data).hexdigest(), \
+        "append_check.lua changed: it is another protocol's script, or update docs/spec.md 7.2"
+    assert sha1 and sha1[1] == hashlib.sha1(data).hexdigest() == scripts.load("append_check").sha
+    assert real_redis.script_load(data) == sha1[1]
+    node = (root / "clients" / "node" / "producer.js").read_text(encoding="utf-8")
+    assert f"'{sha256[1]}'" in node

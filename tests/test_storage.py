@@ -1,7 +1,10 @@
 """Storage backends: a local folder and S3 (moto's server), through the same flush."""
 
+import os
+
 import fakeredis
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from producer import InvalidTableName, Producer, Settings, wire
@@ -89,3 +92,26 @@ def test_flush_to_s3_lands_every_row_once(real_redis, s3_uri):
     leftovers = storage.fs.get_file_info(FileSelector(f"lake/prefix/{TMP_DIR}", recursive=True,
                                                       allow_not_found=True))
     assert [i for i in leftovers if i.type.name == "File"] == []
+
+
+def test_a_table_folder_may_exist_before_its_first_file(tmp_path, monkeypatch):
+    """``publish`` creates the table's folder, then renames the file into it: a reader that
+    polls sees an empty folder in between. The tests' reader (``read_ids``) takes it as no
+    rows; reading the folder as a dataset would fail (it has no ``id`` column)."""
+    from tests.conftest import read_ids
+
+    storage = Storage(str(tmp_path))
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append((os.listdir(os.path.dirname(dst)), read_ids(tmp_path, "events")))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    temp = storage.temp_path("events", "part-1.parquet", 1)
+    with storage.open_temp(temp) as f:
+        pq.write_table(id_batch(0, 3), f)
+    storage.publish(temp, storage.final_path("events", "part-1.parquet"))
+    assert seen == [([], [])]
+    assert read_ids(tmp_path, "events") == [0, 1, 2]

@@ -29,7 +29,8 @@ def test_the_manifest_covers_every_file_and_every_ipc_option():
     assert MANIFEST["protocol"] == wire.PROTOCOL
     for needed in ("v4", "v5", "lz4", "zstd", "dictionary", "dictionary-delta",
                    "dictionary-replacement", "multi-batch", "zero-batches", "metadata",
-                   "garbage", "truncated", "empty", "wrong-type", "all-types", "names"):
+                   "garbage", "truncated", "empty", "wrong-type", "all-types", "names",
+                   "invalid-utf8-name"):
         assert needed in BY_NAME, needed
 
 
@@ -40,7 +41,12 @@ def test_canonical_form_of_each_payload(name):
     if vector["canonical"] is None:
         with pytest.raises(ValueError):
             wire.decode_payload(payload)
+        # no Schema message at the start, or one whose schema has no canonical form (a name
+        # that is not UTF-8): docs/spec.md, section 13
+        with pytest.raises((pa.ArrowException, ValueError)):
+            wire.canonical_schema(pa.ipc.open_stream(payload).schema)
         return
+    # the Schema message alone: a payload cut after it (truncated) has a canonical form
     schema = pa.ipc.open_stream(payload).schema
     assert wire.canonical_schema(schema) == vector["canonical"].encode()
     # and back: the canonical form describes the schema a flush writes

@@ -118,3 +118,15 @@ def test_next_id_is_the_smallest_greater_id():
 ])
 def test_table_name_rule(name, ok):
     assert wire.valid_table_name(name) is ok
+
+
+def test_the_table_name_rule_is_written_the_same_everywhere():
+    """The rule of docs/spec.md section 2 is the one the README states, the wire contract
+    enforces and the Node.js reference producer checks."""
+    from tests.conftest import ROOT
+
+    rule = wire.TABLE_NAME_RE.pattern
+    assert rule == "^[A-Za-z][A-Za-z0-9_]{0,127}$"
+    for path in ("docs/spec.md", "README.md", "clients/node/producer.js"):
+        text = (ROOT / path).read_text(encoding="utf-8")
+        assert rule in text, f"{path} does not state the table name rule {rule}"

@@ -3,6 +3,10 @@
 // {children, name, nullable, type} written as JSON with exactly those keys in that order.
 
 const arrow = require('apache-arrow');
+const { ByteBuffer, Encoding } = require('flatbuffers');
+const { Message: FbMessage } = require('apache-arrow/fb/message');
+const { MessageHeader } = require('apache-arrow/fb/message-header');
+const { Schema: FbSchema } = require('apache-arrow/fb/schema');
 const { Type, TimeUnit, DateUnit, Precision } = arrow;
 const { UnsupportedData } = require('./errors');
 
@@ -52,6 +56,12 @@ function uniqueNames(nodes, path) {
 
 /** The canonical node of one Arrow field, named `name` (default: the field's own name). */
 function fieldNode(field, name = field.name, path = name) {
+  if (typeof name !== 'string' || !name.isWellFormed()) {
+    // JSON.stringify would write a lone surrogate as \udxxx, which no other language can
+    // write: such a name is not Unicode text and has no canonical form (6.2).
+    throw new UnsupportedData(`column ${JSON.stringify(path)}: its name holds a lone ` +
+      'surrogate: a name must be Unicode text, valid UTF-8 (section 6.2)');
+  }
   let type = field.type;
   if (type.typeId === Type.Dictionary) type = type.dictionary; // its value type
   const leaf = (format) => node(name, field.nullable, format);
@@ -213,21 +223,58 @@ function parseCanonical(input) {
   return { schema, nodes, text: canonicalText(nodes) };
 }
 
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
+
 /**
- * The Arrow schema at the start of an IPC stream (a payload, or a stored schema from before
- * protocol 1, section 11), or null when the bytes are not an IPC stream with a schema.
+ * Throws UnsupportedData when a field name in the Schema message that starts `buf` is not
+ * valid UTF-8 (6.2). arrow-js decodes names leniently, each invalid byte as U+FFFD, which
+ * would give the schema a canonical form that no other language computes: the names are
+ * read again here, as bytes, from the message's flatbuffer.
+ */
+function checkNameBytes(buf) {
+  const at = buf.length >= 4 && buf.readInt32LE(0) === -1 ? 4 : 0; // continuation marker
+  const length = buf.length >= at + 4 ? buf.readInt32LE(at) : 0;
+  if (length <= 0 || at + 4 + length > buf.length) return;
+  const message = FbMessage.getRootAsMessage(new ByteBuffer(
+    new Uint8Array(buf.buffer, buf.byteOffset + at + 4, length)));
+  if (message.headerType() !== MessageHeader.Schema) return;
+  const walk = (count, fieldAt, path) => {
+    for (let i = 0; i < count; i++) {
+      const field = fieldAt(i);
+      let name;
+      try {
+        name = UTF8.decode(field.name(Encoding.UTF8_BYTES) || new Uint8Array(0));
+      } catch {
+        throw new UnsupportedData(`field ${i} of ${path ? JSON.stringify(path) : 'the schema'} ` +
+          'has a name that is not valid UTF-8: a name must be Unicode text (section 6.2)');
+      }
+      walk(field.childrenLength(), (j) => field.children(j), path ? `${path}.${name}` : name);
+    }
+  };
+  const schema = message.header(new FbSchema());
+  walk(schema.fieldsLength(), (i) => schema.fields(i), '');
+}
+
+/**
+ * The Arrow schema of the Schema message at the start of an IPC stream (a payload, or a
+ * stored schema from before protocol 1, section 11), or null when the bytes do not start
+ * with one. Only that message is read (section 13): a payload cut after it still has one.
+ * Throws UnsupportedData when a name in it is not valid UTF-8 (6.2).
  */
 function readIpcSchema(bytes) {
   const buf = Buffer.from(bytes);
   // The IPC file format (ARROW1 magic) is not a payload (section 4), though arrow-js reads it.
   if (buf.subarray(0, 6).toString('latin1') === 'ARROW1') return null;
+  let schema;
   try {
     const reader = arrow.RecordBatchStreamReader.from(buf);
     reader.open();
-    return reader.schema || null;
+    schema = reader.schema || null;
   } catch {
     return null;
   }
+  if (schema) checkNameBytes(buf);
+  return schema;
 }
 
 module.exports = {

@@ -2,7 +2,8 @@
 'use strict';
 // The conformance harness's command line (docs/spec.md, Appendix A):
 //   append --redis URL --table T --schema FILE --rows FILE [--max-pending-bytes N] [--prefix P]
-//   append --redis URL --table T --schema FILE --payload FILE --row-count N [--prefix P]
+//   append --redis URL --table T --schema FILE --payload FILE --row-count N [--max-pending-bytes N]
+//          [--prefix P]
 //   request-flush --redis URL --table T [--prefix P]
 //   canonical --payload FILE
 // The last line on stdout is one JSON object (canonical: the canonical form); logs go to stderr.
@@ -12,7 +13,8 @@ const { canonicalSchema, parseCanonical, readIpcSchema } = require('./canonical'
 const { rowsToTable } = require('./shape');
 const p = require('./producer');
 
-const EXIT = { ok: 0, other: 1, schema_conflict: 2, backpressure: 3, upgrade_required: 4 };
+const EXIT = { ok: 0, other: 1, schema_conflict: 2, backpressure: 3, upgrade_required: 4,
+  out_of_memory: 5, schema_race: 6 };
 
 class UsageError extends Error {}
 
@@ -91,6 +93,8 @@ function failure(e) {
   if (e instanceof p.UpgradeRequired) {
     return { ok: false, error: 'upgrade_required', required: e.required, message: e.message };
   }
+  if (e instanceof p.OutOfMemory) return { ok: false, error: 'out_of_memory', message: e.message };
+  if (e instanceof p.SchemaRace) return { ok: false, error: 'schema_race', message: e.message };
   return { ok: false, error: 'other', message: e.message || String(e) };
 }
 
@@ -105,6 +109,7 @@ async function appendPayload(producer, opts) {
     case 0: return { ok: false, error: 'schema_conflict', column: null,
       message: `CONFLICT: the table's schema is ${value.toString()}` };
     case 2: return failure(new p.Backpressure(`BACKPRESSURE: ${value} bytes pending`, value));
+    case 3: return failure(new p.OutOfMemory(`Redis is out of memory: ${value}`));
     case 4: return failure(new p.UpgradeRequired(Number(value)));
     default: return { ok: false, error: 'other', message: `reply ${code}: ${value}` };
   }
@@ -165,4 +170,4 @@ async function main() {
 
 if (require.main === module) main();
 
-module.exports = { parseJsonExact, parseArgs };
+module.exports = { parseJsonExact, parseArgs, failure, EXIT };

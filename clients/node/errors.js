@@ -58,7 +58,11 @@ class UpgradeRequired extends DeltaflushError {
 /** A table whose stored schema this producer cannot read (section 11, or a broken value). */
 class UnreadableTableSchema extends DeltaflushError {}
 
+/** The append check script loaded is not protocol 1's: its digest differs (7.2). */
+class WrongCheckScript extends DeltaflushError {}
+
 module.exports = {
   DeltaflushError, InvalidTableName, UnsupportedData, BatchTooLarge, SchemaConflict,
   SchemaRace, Backpressure, OutOfMemory, UpgradeRequired, UnreadableTableSchema,
+  WrongCheckScript,
 };

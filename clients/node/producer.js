@@ -28,6 +28,21 @@ const DEFAULTS = {
 // The check script, sent unchanged (7.2). The repository's copy is the one of this protocol.
 const SCRIPT_PATH = process.env.DELTAFLUSH_APPEND_CHECK ||
   path.join(__dirname, '..', '..', 'producer', 'lua', 'append_check.lua');
+// Protocol 1's check script is the file of this SHA-256 (docs/spec.md, 7.2).
+const APPEND_CHECK_SHA256 = '2d696eed6944ad58e81d72cfed23f9102ce7809ae37b871ba48f977643083e17';
+
+/** The check script at `file`, refused unless it is protocol 1's (7.2). */
+function loadCheckScript(file = SCRIPT_PATH) {
+  const script = fs.readFileSync(file);
+  const digest = crypto.createHash('sha256').update(script).digest('hex');
+  if (digest !== APPEND_CHECK_SHA256) {
+    throw new errors.WrongCheckScript(`${file} is not the append check of deltaflush protocol ` +
+      `1: its SHA-256 is ${digest}, protocol 1's is ${APPEND_CHECK_SHA256} (docs/spec.md, ` +
+      '7.2). Use the append_check.lua of a deltaflush release that speaks protocol 1, unchanged' +
+      ' (its line endings too).');
+  }
+  return script;
+}
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -63,9 +78,9 @@ function readStored(raw) {
         `schema this producer can read (${e.message}); deltaflush protocol 1 stores one`);
     }
   }
-  const schema = readIpcSchema(raw);
   let nodes = null;
   try {
+    const schema = readIpcSchema(raw);
     nodes = schema && schemaNodes(schema);
   } catch { /* refused below */ }
   if (!nodes) {
@@ -80,6 +95,18 @@ function isConnectionError(e) {
   if (e instanceof ReplyError || e instanceof errors.DeltaflushError) return false;
   return e.name === 'MaxRetriesPerRequestError' || /Connection is closed|Stream isn't writeable/
     .test(e.message) || ['ECONNRESET', 'ECONNREFUSED', 'ETIMEDOUT', 'EPIPE'].includes(e.code);
+}
+
+/**
+ * The error to report for a MULTI refused as a whole (a ReplyError: EXECABORT, OOM, NOPERM
+ * of a command in it); nothing of it ran. Other errors (a lost connection) are returned as
+ * they are.
+ */
+function refusal(e, what) {
+  if (!(e instanceof ReplyError)) return e;
+  const why = [e.message, ...(e.previousErrors || []).map((x) => x.message)].join('; ');
+  if (/\bOOM\b/.test(why)) return new errors.OutOfMemory(`Redis is out of memory: ${why}`);
+  return new errors.DeltaflushError(`Redis refused ${what}: ${why}`);
 }
 
 /** An arrow.Table from a Table or RecordBatch. */
@@ -106,6 +133,7 @@ class Producer {
       throw new errors.DeltaflushError(`invalid key prefix ${JSON.stringify(o.prefix)}: not ` +
         'empty, no {, } or space');
     }
+    this.script = loadCheckScript(); // refused before any connection is opened
     this.prefix = o.prefix;
     this.maxPendingBytes = o.maxPendingBytes;
     this.maxBatchBytes = o.maxBatchBytes;
@@ -121,12 +149,41 @@ class Producer {
     }) : o.redis;
     // Connection errors reach the caller through the commands they fail (and are retried).
     if (this.ownsRedis) this.redis.on('error', () => {});
-    this.script = fs.readFileSync(SCRIPT_PATH);
+    // ioredis reports a refused SELECT (no +select, or no such database) only as an 'error'
+    // event, and goes on in database 0: in another database, every command of this producer
+    // follows a SELECT of its own inside one MULTI, so that none runs in database 0 (12).
+    this.db = Number((this.redis.options && this.redis.options.db) || 0);
     this.known = new Map(); // table -> {raw, nodes}: registered in this process
   }
 
   async close() {
     if (this.ownsRedis) await this.redis.quit().catch(() => this.redis.disconnect());
+  }
+
+  /**
+   * A MULTI, after `SELECT db` when the database is not 0; its results are those of the
+   * commands queued after the SELECT (`results`).
+   */
+  multi() {
+    return this.db ? this.redis.multi().select(this.db) : this.redis.multi();
+  }
+
+  results(replies) {
+    return this.db ? replies.slice(1) : replies;
+  }
+
+  /**
+   * The [error, reply] pairs of the commands `queue` adds: pipelined in database 0, else in
+   * one MULTI after a SELECT (see the constructor). Throws what `refusal` makes of a refused
+   * MULTI.
+   */
+  async send(queue, what) {
+    if (!this.db) return queue(this.redis.pipeline()).exec();
+    try {
+      return this.results(await queue(this.multi()).exec());
+    } catch (e) {
+      throw refusal(e, what);
+    }
   }
 
   /** Runs `send` again on a lost connection, with backoff, for up to retryForMs. */
@@ -147,8 +204,8 @@ class Producer {
     checkTableName(table);
     if (!this.known.has(table)) {
       const keys = tableKeys(this.prefix, table);
-      const replies = await this.withRetries(() => this.redis.pipeline()
-        .sadd(`${this.prefix}:tables`, table).getBuffer(keys.schema).exec());
+      const replies = await this.withRetries(() => this.send((c) => c
+        .sadd(`${this.prefix}:tables`, table).getBuffer(keys.schema), 'the registration'));
       for (const [err] of replies) {
         if (err && /^OOM/.test(err.message)) {
           throw new errors.OutOfMemory(`Redis is out of memory: ${err.message}`);
@@ -172,19 +229,18 @@ class Producer {
     const reply = await this.withRetries(async () => {
       let results;
       try {
-        results = await this.redis.multi()
+        results = await this.multi()
           .xadd(keys.delta, '*', 'arrow', payload, 'rows', String(rows), 'batch', batchId)
           .evalBuffer(this.script, 7, keys.schema, keys.delta, keys.pending, keys.stats,
             keys.dedup, keys.dead, keys.protocol, ...argv)
           .exec();
       } catch (e) {
-        if (!(e instanceof ReplyError)) throw e; // a lost connection: retried
-        // EXEC refused as a whole (EXECABORT, OOM): nothing ran, nothing was appended (7.4).
-        const why = [e.message, ...(e.previousErrors || []).map((x) => x.message)].join('; ');
-        if (/\bOOM\b/.test(why)) throw new errors.OutOfMemory(`Redis is out of memory: ${why}`);
-        throw new errors.DeltaflushError(`Redis refused the append transaction: ${why}`);
+        // EXEC refused as a whole (EXECABORT: OOM, NOPERM): nothing ran, nothing was
+        // appended (7.4). A lost connection is thrown as it is, and retried.
+        throw refusal(e, 'the append transaction');
       }
       if (results === null) throw new Error('the transaction was discarded');
+      results = this.results(results);
       const [xaddErr] = results[0];
       const [evalErr, evalReply] = results[1];
       if (evalErr) {
@@ -264,8 +320,8 @@ class Producer {
     const keys = tableKeys(this.prefix, table);
     for (let wait = 50; Date.now() + wait <= deadline; wait = Math.min(wait * 2, 1000)) {
       await sleep(wait);
-      const [[e1, bytes], [e2, len]] = await this.redis.pipeline()
-        .hget(keys.pending, 'bytes').xlen(keys.delta).exec();
+      const [[e1, bytes], [e2, len]] = await this.send((c) => c
+        .hget(keys.pending, 'bytes').xlen(keys.delta), 'the wait for room');
       if (e1 || e2) throw e1 || e2;
       if (this.maxPendingBytes <= 0 || Number(bytes || 0) < this.maxPendingBytes || len === 0) {
         return true;
@@ -276,10 +332,18 @@ class Producer {
 
   /**
    * Sends `payload` as it is, claiming the canonical form `schema` (ARGV 1, byte for byte),
-   * with no shaping and no retry: Appendix A's `append --payload`. Returns the reply.
+   * ARGV 4 and 6 empty, with no shaping and no retry after a refusal: Appendix A's
+   * `append --payload`. Returns the reply.
    */
   async appendPayload(table, payload, rows, schema) {
-    await this.register(table);
+    checkTableName(table);
+    // Registration is the SADD alone: the stored schema does not change this transaction.
+    const [[err]] = await this.withRetries(() => this.send((c) => c
+      .sadd(`${this.prefix}:tables`, table), 'the registration'));
+    if (err && /^OOM/.test(err.message)) {
+      throw new errors.OutOfMemory(`Redis is out of memory: ${err.message}`);
+    }
+    if (err) throw err;
     const batchId = crypto.randomUUID().replaceAll('-', '');
     return this.transact(table, { payload: Buffer.from(payload), rows, batchId, schema });
   }
@@ -288,8 +352,13 @@ class Producer {
   async requestFlush(table) {
     checkTableName(table);
     const { sched } = tableKeys(this.prefix, table);
-    await this.withRetries(() => this.redis.hset(sched, 'flush_requested', String(Date.now())));
+    const [[err]] = await this.withRetries(() => this.send((c) => c
+      .hset(sched, 'flush_requested', String(Date.now())), 'the flush request'));
+    if (err) throw err;
   }
 }
 
-module.exports = { Producer, PROTOCOL, checkTableName, tableKeys, readStored, ...errors };
+module.exports = {
+  Producer, PROTOCOL, APPEND_CHECK_SHA256, checkTableName, tableKeys, readStored,
+  loadCheckScript, ...errors,
+};

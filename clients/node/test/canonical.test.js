@@ -12,8 +12,9 @@ const arrow = require('apache-arrow');
 const { canonicalSchema, parseCanonical, readIpcSchema, schemaNodes, canonicalText } =
   require('../canonical');
 const { widens, targetNodes, conform, rowsToTable } = require('../shape');
-const { SchemaConflict, UnsupportedData } = require('../errors');
-const { parseJsonExact } = require('../cli');
+const errors = require('../errors');
+const { SchemaConflict, UnsupportedData } = errors;
+const { parseJsonExact, failure, EXIT } = require('../cli');
 
 const ROOT = path.join(__dirname, '..', '..', '..');
 const VECTORS = path.join(ROOT, 'spec', 'vectors');
@@ -77,6 +78,23 @@ test('5, 6.2: refused schemas: no columns, duplicate names, types not carried', 
   assert.throws(() => parseCanonical('[{"name":"x"}]'), UnsupportedData);
 });
 
+test('6.2: a name is Unicode text: no lone surrogate, no bytes that are not UTF-8', () => {
+  assert.throws(() => canonicalSchema(schemaOf(F('a\ud800', new arrow.Int8()))), UnsupportedData);
+  assert.throws(() => canonicalSchema(schemaOf(F('s', new arrow.Struct([
+    F('\udc00x', new arrow.Int8())])))), UnsupportedData);
+  // a payload whose struct child is named "xyz", then the same bytes with "x\xffz"
+  const table = rowsToTable([{ s: { xyz: 1 } }], schemaOf(F('s', new arrow.Struct([
+    F('xyz', new arrow.Int8())]))));
+  const good = Buffer.from(arrow.tableToIPC(table, 'stream'));
+  assert.equal(canonicalSchema(readIpcSchema(good)), canonicalSchema(table.schema));
+  const at = good.indexOf('xyz');
+  const bad = Buffer.from(good);
+  bad[at + 1] = 0xff;
+  assert.match(arrow.tableFromIPC(bad).schema.fields[0].type.children[0].name, /\ufffd/);
+  assert.throws(() => readIpcSchema(bad), (e) => e instanceof UnsupportedData &&
+    /not valid UTF-8/.test(e.message));
+});
+
 test('6.4: a non-canonical stored value is read (other key order, whitespace)', () => {
   const loose = '[ {"type": "l", "nullable": true, "name": "id", "children": [] },\n' +
     '{"name":"tags","nullable":true,"type":"+l","children":[{"name":"element","nullable":false,' +
@@ -88,11 +106,19 @@ test('6.4: a non-canonical stored value is read (other key order, whitespace)', 
 
 for (const v of manifest.vectors) {
   test(`vector ${v.name}: canonical form (section 13)`, () => {
-    const schema = readIpcSchema(fs.readFileSync(path.join(VECTORS, v.file)));
+    const read = () => readIpcSchema(fs.readFileSync(path.join(VECTORS, v.file)));
     if (v.canonical === null) {
+      // no Schema message at the start, or one whose schema has no canonical form (6.2)
+      let schema = null;
+      try {
+        schema = read();
+      } catch (e) {
+        assert.ok(e instanceof UnsupportedData, e);
+      }
       assert.equal(schema, null);
       return;
     }
+    const schema = read();
     assert.equal(canonicalSchema(schema), v.canonical);
     assert.equal(parseCanonical(v.canonical).text, v.canonical);
   });
@@ -195,4 +221,66 @@ test('schemaNodes reads the all-types vector back through Arrow exactly', () => 
   // and builds an all-null batch of every type, which arrow-js writes and reads back
   const table = rowsToTable([{ id: 1 }, { id: 2 }], schema);
   assert.equal(canonicalSchema(arrow.tableFromIPC(arrow.tableToIPC(table, 'stream')).schema), v.canonical);
+});
+
+test('Appendix A outcomes: the "error" of each failure and its exit status', () => {
+  const outcomes = [
+    [new SchemaConflict('x', 'id'), 'schema_conflict', 2],
+    [new errors.Backpressure('x', 5), 'backpressure', 3],
+    [new errors.UpgradeRequired(2), 'upgrade_required', 4],
+    [new errors.OutOfMemory('x'), 'out_of_memory', 5],
+    [new errors.SchemaRace('x'), 'schema_race', 6],
+    [new errors.UnreadableTableSchema('x'), 'other', 1],
+    [new Error('x'), 'other', 1],
+  ];
+  for (const [e, error, status] of outcomes) {
+    assert.equal(failure(e).error, error);
+    assert.equal(EXIT[error], status);
+  }
+  assert.equal(failure(new SchemaConflict('x', 'id')).column, 'id');
+  assert.equal(failure(new errors.UpgradeRequired(2)).required, 2);
+});
+
+test('Appendix A values: binary and fixed-size binary from strings, decimals unscaled, maps', () => {
+  const schema = parseCanonical('[{"children":[],"name":"b","nullable":true,"type":"z"},' +
+    '{"children":[],"name":"w","nullable":true,"type":"w:2"},' +
+    '{"children":[],"name":"d","nullable":true,"type":"d:40,2,256"},' +
+    '{"children":[{"children":[{"children":[],"name":"key","nullable":false,"type":"u"},' +
+    '{"children":[],"name":"value","nullable":true,"type":"l"}],"name":"entries",' +
+    '"nullable":false,"type":"+s"}],"name":"m","nullable":true,"type":"+m"}]').schema;
+  const rows = parseJsonExact('[{"b":"é","w":"ab","d":-1234567890123456789012345678901234567890,' +
+    '"m":{"a":1}},{"m":[["a",2],["a",3]]}]');
+  const back = arrow.tableFromIPC(arrow.tableToIPC(rowsToTable(rows, schema), 'stream'));
+  assert.deepEqual([...back.getChild('b').get(0)], [0xc3, 0xa9]);
+  assert.deepEqual([...back.getChild('w').get(0)], [0x61, 0x62]);
+  const words = back.getChild('d').data[0].values.slice(0, 8);
+  let x = 0n;
+  for (let i = 7; i >= 0; i--) x = (x << 32n) | BigInt(words[i]);
+  assert.equal(BigInt.asIntN(256, x), -1234567890123456789012345678901234567890n);
+  assert.equal(back.getChild('m').data[0].children[0].length, 3); // the pairs, as they are
+  assert.throws(() => rowsToTable([{ w: 'abc' }], schema), UnsupportedData);
+  assert.throws(() => rowsToTable([{ d: 1.5 }], schema), UnsupportedData);
+});
+
+test('7.2: the check script is refused unless it has protocol 1\'s digest', () => {
+  const dp = require('../producer');
+  const spec = fs.readFileSync(path.join(ROOT, 'docs', 'spec.md'), 'utf8');
+  assert.match(spec, new RegExp(`^SHA-256\\s+${dp.APPEND_CHECK_SHA256}$`, 'm'));
+  const good = path.join(ROOT, 'producer', 'lua', 'append_check.lua');
+  assert.ok(dp.loadCheckScript(good).equals(fs.readFileSync(good)));
+  const copy = path.join(require('node:os').tmpdir(), `append_check_${process.pid}.lua`);
+  try {
+    fs.writeFileSync(copy, fs.readFileSync(good, 'utf8').replace(/\n/g, '\r\n'));
+    assert.throws(() => dp.loadCheckScript(copy), (e) => e instanceof dp.WrongCheckScript &&
+      e.message.includes(copy) && e.message.includes(dp.APPEND_CHECK_SHA256));
+  } finally {
+    fs.rmSync(copy, { force: true });
+  }
+  const env = { ...process.env, DELTAFLUSH_APPEND_CHECK: path.join(VECTORS, 'garbage.arrows') };
+  const run = require('node:child_process').spawnSync(process.execPath, [path.join(__dirname,
+    '..', 'cli.js'), 'request-flush', '--redis', 'redis://127.0.0.1:1/0', '--table', 't'], { env });
+  assert.equal(run.status, 1);
+  const out = JSON.parse(run.stdout.toString().trim().split('\n').pop());
+  assert.equal(out.error, 'other');
+  assert.match(out.message, /not the append check of deltaflush protocol 1/);
 });

@@ -227,6 +227,66 @@ test('the permissions of section 12 are enough', opts, async () => {
   } finally { await p.close(); await tight.close(); }
 });
 
+test('section 12: a database other than 0 needs +select, and nothing goes to database 0 without it',
+  opts, async () => {
+    await admin.call('ACL', 'SETUSER', 'db1', 'on', '>secret', '~deltaflush:*', '+sadd', '+get',
+      '+multi', '+exec', '+xadd', '+eval', '+set', '+hget', '+hincrby', '+xlen', '+xdel',
+      '+xgroup|setid', '+xgroup|create', '+xinfo|groups', '+xrevrange', '+hset');
+    const base = url.replace('redis://', 'redis://db1:secret@');
+    const table = fresh();
+    // ioredis only emits an 'error' for the SELECT it sends on connecting, and goes on in
+    // database 0: the producer's own SELECT, in each MULTI, refuses every command instead
+    const refused = new dp.Producer({ redis: base.replace(/\/0$/, '/1') });
+    try {
+      await assert.rejects(refused.append(table, batchOf(BASE, idName(1))), /NOPERM.*select/i);
+      await assert.rejects(refused.appendPayload(table, Buffer.from('x'), 1, BASE), /select/i);
+      await assert.rejects(refused.requestFlush(table), /NOPERM.*select/i);
+    } finally { refused.redis.disconnect(); }
+    assert.deepEqual(await admin.keys(`*${table}*`), []); // nothing in database 0
+    await admin.call('ACL', 'SETUSER', 'db1', '+select');
+    const p = new dp.Producer({ redis: base.replace(/\/0$/, '/1') });
+    try {
+      await p.append(table, batchOf(BASE, idName(1)));
+    } finally { await p.close(); }
+    const other = new Redis(url.replace(/\/0$/, '/1'));
+    try {
+      assert.equal(await other.xlen(key(table, 'delta')), 1);
+      await other.flushdb();
+    } finally {
+      other.disconnect();
+      await admin.call('ACL', 'DELUSER', 'db1');
+    }
+  });
+
+test('section 8: 4 CONFLICTs for one batch, or one returning the schema just used: SchemaRace',
+  opts, async () => {
+    const p = new dp.Producer({ redis: url });
+    const other = new dp.Producer({ redis: url });
+    const table = fresh();
+    const withExtra = (n) => JSON.stringify([...JSON.parse(BASE),
+      { children: [], name: `extra${n}`, nullable: true, type: 'l' }]);
+    try {
+      await p.append(table, batchOf(BASE, idName(1)));
+      const real = p.transact.bind(p);
+      let sends = 0;
+      p.transact = async (t, args) => { // another producer evolves the table before each send
+        sends++;
+        await other.append(t, batchOf(withExtra(sends), [{ id: 100 + sends, name: 'o' }]));
+        return real(t, args);
+      };
+      await assert.rejects(p.append(table, batchOf(BASE, idName(1))), dp.SchemaRace);
+      assert.equal(sends, 4);
+      sends = 0;
+      p.transact = async (t, args) => { // a check that is not protocol 1's
+        sends++;
+        return [0, Buffer.from(args.schema)];
+      };
+      await assert.rejects(p.append(table, batchOf(BASE, idName(1))), dp.SchemaRace);
+      assert.equal(sends, 1);
+      assert.equal(await admin.xlen(key(table, 'delta')), 5); // 1 + the other's 4
+    } finally { await p.close(); await other.close(); }
+  });
+
 test('a lost reply: the same transaction again, appended once (7.5)', opts, async () => {
   // A proxy that loses the reply to the first EXEC it forwards, closing the connection.
   const target = new URL(url);
