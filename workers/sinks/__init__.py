@@ -156,4 +156,8 @@ def for_format(fmt: str, storage: Storage, settings: Settings) -> Sink:
         from .folder import FolderSink
 
         return FolderSink(storage, settings.max_file_bytes)
+    if fmt == "delta":
+        from .delta import DeltaSink
+
+        return DeltaSink(storage, settings.max_file_bytes)
     raise NotImplementedError(f"table format {fmt!r} has no sink yet")
