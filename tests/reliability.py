@@ -1,5 +1,6 @@
-"""Check a table's Parquet output for loss and duplication, and record the outcome for the
-reliability report (docs/reliability.md, made by ``make reliability`` / ``make chaos``).
+"""Check a table's Parquet output (or its Delta table) for loss and duplication, and record
+the outcome for the reliability report (docs/reliability.md, made by ``make reliability`` /
+``make chaos``).
 
 With ``DELTAFLUSH_RELIABILITY_LOG`` set, every check appends one JSON line: the fault, the
 test, the rows appended and the rows lost and duplicated. ``DELTAFLUSH_CHAOS_SCALE``
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tests.conftest import read_ids
@@ -32,9 +33,25 @@ def check(fault: str, root: Path | str, table: str, expected: Iterable[int],
           must_have: Iterable[int] | None = None) -> None:
     """Assert every id of ``must_have`` (default: ``expected``) is in the table's files once,
     and no id outside ``expected`` or twice; record the outcome either way."""
+    ids = read_ids(root, table)
+    _assess(fault, table, ids, expected, must_have,
+            lambda missing: diagnose(root, table, missing))
+
+
+def check_delta(fault: str, uri: Path | str, expected: Iterable[int],
+                must_have: Iterable[int] | None = None) -> None:
+    """``check`` for a Delta table at ``uri``, read by an independent reader (DuckDB's
+    delta extension), not by the delta-rs library that wrote it."""
+    from tests.delta_readers import duckdb_ids, table_exists
+
+    ids = duckdb_ids(uri) if table_exists(uri) else []
+    _assess(fault, str(uri), ids, expected, must_have, lambda missing: "")
+
+
+def _assess(fault: str, table: str, ids: list[int], expected: Iterable[int],
+            must_have: Iterable[int] | None, diagnosis: Callable[[set[int]], str]) -> None:
     expected = set(expected)
     must = expected if must_have is None else set(must_have)
-    ids = read_ids(root, table)
     counts = Counter(ids)
     duplicated = sum(n - 1 for n in counts.values() if n > 1)
     lost = len(must - counts.keys())
@@ -44,7 +61,7 @@ def check(fault: str, root: Path | str, table: str, expected: Iterable[int],
     assert duplicated == 0, f"{fault}: {duplicated} duplicated rows in {table}"
     assert foreign == 0, f"{fault}: {foreign} rows that were never appended in {table}"
     if lost:
-        print(diagnose(root, table, must - counts.keys()))
+        print(diagnosis(must - counts.keys()))
     assert lost == 0, f"{fault}: {lost} rows lost from {table}"
 
 
