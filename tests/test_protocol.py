@@ -1,6 +1,7 @@
 """The flush protocol through its seams: the same tests over each range source (in memory,
-and a Redis stream on fakeredis and on a real redis-server) and each sink (in memory, and
-the folder of Parquet files). Faults are injected by wrapping a seam (``tests.seams``)."""
+and a Redis stream on fakeredis and on a real redis-server) and each sink (in memory, the
+folder of Parquet files, a Delta table). Faults are injected by wrapping a seam
+(``tests.seams``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 from producer import Producer, Settings, wire
 from producer.errors import LeaseLost
 from tests.conftest import id_batch, read_ids
+from tests.delta_readers import deltalake_ids, table_exists
 from tests.seams import Hooked
 from workers.flusher import Flusher
+from workers.sinks.delta import DeltaSink
 from workers.sinks.folder import FolderSink
 from workers.sinks.memory import MemorySink
 from workers.sources.memory import MemoryStream
@@ -39,8 +42,9 @@ class Rig:
                 "fake_redis" if source_kind == "fakeredis" else "real_redis")
             producer = Producer(client=self.client, settings=SETTINGS)
             self._append = lambda data: producer.append("events", data)
-        self.sink = MemorySink() if sink_kind == "memory" else FolderSink(
-            Storage(str(self.root)), SETTINGS.max_file_bytes)
+        storage = Storage(str(self.root))
+        self.sink = {"memory": MemorySink, "folder": FolderSink, "delta": DeltaSink}[sink_kind](
+            *(() if sink_kind == "memory" else (storage, SETTINGS.max_file_bytes)))
 
     def append(self, data: pa.Table) -> str:
         return self._append(data)
@@ -58,6 +62,9 @@ class Rig:
     def ids(self) -> list[int]:
         if self.sink_kind == "folder":
             return read_ids(self.root, "events")
+        if self.sink_kind == "delta":
+            uri = self.root / "events"
+            return deltalake_ids(uri) if table_exists(uri) else []
         rows = self.sink.table("events")
         return sorted(rows["id"].to_pylist()) if rows is not None else []
 
@@ -70,7 +77,7 @@ def source_kind(request):
     return request.param
 
 
-@pytest.fixture(params=["memory", "folder"])
+@pytest.fixture(params=["memory", "folder", "delta"])
 def rig(request, source_kind, tmp_path) -> Rig:
     return Rig(source_kind, request.param, request, tmp_path)
 
