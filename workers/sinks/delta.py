@@ -262,11 +262,18 @@ class DeltaSink(DeltaMaintenance):
         if dt is None:
             # An empty version 0, then the range as version 1, so that the range's commit
             # is conflict-checked like every other (delta-rs checks none for version 0).
-            DeltaTable.create(loc.uri, want, mode="ignore", partition_by=parts or None,
-                              name=table, configuration=self.table_properties(config),
-                              storage_options=loc.options or None,
-                              commit_properties=CommitProperties(
-                                  custom_metadata={"deltaflush.operation": "create"}))
+            # Creators racing (the first flushes of two shards) may each land a creation:
+            # delta-rs commits a creation that lost version 0 as the next version without a
+            # conflict check. Harmless here (same schema, partitioning and properties; no
+            # file or app transaction is touched), and a loser refused instead goes on.
+            try:
+                DeltaTable.create(loc.uri, want, mode="ignore", partition_by=parts or None,
+                                  name=table, configuration=self.table_properties(config),
+                                  storage_options=loc.options or None,
+                                  commit_properties=CommitProperties(
+                                      custom_metadata={"deltaflush.operation": "create"}))
+            except CommitFailedError:
+                log.info("table %s: created by another flusher meanwhile", table)
             dt = loc.open(self.open_table)
             assert dt is not None
         self._tables[table] = dt
