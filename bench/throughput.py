@@ -26,7 +26,8 @@ from bench.common import machine, redis_server
 from producer import Producer, Settings, wire
 from producer.client import connect
 from producer.tablecfg import TableConfig
-from workers.flusher import ROW_GROUP_BYTES, Flusher
+from workers.flusher import Flusher
+from workers.sinks.folder import ROW_GROUP_BYTES
 from workers.storage import Storage
 from workers.writer import BASE_OPTIONS
 

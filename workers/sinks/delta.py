@@ -42,6 +42,7 @@ import posixpath
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -78,6 +79,9 @@ from .folder import ROW_GROUP_BYTES, file_metadata
 
 log = logging.getLogger(__name__)
 
+#: Delta tables a sink keeps loaded (each holds its live files' log entries in memory),
+#: the most recently committed to.
+CACHED_TABLES = 16
 #: Conflicts one ``commit`` resolves by refreshing the table before it gives up (the task
 #: then retries it with backoff, like a storage error).
 MAX_CONFLICTS = 20
@@ -157,7 +161,7 @@ class DeltaSink(DeltaMaintenance):
         self.open_table = open_table
         self._lock = threading.Lock()
         self._table_locks: dict[str, threading.Lock] = {}
-        self._tables: dict[str, DeltaTable] = {}
+        self._tables: OrderedDict[str, DeltaTable] = OrderedDict()
         #: staged files never handed to delta-rs: the only ones this sink may delete
         self._fresh: set[str] = set()
 
@@ -251,7 +255,10 @@ class DeltaSink(DeltaMaintenance):
     def _latest(self, table: str, loc: Location, want: pa.Schema, parts: list[str],
                 config: TableConfig) -> DeltaTable:
         """The table at its latest version, created (empty) if there is none yet."""
-        dt = self._tables.get(table)
+        with self._lock:
+            dt = self._tables.get(table)
+            if dt is not None:
+                self._tables.move_to_end(table)
         if dt is not None:
             try:
                 dt.update_incremental()
@@ -276,7 +283,10 @@ class DeltaSink(DeltaMaintenance):
                 log.info("table %s: created by another flusher meanwhile", table)
             dt = loc.open(self.open_table)
             assert dt is not None
-        self._tables[table] = dt
+        with self._lock:
+            self._tables[table] = dt
+            while len(self._tables) > CACHED_TABLES:
+                self._tables.popitem(last=False)
         return dt
 
     def _add_columns(self, dt: DeltaTable, want: pa.Schema, parts: list[str],
