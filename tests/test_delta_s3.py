@@ -7,6 +7,7 @@ import json
 import threading
 
 import pyarrow.fs as pafs
+import pytest
 from deltalake import DeltaTable
 
 from producer import Producer, Settings, wire
@@ -24,6 +25,13 @@ from workers.storage import TMP_DIR, Storage
 from workers.writer import Encoder
 
 
+@pytest.fixture
+def delta_s3(s3_uri):  # noqa: F811
+    """moto's S3 under a prefix of its own (moto's state is global to the process: other
+    modules' tests write to ``lake/prefix``)."""
+    return s3_uri.replace("s3://lake/prefix", "s3://lake/delta", 1)
+
+
 def flush_commits(storage: Storage, table: str) -> list[dict]:
     """The commit infos of the flushes in the table's log, read from its JSON files
     (``DeltaTable.history`` hangs on moto's listing of the log)."""
@@ -39,17 +47,17 @@ def flush_commits(storage: Storage, table: str) -> list[dict]:
     return infos
 
 
-def test_a_flush_to_s3_lands_a_delta_table(real_redis, s3_uri):  # noqa: F811
-    settings = Settings(storage_uri=s3_uri, max_file_bytes=16_384, table_format="delta")
+def test_a_flush_to_s3_lands_a_delta_table(real_redis, delta_s3):
+    settings = Settings(storage_uri=delta_s3, max_file_bytes=16_384, table_format="delta")
     p = Producer(client=real_redis, settings=settings)
     for i in range(20):
         p.append("events", id_batch(i * 50, 50))
-    storage = Storage(s3_uri)
+    storage = Storage(delta_s3)
     result = Flusher(real_redis, storage, settings).flush("events")
     assert result.rows == 1000 and result.files > 1
-    assert all(path.startswith("s3://lake/prefix/events/part-") for path in result.paths)
+    assert all(path.startswith("s3://lake/delta/events/part-") for path in result.paths)
     loc = location(storage, "events")
-    assert loc.uri == "s3://lake/prefix/events"
+    assert loc.uri == "s3://lake/delta/events"
     assert deltalake_ids(loc.uri, loc.options) == list(range(1000))
     assert polars_ids(loc.uri, loc.options) == list(range(1000))
     sink = DeltaSink(storage, settings.max_file_bytes)
@@ -58,15 +66,15 @@ def test_a_flush_to_s3_lands_a_delta_table(real_redis, s3_uri):  # noqa: F811
     assert sink.remove_orphans("events", config)["files_removed"] == 0
     assert deltalake_ids(loc.uri, loc.options) == list(range(1000))
     leftovers = storage.fs.get_file_info(pafs.FileSelector(
-        f"lake/prefix/{TMP_DIR}", recursive=True, allow_not_found=True))
+        f"lake/delta/{TMP_DIR}", recursive=True, allow_not_found=True))
     assert [i for i in leftovers if i.type == pafs.FileType.File] == []
 
 
-def test_concurrent_committers_on_s3_lose_no_commit(s3_uri):  # noqa: F811
+def test_concurrent_committers_on_s3_lose_no_commit(delta_s3):
     """Four committers (as four workers, each flushing one shard of the table) commit at
     once, each from its own table version: every log entry is created only if absent, so
     the losers of a race rebase and commit again, and no commit overwrites another."""
-    storage = Storage(s3_uri)
+    storage = Storage(delta_s3)
     schema = id_batch(0, 1).schema
     writers, ranges, rows = 4, 5, 10
     barrier = threading.Barrier(writers, timeout=60)
