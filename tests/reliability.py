@@ -41,11 +41,12 @@ def check(fault: str, root: Path | str, table: str, expected: Iterable[int],
 def check_delta(fault: str, uri: Path | str, expected: Iterable[int],
                 must_have: Iterable[int] | None = None) -> None:
     """``check`` for a Delta table at ``uri``, read by an independent reader (DuckDB's
-    delta extension), not by the delta-rs library that wrote it."""
+    delta extension), not by the delta-rs library that wrote it; the fault is recorded as
+    ``delta: <fault>``."""
     from tests.delta_readers import duckdb_ids, table_exists
 
     ids = duckdb_ids(uri) if table_exists(uri) else []
-    _assess(fault, str(uri), ids, expected, must_have, lambda missing: "")
+    _assess(f"delta: {fault}", str(uri), ids, expected, must_have, lambda missing: "")
 
 
 def _assess(fault: str, table: str, ids: list[int], expected: Iterable[int],

@@ -47,7 +47,7 @@ def test_sigkill_around_the_lake_commit_loses_and_duplicates_nothing(
     fleet.worker(failpoints=f"{step}=kill")
     fleet.beat()
     wait_drained(fleet, real_redis, total)
-    check_delta(f"delta: worker SIGKILLed {STEPS[step]}", storage_dir / TABLE, range(total))
+    check_delta(f"worker SIGKILLed {STEPS[step]}", storage_dir / TABLE, range(total))
     assert (Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step).exists()
     assert "SIGKILL" in fleet.logs()
 
@@ -74,7 +74,7 @@ def test_a_worker_frozen_in_the_lake_commit_past_its_lease_is_fenced(
         assert b"conflicted (Failed to commit transaction: Concurrent transaction failed" \
             in frozen_log.read_bytes()
         assert b"already holds range" in frozen_log.read_bytes()
-    check_delta(f"delta: worker frozen past its lease {STEPS[step]}, woken after a takeover",
+    check_delta(f"worker frozen past its lease {STEPS[step]}, woken after a takeover",
                 storage_dir / TABLE, range(total))
     assert drained(real_redis, total)
 
@@ -121,6 +121,6 @@ def test_maintenance_alongside_a_fleet_with_a_crash(delta_env, fleet, producer_f
         raise
     finally:
         thread.join(60)
-    check_delta("delta: compaction, log expiry and vacuum alongside a fleet with a SIGKILL "
+    check_delta("compaction, log expiry and vacuum alongside a fleet with a SIGKILL "
                 "after a lake commit", uri, range(batches * rows))
     assert "SIGKILL" in fleet.logs()

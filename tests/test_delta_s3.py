@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pyarrow.fs as pafs
@@ -114,6 +115,7 @@ def test_concurrent_committers_on_s3_lose_no_commit(delta_s3):
     ids = deltalake_ids(loc.uri, loc.options)
     total = writers * ranges * rows
     lost = len(set(range(total)) - set(ids))
-    record("4 committers racing on S3 (conditional PUT)", "test_delta_s3", total, lost,
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    record("delta: 4 committers racing on S3 (conditional PUT)", test, total, lost,
            len(ids) - len(set(ids)))
     assert ids == list(range(total))
