@@ -196,7 +196,7 @@ def test_the_partition_columns_of_a_delta_table_cannot_change(any_redis, storage
 def staged_range(sink: DeltaSink, token: int, first="1-0", last="9-0", ids=range(20)):
     """The range ``first..last`` (rows ``ids``) staged by a flusher with fencing ``token``."""
     data = id_batch(ids.start, len(ids))
-    rng = Range("events", "events", first, last, 9, wire.serialize_schema(data.schema), "")
+    rng = Range("events", "events", first, last, 9, data.schema.serialize().to_pybytes(), "")
     with Encoder() as encoder:
         staging = sink.stage(StageStart("events", first, token, data.schema, TableConfig(),
                                         encoder))

@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 from deltalake import DeltaTable
 
-from producer import Producer, Settings, wire
+from producer import Producer, Settings
 from producer.tablecfg import TableConfig
 from tests.conftest import id_batch
 from tests.delta_readers import deltalake_ids, polars_ids
@@ -88,7 +88,7 @@ def test_concurrent_committers_on_s3_lose_no_commit(delta_s3):
                 first = f"{r + 1}-0"
                 start = (w * ranges + r) * rows
                 rng = Range("shards", f"shards:{w}", first, first, 1,
-                            wire.serialize_schema(schema), "")
+                            schema.serialize().to_pybytes(), "")
                 with Encoder() as encoder:
                     staging = sink.stage(StageStart("shards", first, w + 1, schema,
                                                     TableConfig(), encoder))

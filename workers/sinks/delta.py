@@ -44,6 +44,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -101,6 +102,17 @@ class CommitConflicts(OSError):
     """``MAX_CONFLICTS`` commits in a row lost to others. Retried by the task."""
 
 
+@dataclass(frozen=True)
+class DeltaFile:
+    """The ``metadata`` of a staged file: what its commit needs, its Parquet footer (for the
+    statistics) and the Delta table schema and partition columns of its range (what the
+    range's schema and configuration give, computed once when staging starts)."""
+
+    footer: Any
+    table_schema: pa.Schema
+    partition_columns: tuple[str, ...]
+
+
 class DeltaStaging:
     """A range staged into Parquet files in the table's folder, one per partition folder."""
 
@@ -108,6 +120,8 @@ class DeltaStaging:
         self.sink = sink
         self.table = start.table
         self.schema = file_schema(start.schema)
+        want, parts = table_schema(start.schema, start.config)
+        self.table_schema, self.partition_columns = want, tuple(parts)
         ms, seq = wire.parse_id(start.first)
         prefix = f"part-{ms:013d}-{seq:06d}-t{start.token}"
 
@@ -137,7 +151,9 @@ class DeltaStaging:
         arrow_bytes = self.files.arrow_bytes
         written = self.files.close(file_metadata(rng))
         files = tuple(StagedFile(temp=f.temp, final=f.temp, partition=f.folder, size=f.size,
-                                 rows=f.rows, metadata=f.metadata) for f in written)
+                                 rows=f.rows, metadata=DeltaFile(f.metadata, self.table_schema,
+                                                                 self.partition_columns))
+                      for f in written)
         self.sink.fresh(f.final for f in files)
         return Staged(rng, files, arrow_bytes)
 
@@ -204,7 +220,8 @@ class DeltaSink(DeltaMaintenance):
             return Committed()
         rng = staged.range
         config = TableConfig.from_json(rng.config)
-        want, parts = table_schema(wire.deserialize_schema(rng.schema), config)
+        staged_as: DeltaFile = staged.files[0].metadata
+        want, parts = staged_as.table_schema, list(staged_as.partition_columns)
         version, app = txn_version(rng.last), app_id(rng.stream)
         loc = location(self.storage, rng.table)
         self._make_durable(staged)
@@ -325,7 +342,7 @@ class DeltaSink(DeltaMaintenance):
         root = self.storage.table_dir(staged.range.table) + "/"
         return [AddAction(f.final[len(root):], f.size,
                           partition_values(f.partition, parts, want), now_ms, True,
-                          stats_json(f.metadata, want, parts)) for f in staged.files]
+                          stats_json(f.metadata.footer, want, parts)) for f in staged.files]
 
     def _make_durable(self, staged: Staged) -> None:
         """Local files reach the disk before the commit references them (on object
