@@ -1,5 +1,5 @@
-"""Check a table's Parquet output (or lake table) for loss and duplication, and record the
-outcome for the reliability report (docs/reliability.md, made by ``make reliability`` /
+"""Check a table's Parquet output (or its lake table) for loss and duplication, and record
+the outcome for the reliability report (docs/reliability.md, made by ``make reliability`` /
 ``make chaos``).
 
 With ``DELTAFLUSH_RELIABILITY_LOG`` set, every check appends one JSON line: the fault, the
@@ -48,8 +48,21 @@ def check_lake(fault: str, root: Path | str, table: str, expected: Iterable[int]
                               f"{max(missing)}")
 
 
+
+
+def check_delta(fault: str, uri: Path | str, expected: Iterable[int],
+                must_have: Iterable[int] | None = None) -> None:
+    """``check`` for a Delta table at ``uri``, read by an independent reader (DuckDB's
+    delta extension), not by the delta-rs library that wrote it; the fault is recorded as
+    ``delta: <fault>``."""
+    from tests.delta_readers import duckdb_ids, table_exists
+
+    ids = duckdb_ids(uri) if table_exists(uri) else []
+    check_ids(f"delta: {fault}", ids, expected, must_have, lambda missing: "")
+
+
 def check_ids(fault: str, ids: list[int], expected: Iterable[int],
-              must_have: Iterable[int] | None, diagnosis: Callable[[set[int]], str]) -> None:
+            must_have: Iterable[int] | None, diagnosis: Callable[[set[int]], str]) -> None:
     expected = set(expected)
     must = expected if must_have is None else set(must_have)
     counts = Counter(ids)

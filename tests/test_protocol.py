@@ -1,7 +1,7 @@
 """The flush protocol through its seams: the same tests over each range source (in memory,
 and a Redis stream on fakeredis and on a real redis-server) and each sink (in memory, the
-folder of Parquet files, an Iceberg table read back by DuckDB). Faults are injected by
-wrapping a seam (``tests.seams``)."""
+folder of Parquet files, an Iceberg table read back by DuckDB, a Delta table). Faults are
+injected by wrapping a seam (``tests.seams``)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 from producer import Producer, Settings, wire
 from producer.errors import LeaseLost
 from tests.conftest import id_batch, read_ids
+from tests.delta_readers import deltalake_ids, table_exists
 from tests.lake import duckdb_ids
 from tests.seams import Hooked
 from workers.flusher import Flusher
+from workers.sinks.delta import DeltaSink
 from workers.sinks.folder import FolderSink
 from workers.sinks.iceberg import IcebergSink
 from workers.sinks.memory import MemorySink
@@ -42,12 +44,15 @@ class Rig:
                 "fake_redis" if source_kind == "fakeredis" else "real_redis")
             producer = Producer(client=self.client, settings=SETTINGS)
             self._append = lambda data: producer.append("events", data)
+        storage = Storage(str(self.root))
         if sink_kind == "memory":
             self.sink = MemorySink()
         elif sink_kind == "iceberg":
-            self.sink = IcebergSink(Storage(str(self.root)), SETTINGS)
+            self.sink = IcebergSink(storage, SETTINGS)
+        elif sink_kind == "delta":
+            self.sink = DeltaSink(storage, SETTINGS.max_file_bytes)
         else:
-            self.sink = FolderSink(Storage(str(self.root)), SETTINGS.max_file_bytes)
+            self.sink = FolderSink(storage, SETTINGS.max_file_bytes)
 
     def append(self, data: pa.Table) -> str:
         return self._append(data)
@@ -67,6 +72,9 @@ class Rig:
             return read_ids(self.root, "events")
         if self.sink_kind == "iceberg":
             return duckdb_ids(self.root, "events")
+        if self.sink_kind == "delta":
+            uri = self.root / "events"
+            return deltalake_ids(uri) if table_exists(uri) else []
         rows = self.sink.table("events")
         return sorted(rows["id"].to_pylist()) if rows is not None else []
 
@@ -79,7 +87,7 @@ def source_kind(request):
     return request.param
 
 
-@pytest.fixture(params=["memory", "folder", "iceberg"])
+@pytest.fixture(params=["memory", "folder", "iceberg", "delta"])
 def rig(request, source_kind, tmp_path) -> Rig:
     return Rig(source_kind, request.param, request, tmp_path)
 

@@ -161,4 +161,9 @@ def for_format(fmt: str, storage: Storage, settings: Settings) -> Sink:
         from .iceberg import IcebergSink
 
         return IcebergSink(storage, settings)
+
+    if fmt == "delta":
+        from .delta import DeltaSink
+
+        return DeltaSink(storage, settings.max_file_bytes)
     raise NotImplementedError(f"table format {fmt!r} has no sink yet")
