@@ -77,8 +77,10 @@ class TableConfig:
     target_file_bytes: int | None = None
     #: compact once the table has at least this many small files
     compact_min_small_files: int = 8
-    #: snapshots older than this are expired (the current one never is)
-    snapshot_retention_s: float = 86400.0
+    #: snapshots older than this are expired (the current one never is); an hour keeps a
+    #: table's metadata small (an Iceberg commit rewrites the list of live snapshots: with
+    #: a day of them at the default interval, commits took seconds, docs/performance.md)
+    snapshot_retention_s: float = 3600.0
     #: files no snapshot references are removed once older than this (far longer than any
     #: flush may hold a staged file before committing it)
     orphan_retention_s: float = 3 * 86400.0

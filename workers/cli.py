@@ -412,7 +412,8 @@ def dead_replay(table: str) -> None:
 @click.option("--seconds", default=15.0, show_default=True, help="How long to produce.")
 @click.option("--tables", default=3, show_default=True, help="How many tables to fill.")
 @click.option("--workers", default=2, show_default=True, help="Worker processes.")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "iceberg"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(["parquet", "iceberg", "delta"]),
+              default=None,
               help="Format of the demo's tables (default: DELTAFLUSH_TABLE_FORMAT).")
 def demo(seconds: float, tables: int, workers: int, fmt: str | None) -> None:
     """Run the whole pipeline on this machine: producer, Celery worker and beat, then show

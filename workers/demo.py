@@ -131,10 +131,14 @@ def _produce_and_check(settings: Settings, storage: Storage, seconds: float, n_t
         echo("timed out waiting for the workers to drain the tables")
         return 1
     ok = True
-    lake = settings.table_format == "iceberg"
+    fmt = settings.table_format
+    lake = fmt in ("iceberg", "delta")
+    shown = {"iceberg": "Iceberg", "delta": "Delta"}.get(fmt, "Parquet")
     for table in tables:
-        if lake:
+        if fmt == "iceberg":
             got, files = _iceberg_ids(settings, storage, table, run)
+        elif fmt == "delta":
+            got, files = _delta_ids(storage, table, run)
         else:
             data = ds.dataset(storage.table_dir(table), filesystem=storage.fs, format="parquet")
             got = data.to_table(columns=["id"], filter=ds.field("run") == run)["id"]
@@ -142,10 +146,12 @@ def _produce_and_check(settings: Settings, storage: Storage, seconds: float, n_t
         unique = len(pc.unique(got))
         status = "ok" if len(got) == unique == appended[table] else "MISMATCH"
         ok &= status == "ok"
-        echo(f"  {table}: appended {appended[table]}, in {'Iceberg' if lake else 'Parquet'} "
-             f"{len(got)} "
+        echo(f"  {table}: appended {appended[table]}, in {shown} {len(got)} "
              f"({unique} distinct), {files} files: {status}")
-    if lake:
+    if fmt == "delta":
+        echo(f"Delta tables are under {storage.display(storage.root)}/<table>/ (their logs in "
+             "<table>/_delta_log); read them as docs/lake-delta.md shows")
+    elif lake:
         echo(f"Iceberg tables {settings.catalog_namespace}.<table> are in the catalog "
              f"{catalog_uri(settings, storage)}, their files under "
              f"{storage.display(storage.root)}/<table>/; read them as docs/lake.md shows")
@@ -184,6 +190,18 @@ def _iceberg_ids(settings: Settings, storage: Storage, table: str, run: str
         return pa.chunked_array([], pa.int64()), 0
     scan = found.scan(row_filter=f"run == '{run}'", selected_fields=("id",))
     return scan.to_arrow()["id"], len(list(found.scan().plan_files()))
+
+
+def _delta_ids(storage: Storage, table: str, run: str) -> tuple[pa.ChunkedArray, int]:
+    """The ids of this run in a Delta table's latest version, and its data files."""
+    from .sinks.delta_table import location
+
+    found = location(storage, table).open()
+    if found is None:
+        return pa.chunked_array([], pa.int64()), 0
+    data = found.to_pyarrow_dataset()
+    got = data.to_table(columns=["id"], filter=ds.field("run") == run)["id"]
+    return got, len(found.file_uris())
 
 
 def _report(client, settings, tables, appended, echo, phase) -> None:  # type: ignore[no-untyped-def]
