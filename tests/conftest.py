@@ -232,8 +232,13 @@ class Fleet:
         return proc, log
 
     def logs(self) -> str:
+        """The end of every process's log, for a failure message."""
         return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}"
                          for _, log in self.procs)
+
+    def logged(self, text: str) -> bool:
+        """Whether any process's whole log holds ``text``."""
+        return any(text in log.read_text(errors="replace") for _, log in self.procs)
 
     def stop(self) -> None:
         for proc, _ in self.procs:

@@ -49,7 +49,7 @@ def test_sigkill_around_the_lake_commit_loses_and_duplicates_nothing(
     wait_drained(fleet, real_redis, total)
     check_delta(f"worker SIGKILLed {STEPS[step]}", storage_dir / TABLE, range(total))
     assert (Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step).exists()
-    assert "SIGKILL" in fleet.logs()
+    assert fleet.logged("SIGKILL"), fleet.logs()
 
 
 @pytest.mark.parametrize("step", ["lake.commit", "lake.committed"])

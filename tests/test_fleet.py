@@ -81,7 +81,7 @@ def test_sigkill_at_each_step_loses_and_duplicates_nothing(step, fleet, producer
     check(f"worker process SIGKILLed at {step}", storage_dir, TABLE, range(total))
     once = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step
     assert once.exists(), "the failpoint never fired"
-    assert "SIGKILL" in fleet.logs()
+    assert fleet.logged("SIGKILL"), fleet.logs()
 
 
 def test_whole_worker_killed_mid_flush_is_taken_over(fleet, producer_for, real_redis,
