@@ -8,7 +8,8 @@ Each round appends the same backlog (``--rows`` rows of the benchmark schema in 
 * **pyarrow at its best**: the same IPC payloads, held in memory, decoded and written as
   one zstd Parquet file with ``pq.write_table`` and its default row groups, dictionary
   encoding for every column and for string columns only; the faster of the two counts;
-* **a real worker** of each code tree (``--tree``, default: this checkout): a plain
+* **a real worker** of each code tree (``--tree``, default: this checkout; the backlog is
+  appended by that tree's own producer): a plain
   ``celery -A workers.app worker -c 1`` started with that tree on ``PYTHONPATH``, asked to
   flush the table into one file (``DELTAFLUSH_MAX_FILE_BYTES`` above the backlog), timed
   from sending ``flush_table`` to its result.
@@ -38,7 +39,7 @@ import redis
 
 from bench.common import machine, redis_server
 from bench.throughput import realistic
-from producer import Producer, Settings, wire
+from producer import Settings, wire
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -114,6 +115,25 @@ def worker_flush(tree: Path, env: dict[str, str], url: str, workdir: str,
         proc.wait()
 
 
+#: Appends the backlog with a tree's own producer (the wire format may differ between trees).
+APPEND = """
+import sys
+from bench.throughput import realistic
+from producer import Producer, Settings
+rows = int(sys.argv[1])
+tables = [realistic(i, 10_000) for i in range(0, rows, 10_000)]
+producer = Producer(settings=Settings.from_env())
+for i in range(0, len(tables), 64):
+    producer.append_many("bench", tables[i:i + 64])
+producer.close()
+"""
+
+
+def append_with(tree: Path, env: dict[str, str], rows: int) -> None:
+    subprocess.run([sys.executable, "-c", APPEND, str(rows)], env=dict(env, PYTHONPATH=str(tree)),
+                   cwd=tree, check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=6_000_000)
@@ -136,10 +156,7 @@ def main() -> None:
                            DELTAFLUSH_MAX_FILE_BYTES=str(2**40), DELTAFLUSH_MAX_PENDING_BYTES="0",
                            DELTAFLUSH_FLUSH_AT_BYTES=str(2**62))
                 client.flushall()
-                producer = Producer(settings=Settings.from_env(env))
-                for i in range(0, len(tables), 64):
-                    producer.append_many("bench", tables[i:i + 64])
-                producer.close()
+                append_with(Path(tree), env, args.rows)
                 runs[name].append(worker_flush(Path(tree), env, url, workdir, client, name))
                 shutil.rmtree(lake, ignore_errors=True)
                 print(f"round {r}: {name} {runs[name][-1]}", file=sys.stderr)
