@@ -1,0 +1,213 @@
+"""The lake tier of a read: one pinned snapshot of a table in its format, with its watermarks.
+
+A lake snapshot is what a table's format holds at one moment, pinned so that commits made
+afterwards (flushes, compactions) do not change it while it is read:
+
+* ``parquet``: a set of published files. Each file is named after the range of stream
+  entries it holds (``part-<first>_<last>.parquet``, ``workers.sinks.folder``), so the
+  snapshot is "every file whose range ends at or before the watermark"; the watermark
+  comes from Redis (the last range the delta trimmed, which was published before it was
+  trimmed), given by ``pin``.
+* ``iceberg``: a snapshot of the table, and the table property
+  ``deltaflush.watermark.<stream>`` of the same metadata version (a flush sets it in the
+  very commit that appends its range's files, ``workers.sinks.iceberg``).
+* ``delta``: a version of the Delta table, and the app transaction ``deltaflush:<stream>``
+  of that version (``workers.sinks.delta``).
+
+``watermarks`` maps each stream of the table to the last entry ID the snapshot holds (None:
+nothing of it). ``batches`` reads the snapshot's rows, projected and filtered by the lake
+reader itself (pyarrow datasets: row groups pruned by their statistics), in the lake's
+column types; the caller brings them to the table's schema.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from producer import wire
+from producer.settings import Settings
+from producer.storage import Storage
+from producer.tablecfg import TableConfig
+
+#: Table property of an Iceberg table: the last entry ID of a stream the table holds.
+ICEBERG_WATERMARK = "deltaflush.watermark."
+#: The name of a ``parquet`` table's file: the range of entries it holds.
+FILE_NAME = re.compile(r"part-(\d{13})-(\d{6})_(\d{13})-(\d{6})\.parquet$")
+#: Rows per batch a lake snapshot yields (pyarrow's scanner default is 131072).
+BATCH_ROWS = 65_536
+
+
+def file_range(path: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The range ``((ms, seq), (ms, seq))`` a ``parquet`` table's file holds, by its name."""
+    match = FILE_NAME.search(path)
+    if match is None:
+        return None
+    fms, fseq, lms, lseq = (int(g) for g in match.groups())
+    return (fms, fseq), (lms, lseq)
+
+
+class LakeSnapshot(Protocol):
+    """A pinned lake snapshot (see the module doc)."""
+
+    #: stream -> the last entry ID the snapshot holds (None: nothing); empty for ``parquet``
+    #: until ``pin``
+    watermarks: dict[str, str | None]
+    #: True when the watermarks come from Redis (``pin``), not from the lake
+    pinned_by_redis: bool
+
+    def pin(self, watermarks: dict[str, str | None]) -> None: ...
+
+    def batches(self, schema: pa.Schema, columns: list[str],
+                filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+        """The snapshot's rows: ``columns`` of ``schema`` (the table's, in its write types),
+        rows matching ``filter``; columns a file lacks are null."""
+        ...
+
+
+def snapshot(fmt: str, storage: Storage, settings: Settings, table: str,
+             config: TableConfig, streams: list[str]) -> LakeSnapshot:
+    """Pin the current lake snapshot of ``table`` in format ``fmt``."""
+    if fmt == "iceberg":
+        return IcebergSnapshot(storage, settings, table, streams)
+    if fmt == "delta":
+        return DeltaSnapshot(storage, table, streams)
+    return FolderSnapshot(storage, table, config)
+
+
+def _scan(dataset: ds.Dataset, columns: list[str],
+          filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+    for batch in dataset.to_batches(columns=columns, filter=filter, batch_size=BATCH_ROWS):
+        if batch.num_rows:
+            yield batch
+
+
+class FolderSnapshot:
+    """The published files of a ``parquet`` table up to a watermark set by ``pin``."""
+
+    pinned_by_redis = True
+
+    def __init__(self, storage: Storage, table: str, config: TableConfig) -> None:
+        self.storage = storage
+        self.table = table
+        self.config = config
+        self.watermarks: dict[str, str | None] = {}
+
+    def pin(self, watermarks: dict[str, str | None]) -> None:
+        self.watermarks = dict(watermarks)
+
+    def files(self) -> list[str]:
+        """The files of every range up to the watermark. Those were all published before the
+        watermark's range was trimmed; files of later ranges are left out (they may be
+        published only in part: one file per partition folder, one after the other)."""
+        marks = [wire.parse_id(w) for w in self.watermarks.values() if w is not None]
+        if not marks:
+            return []
+        last = max(marks)  # one stream per parquet table
+        out = []
+        for f in self.storage.list_files(self.table):
+            rng = file_range(f.path)
+            if rng is not None and rng[1] <= last:
+                out.append(f.path)
+        return out
+
+    def batches(self, schema: pa.Schema, columns: list[str],
+                filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+        paths = self.files()
+        if not paths:
+            return
+        parts = [schema.field(c) if c in schema.names else pa.field(c, pa.string())
+                 for c in self.config.partition_by]
+        time = self.config.time
+        if time is not None:  # a folder level of its own, not a column of the table
+            parts.append(pa.field(time.name, pa.string()))
+        partitioning = ds.partitioning(pa.schema(parts), flavor="hive") if parts else None
+        full = pa.schema(list(schema) + [p for p in parts if p.name not in schema.names])
+        dataset = ds.dataset(paths, schema=full, format="parquet",
+                             filesystem=self.storage.fs, partitioning=partitioning,
+                             partition_base_dir=self.storage.table_dir(self.table))
+        yield from _scan(dataset, columns, filter)
+
+
+def _fs_path(storage: Storage, uri: str) -> str:
+    """A file URI as written in a lake's metadata, as a path on ``storage.fs``."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return parsed.path if parsed.scheme else uri
+    return parsed.netloc + parsed.path
+
+
+class IcebergSnapshot:
+    """The current snapshot of a table's Iceberg table and its watermarks."""
+
+    pinned_by_redis = False
+
+    def __init__(self, storage: Storage, settings: Settings, table: str,
+                 streams: list[str]) -> None:
+        from pyiceberg.exceptions import NoSuchTableError
+
+        from producer import catalog
+
+        self.storage = storage
+        self.files: list[str] = []
+        self.watermarks: dict[str, str | None] = {s: None for s in streams}
+        try:
+            lake = catalog.load(settings, storage).load_table(catalog.identifier(settings, table))
+        except NoSuchTableError:  # no flush yet
+            return
+        props = lake.properties
+        self.watermarks = {s: props.get(ICEBERG_WATERMARK + s) for s in streams}
+        current = lake.current_snapshot()
+        if current is not None:
+            scan = lake.scan(snapshot_id=current.snapshot_id)
+            self.files = [_fs_path(storage, task.file.file_path) for task in scan.plan_files()]
+
+    def pin(self, watermarks: dict[str, str | None]) -> None:
+        raise AssertionError("an Iceberg snapshot carries its own watermarks")
+
+    def batches(self, schema: pa.Schema, columns: list[str],
+                filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+        if not self.files:
+            return
+        # deltaflush writes no delete files (compaction replaces whole files), and keeps
+        # the partition columns in the files: the data files are the table
+        dataset = ds.dataset(self.files, schema=schema, format="parquet",
+                             filesystem=self.storage.fs)
+        yield from _scan(dataset, columns, filter)
+
+
+class DeltaSnapshot:
+    """The latest version of a table's Delta table and its watermarks."""
+
+    pinned_by_redis = False
+
+    def __init__(self, storage: Storage, table: str, streams: list[str]) -> None:
+        from producer.delta_table import app_id, entry_id, location
+
+        self.watermarks: dict[str, str | None] = {s: None for s in streams}
+        self.lake: Any = location(storage, table).open()
+        if self.lake is None:  # no flush yet
+            return
+        for s in streams:
+            version = self.lake.transaction_version(app_id(s))
+            self.watermarks[s] = None if version is None else entry_id(version)
+
+    def pin(self, watermarks: dict[str, str | None]) -> None:
+        raise AssertionError("a Delta version carries its own watermarks")
+
+    def batches(self, schema: pa.Schema, columns: list[str],
+                filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+        if self.lake is None:
+            return
+        dataset = self.lake.to_pyarrow_dataset()  # of the version loaded
+        have = dataset.schema
+        # a column the lake lacks yet (added since its last commit) reads as null
+        dataset = dataset.replace_schema(pa.schema(
+            [have.field(n) if n in have.names else schema.field(n) for n in schema.names]))
+        yield from _scan(dataset, columns, filter)
