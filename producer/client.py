@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import Encoder, PythonRespSerializer
@@ -404,6 +405,16 @@ class Producer:
         from . import read
 
         return read.read(self.redis, self.settings, table, columns, filter, min_id, timeout_s)
+
+    def dataset(self, table: str, *, min_id: str | None = None,
+                timeout_s: float = 10.0) -> ds.Dataset:
+        """The same snapshot as ``read``, as a ``pyarrow.dataset.Dataset`` that can be
+        scanned any number of times (a DuckDB query that joins a table with itself, or a
+        polars ``scan_pyarrow_dataset``): the lake's files, scanned lazily with pushdown,
+        and the delta's rows, decoded into memory."""
+        from . import read
+
+        return read.dataset(self.redis, self.settings, table, min_id, timeout_s)
 
     # --- table configuration ---------------------------------------------------------
 

@@ -15,9 +15,9 @@ afterwards (flushes, compactions) do not change it while it is read:
   of that version (``workers.sinks.delta``).
 
 ``watermarks`` maps each stream of the table to the last entry ID the snapshot holds (None:
-nothing of it). ``batches`` reads the snapshot's rows, projected and filtered by the lake
-reader itself (pyarrow datasets: row groups pruned by their statistics), in the lake's
-column types; the caller brings them to the table's schema.
+nothing of it). ``dataset`` is the snapshot's rows as a pyarrow dataset, which scans
+project and filter in the lake reader itself (row groups pruned by their statistics), in
+the lake's column types (``schema``).
 """
 
 from __future__ import annotations
@@ -64,11 +64,26 @@ class LakeSnapshot(Protocol):
 
     def pin(self, watermarks: dict[str, str | None]) -> None: ...
 
-    def batches(self, schema: pa.Schema, columns: list[str],
-                filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
-        """The snapshot's rows: ``columns`` of ``schema`` (the table's, in its write types),
-        rows matching ``filter``; columns a file lacks are null."""
+    def schema(self, written: pa.Schema) -> pa.Schema:
+        """The table's schema as this lake holds it, for a table whose files a flush writes
+        in ``written``: the lake's column types (a Delta table stores every integer as
+        ``long``), ``written``'s for columns it does not have yet."""
         ...
+
+    def dataset(self, schema: pa.Schema) -> ds.Dataset | None:
+        """The snapshot's rows as a dataset of ``schema`` (``self.schema(...)``): columns a
+        file lacks are null; scans push projections and filters down. None if empty."""
+        ...
+
+
+def batches(dataset: ds.Dataset | None, columns: list[str],
+            filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+    """A dataset's rows, projected and filtered by the scanner, in bounded batches."""
+    if dataset is None:
+        return
+    for batch in dataset.to_batches(columns=columns, filter=filter, batch_size=BATCH_ROWS):
+        if batch.num_rows:
+            yield batch
 
 
 def snapshot(fmt: str, storage: Storage, settings: Settings, table: str,
@@ -79,13 +94,6 @@ def snapshot(fmt: str, storage: Storage, settings: Settings, table: str,
     if fmt == "delta":
         return DeltaSnapshot(storage, table, streams)
     return FolderSnapshot(storage, table, config)
-
-
-def _scan(dataset: ds.Dataset, columns: list[str],
-          filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
-    for batch in dataset.to_batches(columns=columns, filter=filter, batch_size=BATCH_ROWS):
-        if batch.num_rows:
-            yield batch
 
 
 class FolderSnapshot:
@@ -117,22 +125,22 @@ class FolderSnapshot:
                 out.append(f.path)
         return out
 
-    def batches(self, schema: pa.Schema, columns: list[str],
-                filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+    def schema(self, written: pa.Schema) -> pa.Schema:
+        return written
+
+    def dataset(self, schema: pa.Schema) -> ds.Dataset | None:
         paths = self.files()
         if not paths:
-            return
+            return None
         parts = [schema.field(c) if c in schema.names else pa.field(c, pa.string())
                  for c in self.config.partition_by]
         time = self.config.time
         if time is not None:  # a folder level of its own, not a column of the table
             parts.append(pa.field(time.name, pa.string()))
         partitioning = ds.partitioning(pa.schema(parts), flavor="hive") if parts else None
-        full = pa.schema(list(schema) + [p for p in parts if p.name not in schema.names])
-        dataset = ds.dataset(paths, schema=full, format="parquet",
-                             filesystem=self.storage.fs, partitioning=partitioning,
-                             partition_base_dir=self.storage.table_dir(self.table))
-        yield from _scan(dataset, columns, filter)
+        return ds.dataset(paths, schema=schema, format="parquet", filesystem=self.storage.fs,
+                          partitioning=partitioning,
+                          partition_base_dir=self.storage.table_dir(self.table))
 
 
 def _fs_path(storage: Storage, uri: str) -> str:
@@ -171,15 +179,16 @@ class IcebergSnapshot:
     def pin(self, watermarks: dict[str, str | None]) -> None:
         raise AssertionError("an Iceberg snapshot carries its own watermarks")
 
-    def batches(self, schema: pa.Schema, columns: list[str],
-                filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+    def schema(self, written: pa.Schema) -> pa.Schema:
+        return written
+
+    def dataset(self, schema: pa.Schema) -> ds.Dataset | None:
         if not self.files:
-            return
+            return None
         # deltaflush writes no delete files (compaction replaces whole files), and keeps
         # the partition columns in the files: the data files are the table
-        dataset = ds.dataset(self.files, schema=schema, format="parquet",
-                             filesystem=self.storage.fs)
-        yield from _scan(dataset, columns, filter)
+        return ds.dataset(self.files, schema=schema, format="parquet",
+                          filesystem=self.storage.fs)
 
 
 class DeltaSnapshot:
@@ -191,6 +200,7 @@ class DeltaSnapshot:
         from producer.delta_table import app_id, entry_id, location
 
         self.watermarks: dict[str, str | None] = {s: None for s in streams}
+        self._data: ds.Dataset | None = None
         self.lake: Any = location(storage, table).open()
         if self.lake is None:  # no flush yet
             return
@@ -201,13 +211,20 @@ class DeltaSnapshot:
     def pin(self, watermarks: dict[str, str | None]) -> None:
         raise AssertionError("a Delta version carries its own watermarks")
 
-    def batches(self, schema: pa.Schema, columns: list[str],
-                filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
+    def schema(self, written: pa.Schema) -> pa.Schema:
         if self.lake is None:
-            return
-        dataset = self.lake.to_pyarrow_dataset()  # of the version loaded
-        have = dataset.schema
+            return written
+        have = self._dataset().schema
+        return pa.schema([have.field(f.name).with_nullable(True) if f.name in have.names
+                          else f for f in written])
+
+    def _dataset(self) -> ds.Dataset:
+        if self._data is None:
+            self._data = self.lake.to_pyarrow_dataset()  # of the version loaded
+        return self._data
+
+    def dataset(self, schema: pa.Schema) -> ds.Dataset | None:
+        if self.lake is None:
+            return None
         # a column the lake lacks yet (added since its last commit) reads as null
-        dataset = dataset.replace_schema(pa.schema(
-            [have.field(n) if n in have.names else schema.field(n) for n in schema.names]))
-        yield from _scan(dataset, columns, filter)
+        return self._dataset().replace_schema(schema)

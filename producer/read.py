@@ -55,6 +55,7 @@ from typing import IO, Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from producer import admin, lakes, wire
 from producer.decoding import decode
@@ -266,8 +267,10 @@ def _fit(data: pa.Table | pa.RecordBatch, schema: pa.Schema) -> pa.Table:
 
 
 def _delta_batches(snap: Snapshot, table: str, stored: pa.Schema, config: TableConfig,
-                   out: pa.Schema, filter: pc.Expression | None) -> Iterator[pa.RecordBatch]:
-    """The entries read, decoded as a flush decodes them, a chunk at a time."""
+                   full: pa.Schema, out: pa.Schema, filter: pc.Expression | None
+                   ) -> Iterator[pa.RecordBatch]:
+    """The entries read, decoded as a flush decodes them, a chunk at a time, in ``full``
+    (the lake's types); ``out``'s columns of the rows matching ``filter``."""
     written, cast_to_written = spark_safe(stored, config)
     for payloads in snap.spool:
         rows = []
@@ -278,31 +281,60 @@ def _delta_batches(snap: Snapshot, table: str, stored: pa.Schema, config: TableC
                 continue
         if not rows:
             continue
-        data = cast_to_written(pa.concat_tables(rows)) if len(rows) > 1 else \
-            cast_to_written(rows[0])
-        if not data.schema.equals(written):
-            data = _fit(data, written)
+        data = _fit(cast_to_written(pa.concat_tables(rows) if len(rows) > 1 else rows[0]),
+                    full)
         if filter is not None:
             data = data.filter(filter)
-        data = _fit(data, out)
-        yield from data.to_batches()
+        yield from _fit(data, out).to_batches()
 
 
-def _stream(snap: Snapshot, table: str, stored: pa.Schema, config: TableConfig,
-            written: pa.Schema, out: pa.Schema, filter: pc.Expression | None
-            ) -> Iterator[pa.RecordBatch]:
-    try:
-        for batch in snap.lake.batches(written, out.names, filter):
-            yield from _fit(batch, out).to_batches()
-        yield from _delta_batches(snap, table, stored, config, out, filter)
-    finally:
-        snap.spool.close()
+@dataclass
+class Opened:
+    """A snapshot and the schemas it is read in: the table's as stored, its files' (see
+    ``typepolicy.spark_safe``), and the lake's (``full``, every column)."""
+
+    table: str
+    snap: Snapshot
+    config: TableConfig
+    stored: pa.Schema
+    full: pa.Schema
+
+    def project(self, columns: Sequence[str] | None) -> pa.Schema:
+        wanted = list(self.full.names if columns is None else columns)
+        missing = [c for c in wanted if c not in self.full.names]
+        if missing:
+            self.snap.spool.close()
+            raise InvalidInput(f"table {self.table!r} has no column {missing[0]!r}; its "
+                               f"columns: {', '.join(self.full.names)}")
+        return pa.schema([self.full.field(c) for c in wanted])
+
+    def batches(self, out: pa.Schema, filter: pc.Expression | None
+                ) -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in lakes.batches(self.snap.lake.dataset(self.full), out.names, filter):
+                yield from _fit(batch, out).to_batches()
+            yield from _delta_batches(self.snap, self.table, self.stored, self.config,
+                                      self.full, out, filter)
+        finally:
+            self.snap.spool.close()
+
+    def dataset(self) -> ds.Dataset:
+        """The snapshot as one dataset that can be scanned many times: the lake's files,
+        and the delta's rows decoded into memory."""
+        delta = list(_delta_batches(self.snap, self.table, self.stored, self.config,
+                                    self.full, self.full, None))
+        self.snap.spool.close()
+        parts = [ds.InMemoryDataset(pa.Table.from_batches(delta, self.full))]
+        lake = self.snap.lake.dataset(self.full)
+        if lake is not None:
+            parts.insert(0, lake)
+        return ds.dataset(parts) if len(parts) > 1 else parts[0]
 
 
-def read(client: Any, settings: Settings, table: str, columns: Sequence[str] | None = None,
-         filter: pc.Expression | None = None, min_id: str | None = None,
-         timeout_s: float = 10.0) -> pa.RecordBatchReader:
-    """See ``Producer.read``."""
+def open_snapshot(client: Any, settings: Settings, table: str, min_id: str | None = None,
+                  timeout_s: float = 10.0) -> Opened | None:
+    """A snapshot of ``table`` holding ``min_id`` (if given); None if the table never had
+    a batch (it has no schema)."""
     keys = admin.require_table(client, settings.key_prefix, table)
     if min_id is not None:
         try:
@@ -310,9 +342,6 @@ def read(client: Any, settings: Settings, table: str, columns: Sequence[str] | N
         except ValueError as exc:
             raise InvalidInput(f"min_id={min_id!r} is not a stream entry ID such as "
                                "'1732480000000-0' (what append returns)") from exc
-    if filter is not None and not isinstance(filter, pc.Expression):
-        raise InvalidInput(f"filter must be a pyarrow.compute.Expression, e.g. "
-                           f"pc.field('country') == 'de'; got {type(filter).__name__}")
     config = admin.table_config(client, keys)
     fmt = config.format or settings.table_format
     storage = Storage(settings.storage_uri)
@@ -331,15 +360,30 @@ def read(client: Any, settings: Settings, table: str, columns: Sequence[str] | N
     raw = cast(bytes | None, client.get(keys.schema))
     if not raw:  # configured, never appended to
         snap.spool.close()
-        return pa.RecordBatchReader.from_batches(pa.schema([]), iter(()))
+        return None
     stored = wire.stored_schema(raw)
     written, _ = spark_safe(stored, config)
-    wanted = list(written.names if columns is None else columns)
-    missing = [c for c in wanted if c not in written.names]
-    if missing:
-        snap.spool.close()
-        raise InvalidInput(f"table {table!r} has no column {missing[0]!r}; its columns: "
-                           f"{', '.join(written.names)}")
-    out = pa.schema([written.field(c) for c in wanted])
-    return pa.RecordBatchReader.from_batches(
-        out, _stream(snap, table, stored, config, written, out, filter))
+    return Opened(table, snap, config, stored, snap.lake.schema(written))
+
+
+def read(client: Any, settings: Settings, table: str, columns: Sequence[str] | None = None,
+         filter: pc.Expression | None = None, min_id: str | None = None,
+         timeout_s: float = 10.0) -> pa.RecordBatchReader:
+    """See ``Producer.read``."""
+    if filter is not None and not isinstance(filter, pc.Expression):
+        raise InvalidInput(f"filter must be a pyarrow.compute.Expression, e.g. "
+                           f"pc.field('country') == 'de'; got {type(filter).__name__}")
+    opened = open_snapshot(client, settings, table, min_id, timeout_s)
+    if opened is None:
+        return pa.RecordBatchReader.from_batches(pa.schema([]), iter(()))
+    out = opened.project(columns)
+    return pa.RecordBatchReader.from_batches(out, opened.batches(out, filter))
+
+
+def dataset(client: Any, settings: Settings, table: str, min_id: str | None = None,
+            timeout_s: float = 10.0) -> ds.Dataset:
+    """See ``Producer.dataset``."""
+    opened = open_snapshot(client, settings, table, min_id, timeout_s)
+    if opened is None:
+        return ds.InMemoryDataset(pa.table({}))
+    return opened.dataset()

@@ -245,3 +245,33 @@ def test_bad_input_is_refused_clearly(real_redis, storage_dir):
         p.read("events", filter="id > 3")  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="not a stream entry ID"):
         p.read("events", min_id="yesterday")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_partitioned_lake_tables_read_their_columns_not_the_time_bucket(real_redis,
+                                                                        storage_dir, fmt):
+    p = producer(real_redis, storage_dir, fmt)
+    p.append("events", id_batch(0, 6).append_column("country", pa.array(["de", "fr"] * 3)))
+    p.configure("events", partition_by=["country"], partition_time="ts:day:event_date")
+    flush(real_redis, storage_dir)
+    p.append("events", id_batch(6, 2).append_column("country", pa.array(["de", None])))
+    t = p.read("events").read_all().sort_by("id")
+    assert t.column_names == ["id", "ts", "name", "value", "country"]
+    assert t["country"].to_pylist() == ["de", "fr", "de", "fr", "de", "fr", "de", None]
+    assert ids(p, filter=pc.field("country") == "de") == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_dataset_of_a_snapshot_scans_again_and_again(real_redis, storage_dir, fmt):
+    import duckdb
+
+    p = producer(real_redis, storage_dir, fmt)
+    p.append("events", id_batch(0, 5))
+    flush(real_redis, storage_dir)
+    p.append("events", id_batch(5, 5))
+    events = p.dataset("events")
+    con = duckdb.connect()
+    con.register("events", events)
+    assert con.sql("select count(*) from events a join events b on a.id = b.id"
+                   ).fetchone() == (10,)
+    assert sorted(events.to_table(columns=["id"])["id"].to_pylist()) == list(range(10))
