@@ -17,7 +17,8 @@ Each round appends the same backlog (``--rows`` rows of the benchmark schema in 
 Trees alternate within each round, so a before/after comparison runs on the same data in
 the same minutes. CPU seconds are read from ``/proc`` for the worker's processes (its pool
 process and its main process) and from ``INFO cpu`` for redis-server, and reported per GiB
-of Arrow data flushed, beside pyarrow's own CPU per GiB. Prints a Markdown table.
+of Arrow data flushed, beside pyarrow's own CPU per GiB, and the worker's peak resident set
+(``VmHWM`` of its processes, the largest over the rounds). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ def cpu_of(pid: int) -> float:
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident set (VmHWM) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def redis_cpu(client: redis.Redis) -> float:
@@ -107,6 +116,7 @@ def worker_flush(tree: Path, env: dict[str, str], url: str, workdir: str,
         wall = time.perf_counter() - started
         cpu = sum(cpu_of(p) for p in pids) - cpu0
         return {"seconds": wall, "flush_seconds": result["seconds"], "cpu_s": cpu,
+                "peak_rss_mib": max(peak_rss_mib(p) for p in pids),
                 "redis_cpu_s": redis_cpu(client) - redis0, "rows": result["rows"],
                 "files": result["files"]}
     finally:
@@ -165,14 +175,16 @@ def main() -> None:
     print(f"machine: {json.dumps(machine())}; {args.rows} rows = {mib:.0f} MiB of Arrow; "
           f"median of {args.rounds} alternating rounds; peak RSS of this process "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB\n")
-    print("| run | MiB/s | of pyarrow at its best | CPU s/GiB (worker) | CPU s/GiB (redis) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| run | MiB/s | of pyarrow at its best | CPU s/GiB (worker) | CPU s/GiB (redis) "
+          "| peak RSS of the worker (MiB) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, xs in runs.items():
         seconds = statistics.median(x["seconds"] for x in xs)
         cpu = statistics.median(x["cpu_s"] for x in xs) / arrow_gib
         redis_s = statistics.median(x.get("redis_cpu_s", 0.0) for x in xs) / arrow_gib
+        rss = max((x.get("peak_rss_mib", 0.0) for x in xs), default=0.0)
         print(f"| {name} | {mib / seconds:.0f} | {base / seconds:.2f} | {cpu:.2f} "
-              f"| {redis_s:.2f} |")
+              f"| {redis_s:.2f} | {rss:.0f} |")
 
 
 if __name__ == "__main__":

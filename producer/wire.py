@@ -63,15 +63,53 @@ def valid_table_name(name: object) -> bool:
     return isinstance(name, str) and TABLE_NAME_RE.fullmatch(name) is not None
 
 
+#: Separates a table name from its shard number in a shard's hash tag (``{events~3}``); it
+#: cannot occur in a table name, so no shard's keys are another table's.
+SHARD_SEP = "~"
+
+
 @dataclass(frozen=True)
 class Keys:
-    """The Redis keys of one table."""
+    """The Redis keys of one table, or of one shard of a sharded table (protocol 2,
+    docs/shards.md).
+
+    Shard 0 is the table's own keys, ``{prefix}:{<table>}:...``, so an unsharded table is
+    shard 0 of itself; shard ``i >= 1`` has the hash tag ``{<table>~<i>}`` (another cluster
+    slot): ``deltaflush:{events~3}:delta``. Each shard has its own stream, schema copy,
+    counters, lease, fence, claim, dead letters and scheduling keys. The table-level keys
+    (``config``, ``lake``, ``maint*``) are shard 0's whatever the shard, and
+    ``authority`` is shard 0's ``schema``: the table's schema, which every shard's copy
+    follows (docs/spec.md, protocol 2).
+    """
 
     prefix: str
     table: str
+    shard: int = 0
+
+    @property
+    def tag(self) -> str:
+        """The hash tag: ``<table>`` for shard 0, ``<table>~<shard>`` for the others."""
+        return self.table if self.shard == 0 else f"{self.table}{SHARD_SEP}{self.shard}"
+
+    @property
+    def stream(self) -> str:
+        """The shard's name among the table's streams (sinks record their commits under
+        it): the table name for shard 0, ``<table>~<shard>`` for the others."""
+        return self.tag
 
     def _k(self, suffix: str) -> str:
+        return f"{self.prefix}:{{{self.tag}}}:{suffix}"
+
+    def _table_k(self, suffix: str) -> str:
         return f"{self.prefix}:{{{self.table}}}:{suffix}"
+
+    def for_shard(self, shard: int) -> Keys:
+        return Keys(self.prefix, self.table, shard)
+
+    @property
+    def authority(self) -> str:
+        """The table's schema: shard 0's ``schema`` (docs/spec.md, protocol 2)."""
+        return self._table_k("schema")
 
     @property
     def delta(self) -> str:
@@ -111,7 +149,7 @@ class Keys:
 
     @property
     def config(self) -> str:
-        return self._k("config")
+        return self._table_k("config")
 
     @property
     def sched(self) -> str:
@@ -128,19 +166,19 @@ class Keys:
 
     @property
     def lake(self) -> str:
-        return self._k("lake")
+        return self._table_k("lake")
 
     @property
     def maint(self) -> str:
-        return self._k("maint")
+        return self._table_k("maint")
 
     @property
     def maint_lock(self) -> str:
-        return self._k("maint_lock")
+        return self._table_k("maint_lock")
 
     @property
     def maint_fence(self) -> str:
-        return self._k("maint_fence")
+        return self._table_k("maint_fence")
 
     def dedup(self, batch_id: str) -> str:
         """Remembers, for a short while, the entry ID a batch ID was appended as."""
@@ -153,6 +191,13 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 
 def tables_key(prefix: str) -> str:
     return f"{prefix}:tables"
+
+
+def sharded_key(prefix: str) -> str:
+    """``{prefix}:sharded``: a hash of every table that ever had more than one shard, to the
+    largest number of shards it ever had (decimal): every shard below it may hold data, so
+    workers flush them all (``producer.shards``)."""
+    return f"{prefix}:sharded"
 
 
 # --- Arrow IPC ---------------------------------------------------------------------------
