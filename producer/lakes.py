@@ -38,19 +38,28 @@ from producer.tablecfg import TableConfig
 
 #: Table property of an Iceberg table: the last entry ID of a stream the table holds.
 ICEBERG_WATERMARK = "deltaflush.watermark."
-#: The name of a ``parquet`` table's file: the range of entries it holds.
-FILE_NAME = re.compile(r"part-(\d{13})-(\d{6})_(\d{13})-(\d{6})\.parquet$")
+#: The name of a ``parquet`` table's file: the range of entries it holds, and for shard
+#: ``i >= 1`` of a sharded table ``-s<i>`` (``workers.sinks.folder.file_name``).
+FILE_NAME = re.compile(r"part-(\d{13})-(\d{6})_(\d{13})-(\d{6})(?:-s([1-9]\d*))?\.parquet$")
 #: Rows per batch a lake snapshot yields (pyarrow's scanner default is 131072).
 BATCH_ROWS = 65_536
 
 
-def file_range(path: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """The range ``((ms, seq), (ms, seq))`` a ``parquet`` table's file holds, by its name."""
+def file_range(path: str) -> tuple[int, tuple[int, int], tuple[int, int]] | None:
+    """``(shard, (ms, seq), (ms, seq))``: the shard and the range of entries a
+    ``parquet`` table's file holds, by its name."""
     match = FILE_NAME.search(path)
     if match is None:
         return None
-    fms, fseq, lms, lseq = (int(g) for g in match.groups())
-    return (fms, fseq), (lms, lseq)
+    fms, fseq, lms, lseq = (int(g) for g in match.groups()[:4])
+    return int(match.group(5) or 0), (fms, fseq), (lms, lseq)
+
+
+def _shard(stream: str) -> int:
+    """The shard number of a stream name (``Keys.stream``): 0 for ``events``, 3 for
+    ``events~3``."""
+    _, sep, shard = stream.partition(wire.SHARD_SEP)
+    return int(shard) if sep else 0
 
 
 class LakeSnapshot(Protocol):
@@ -114,14 +123,14 @@ class FolderSnapshot:
         """The files of every range up to the watermark. Those were all published before the
         watermark's range was trimmed; files of later ranges are left out (they may be
         published only in part: one file per partition folder, one after the other)."""
-        marks = [wire.parse_id(w) for w in self.watermarks.values() if w is not None]
+        marks = {_shard(s): wire.parse_id(w)
+                 for s, w in self.watermarks.items() if w is not None}
         if not marks:
             return []
-        last = max(marks)  # one stream per parquet table
         out = []
         for f in self.storage.list_files(self.table):
             rng = file_range(f.path)
-            if rng is not None and rng[1] <= last:
+            if rng is not None and rng[0] in marks and rng[2] <= marks[rng[0]]:
                 out.append(f.path)
         return out
 

@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from producer import admin, lakes, wire
+from producer import admin, lakes, shards, wire
 from producer.decoding import decode
 from producer.errors import InvalidInput, NotYetVisible, SnapshotRace
 from producer.settings import Settings
@@ -82,8 +82,8 @@ class Stream:
 
 
 def streams_of(client: Any, keys: wire.Keys) -> list[Stream]:
-    """The streams of a table (one: its delta)."""
-    return [Stream(keys.table, keys)]
+    """The streams of a table: its delta, or each shard's (``producer.shards``)."""
+    return [Stream(k.stream, k) for k in shards.table_shards(client, keys.prefix, keys.table)]
 
 
 def _id(entry_id: str | bytes | None) -> tuple[int, int]:
@@ -357,7 +357,7 @@ def open_snapshot(client: Any, settings: Settings, table: str, min_id: str | Non
             raise NotYetVisible(table, min_id, snap.newest(), timeout_s)
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.5)
-    raw = cast(bytes | None, client.get(keys.schema))
+    raw = cast(bytes | None, client.get(keys.authority))
     if not raw:  # configured, never appended to
         snap.spool.close()
         return None
