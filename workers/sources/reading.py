@@ -21,45 +21,15 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 
 from producer import wire
-from producer.convert import conform
-from producer.errors import ClaimMismatch, SchemaConflict
+from producer.decoding import decode, fit
+from producer.errors import ClaimMismatch
 from producer.tablecfg import TableConfig
-from producer.typepolicy import refusal
 
 from . import Claim, Range
 from .runs import decode_run, dictionary_free, runs
 
 #: Entries as a source hands them over: lists (chunks) of ``(id, fields)``.
 Chunks = Iterator[list[tuple[str, dict[bytes, bytes]]]]
-
-
-def decode(payload: bytes | None, schema: pa.Schema | None, table: str,
-           spark_compatible: bool = True) -> pa.Table:
-    """One entry's payload as a table of ``schema`` (or its own, if None); ``ValueError``
-    says why it cannot be flushed. ``MemoryError`` passes: it is not the entry's fault.
-    A column of a type the table cannot write (``producer.typepolicy``) is such a reason."""
-    if payload is None:
-        raise ValueError(f"entry has no {wire.FIELD_ARROW.decode()!r} field")
-    return fit(wire.decode_payload(payload), schema, table, spark_compatible)
-
-
-def fit(batch: pa.Table, schema: pa.Schema | None, table: str,
-        spark_compatible: bool = True) -> pa.Table:
-    """A decoded, validated ``batch`` as a table of ``schema`` (or its own, if None);
-    ``ValueError`` says why it cannot be flushed."""
-    if batch.schema.metadata:
-        batch = batch.replace_schema_metadata(None)
-    if schema is not None and not batch.schema.equals(schema):
-        try:
-            batch = conform(batch, schema, table)
-        except SchemaConflict as exc:
-            raise ValueError(str(exc)) from exc
-        except (pa.ArrowException, TypeError) as exc:
-            raise ValueError(f"cannot cast to the table's schema: {exc}") from exc
-    refused = refusal(batch.schema, spark_compatible, table)  # a dead letter, not a file
-    if refused is not None:
-        raise refused
-    return batch
 
 
 class EntryReader:
