@@ -1,0 +1,227 @@
+"""The producer's logic without I/O: shared by ``Producer`` and ``AsyncProducer``.
+
+What a client sends and what Redis's replies mean live here; the clients only move bytes
+(redis-py's blocking client, or its asyncio one) and wait. So both producers convert,
+validate, shape, size and encode a batch the same way, queue the same append transaction
+(``producer.append``), and read the check script's verdicts the same way:
+
+* ``prepare``: the data as an Arrow table, checked on its own, with a batch ID;
+* ``shape``: brought to the table's schema as this producer last saw it (conformed, or
+  evolving it with a compare-and-set);
+* ``queue``: the ``MULTI``/``XADD``/``EVAL``/``EXEC`` of each batch on a pipeline (queueing
+  is synchronous on both clients' pipelines);
+* ``verdicts``: the check's verdict on each batch, from the pipeline's replies (raising
+  what Redis refused outright);
+* ``accepted`` and ``refused``: what a verdict means: the entry ID, or what to do next
+  (send again, reshaped; wait for room; or the error to raise).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import pyarrow as pa
+import redis
+
+from . import wire
+from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, PROTOCOL, queue_append
+from .convert import conform, evolve
+from .errors import Backpressure as Backpressure
+from .errors import BatchTooLarge, InvalidTableName, SchemaRace, UpgradeRequired
+from .settings import Settings
+from .typepolicy import AppendCheck
+
+#: How many times one batch is reshaped and sent again because the table's schema changed
+#: between its shaping and its arrival (other producers evolving it at the same moment).
+SCHEMA_RACES = 3
+
+
+@dataclass
+class Pending:
+    """One batch on its way: its Arrow table, payload and the schema move it makes."""
+
+    arrow: pa.Table
+    batch_id: str
+    #: the canonical form of the batch's schema (docs/spec.md), the check's ``schema``
+    schema_bytes: bytes = b""
+    #: the table's schema as stored, when this batch evolves it (compare-and-set), else b""
+    evolves_from: bytes = b""
+    dead_id: str = ""
+    payload: Any = None  # the Arrow IPC stream (a buffer), once encoded
+    size: int = 0  # the payload's size, known before it is encoded
+    #: schema races met so far (see ``AppendCore.refused``)
+    races: int = field(default=0, repr=False)
+
+
+class Next(Enum):
+    """What a client does after a refusal that is not an error (``AppendCore.refused``)."""
+
+    RESEND = "resend"  # reshaped to the table's new schema: send again now
+    WAIT = "wait"  # backpressure: wait for room (with a deadline), then send again
+
+
+class AppendCore:
+    """The state and decisions of appending, for one producer (see the module doc)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        #: the tables whose schema this producer has read (``register``)
+        self.registered: set[str] = set()
+        #: table -> (its schema, the value of ``{T}:schema`` it was read from)
+        self.schemas: dict[str, tuple[pa.Schema, bytes]] = {}
+        #: table -> its pending bytes after this producer's last accepted append
+        self.pending: dict[str, int] = {}
+        #: types some reader rejects (``producer.typepolicy``); its rare look-up of a
+        #: table's configuration is the client's (``needs_config``)
+        self.types = AppendCheck(None)
+
+    def keys(self, table: str) -> wire.Keys:
+        if not wire.valid_table_name(table):
+            raise InvalidTableName(table)
+        return wire.Keys(self.settings.key_prefix, table)
+
+    def prepare(self, keys: wire.Keys, arrow: pa.Table, config: Any = None) -> Pending:
+        """Check a batch (``to_table``'s result) on its own, before anything is written to
+        Redis. ``config``: the table's configuration, read only if ``needs_config``."""
+        self.types.decide(keys, arrow.schema, config)
+        item = Pending(arrow, uuid.uuid4().hex, wire.canonical_schema(arrow.schema))
+        self.measure(keys.table, item)
+        return item
+
+    def needs_config(self, keys: wire.Keys, arrow: pa.Table) -> bool:
+        """Whether ``prepare`` needs the table's configuration (rare: a column of a type
+        only some readers reject, whose fate the table's ``spark_compatible`` decides)."""
+        return self.types.needs_config(keys, arrow.schema)
+
+    def registered_as(self, keys: wire.Keys, stored: bytes | None) -> None:
+        """The table's registration came back with its stored schema (or None)."""
+        if stored:
+            self.remember(keys.table, stored)
+        self.registered.add(keys.table)
+
+    def remember(self, table: str, stored: bytes) -> None:
+        """Keep the table's schema, as ``{T}:schema`` held it (``stored``)."""
+        known = self.schemas.get(table)
+        if known is None or known[1] != stored:
+            try:
+                schema = wire.stored_schema(stored)
+            except ValueError as exc:  # never replaced (docs/spec.md 6.4): appended under it
+                raise ValueError(
+                    f"table {table!r}: its stored schema is not a protocol-{wire.PROTOCOL} "
+                    f"canonical schema, so no batch can be shaped to it; nothing was "
+                    f"appended (docs/spec.md 6.4; a later protocol, or a faulty writer, "
+                    f"stored it): {exc}") from exc
+            self.schemas[table] = (schema, stored)
+
+    def shape(self, table: str, item: Pending) -> Pending:
+        """Bring the batch to the table's schema as this producer last saw it: conformed to
+        it (column order, nulls for missing nullable columns, widened types), or evolving it
+        (``evolves_from`` is then the stored value: the check's compare-and-set). Raises
+        ``SchemaConflict`` naming the column when neither is possible."""
+        item.evolves_from = b""
+        known = self.schemas.get(table)
+        if known is None or known[1] == item.schema_bytes:
+            return item
+        stored, raw = known
+        target = evolve(stored, item.arrow.schema, table)
+        target_bytes = wire.canonical_schema(target)
+        if target_bytes != item.schema_bytes:
+            item.arrow = conform(item.arrow, target, table)
+            item.schema_bytes = target_bytes
+            self.measure(table, item)
+        if target_bytes != raw:  # an evolution, or a stored value to bring to canonical form
+            item.evolves_from = raw
+        return item
+
+    def measure(self, table: str, item: Pending) -> None:
+        """Size the batch's payload (and refuse it if too large) without encoding it yet."""
+        item.size = wire.payload_size(item.arrow)
+        item.payload = None
+        if item.size > self.settings.max_batch_bytes:
+            raise BatchTooLarge(table, item.size, self.settings.max_batch_bytes)
+
+    @staticmethod
+    def encode(items: list[Pending]) -> list[Pending]:
+        for item in items:
+            if item.payload is None:
+                item.payload = wire.encode_table(item.arrow, item.size)
+        return items
+
+    def queue(self, pipe: Any, keys: wire.Keys, items: list[Pending]) -> None:
+        """Queue the append of ``items`` (encoded) on ``pipe``, a pipeline without a
+        transaction: each batch in a ``MULTI``/``EXEC`` of its own (see
+        ``producer.append``), so Redis runs each as soon as it has arrived."""
+        for item in items:
+            pipe.execute_command("MULTI")
+            queue_append(pipe, keys, item.payload, item.arrow.num_rows, item.batch_id,
+                         item.schema_bytes, item.evolves_from,
+                         self.settings.max_pending_bytes, item.dead_id)
+            pipe.execute_command("EXEC")
+
+    @staticmethod
+    def verdicts(keys: wire.Keys, replies: list[Any]) -> list[list[Any]]:
+        """The check script's verdict on each batch, from the replies of ``queue``'s
+        commands (``raise_on_error=False``); raises what Redis refused outright."""
+        out = []
+        for reply in replies:
+            # e.g. EXECABORT: Redis refused a command at queueing; nothing of it ran
+            for error in (reply if isinstance(reply, list) else [reply]):
+                if isinstance(error, redis.OutOfMemoryError):
+                    raise out_of_memory(keys.table, error) from error
+                if isinstance(error, Exception):
+                    raise error
+            if isinstance(reply, list):  # an EXEC: XADD, check
+                out.append(reply[-1])
+        return out
+
+    def accepted(self, keys: wire.Keys, item: Pending, verdict: list[Any]) -> str | None:
+        """The entry ID if Redis accepted ``item``, else None."""
+        code, value, *rest = verdict
+        if code == NO_MEMORY:  # refused inside the script (see producer.append)
+            raise out_of_memory(keys.table, value.decode())
+        if code in (CONFLICT, BACKPRESSURE, PROTOCOL):
+            return None
+        self.remember(keys.table, item.schema_bytes)
+        self.pending[keys.table] = int(rest[0])
+        return str(value.decode())
+
+    def refused(self, keys: wire.Keys, item: Pending, verdict: list[Any]) -> Next:
+        """What to do after Redis refused ``item`` with ``verdict`` (not accepted): send it
+        again, reshaped to the schema the refusal returned (at most ``SCHEMA_RACES`` times,
+        then ``SchemaRace``), or wait for room (backpressure; the client raises
+        ``backpressure(...)`` when it will not wait). Raises what cannot be retried."""
+        table = keys.table
+        code, value = verdict[0], verdict[1]
+        if code == BACKPRESSURE:
+            return Next.WAIT
+        if code == PROTOCOL:
+            raise UpgradeRequired(table, int(value), wire.PROTOCOL)
+        # CONFLICT: the table's schema is not the one the batch was shaped for
+        item.races += 1
+        if bytes(value) in (item.schema_bytes, item.evolves_from):
+            # the schema the batch was shaped for: shaping again would send the same
+            # payload (docs/spec.md, section 8); no protocol-1 check replies so
+            raise SchemaRace(table, item.races, same=True)
+        if item.races > SCHEMA_RACES:
+            raise SchemaRace(table, item.races)
+        self.remember(table, bytes(value))
+        self.shape(table, item)  # raises SchemaConflict if it cannot fit
+        return Next.RESEND
+
+    def backpressure(self, keys: wire.Keys, verdict: list[Any]) -> Backpressure:
+        return Backpressure(keys.table, int(verdict[1]), self.settings.max_pending_bytes)
+
+    def trigger_due(self, table: str) -> bool:
+        """Whether the last accepted append put the table past ``flush_at_bytes`` (the
+        size trigger: queue a flush now); forgets it."""
+        return self.pending.pop(table, 0) >= self.settings.flush_at_bytes
+
+
+def out_of_memory(table: str, reason: object) -> redis.OutOfMemoryError:
+    return redis.OutOfMemoryError(
+        f"Redis is out of memory (over its maxmemory) and refused a batch for table "
+        f"{table!r}; nothing of that batch was appended. Let the workers flush, or give "
+        f"Redis more memory, then retry ({reason})")
