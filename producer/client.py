@@ -21,8 +21,8 @@ from .append import BACKPRESSURE
 from .batcher import Batcher
 from .convert import to_table
 from .core import SCHEMA_RACES as SCHEMA_RACES
-from .core import AppendCore, Next, Pending
-from .due import DUE, due_args, due_keys, queue_flush, send_or_unmark
+from .core import AppendCore, Next, Pending, partly_appended
+from .due import DUE, celery_app, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import Backpressure, DeltaflushError, SchemaRace
 from .settings import Settings
 from .tablecfg import TableConfig
@@ -135,11 +135,7 @@ class Producer:
                     ids[n] = self._send(keys, item, timeout_s,
                                         verdicts[n] if n < len(verdicts) else None)
                 except DeltaflushError as exc:
-                    exc.appended = ids  # type: ignore[attr-defined]
-                    exc.add_note(
-                        f"append_many: {sum(i is not None for i in ids)} of the {len(ids)} "
-                        "batches of this call are appended; `.appended` has their entry "
-                        "IDs (None for the others), so retry only the others.")
+                    partly_appended(exc, ids)
                     raise
         self._maybe_trigger(keys)
         return [str(i) for i in ids]
@@ -372,12 +368,7 @@ class Producer:
 
     def _celery_app(self) -> Any:
         if self._celery is None:
-            from celery import Celery
-
-            app = Celery("deltaflush-producer", broker=self.settings.broker_url,
-                         set_as_current=False)
-            app.conf.update(task_serializer="json", accept_content=["json"])
-            self._celery = app
+            self._celery = celery_app(self.settings.broker_url)
         return self._celery
 
     def close(self) -> None:

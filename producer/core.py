@@ -220,6 +220,16 @@ class AppendCore:
         return self.pending.pop(table, 0) >= self.settings.flush_at_bytes
 
 
+def partly_appended(exc: Exception, ids: list[str | None]) -> None:
+    """Mark ``exc``, raised by ``append_many`` midway, with the entry IDs of the batches
+    already appended (``.appended``; None for the others)."""
+    exc.appended = ids  # type: ignore[attr-defined]
+    exc.add_note(
+        f"append_many: {sum(i is not None for i in ids)} of the {len(ids)} batches of this "
+        "call are appended; `.appended` has their entry IDs (None for the others), so "
+        "retry only the others.")
+
+
 def out_of_memory(table: str, reason: object) -> redis.OutOfMemoryError:
     return redis.OutOfMemoryError(
         f"Redis is out of memory (over its maxmemory) and refused a batch for table "
