@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
@@ -19,6 +21,7 @@ from redis.retry import Retry
 
 from . import admin, cluster, wire
 from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, PROTOCOL, queue_append
+from .batcher import Batcher
 from .convert import conform, evolve, to_table
 from .due import DUE, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import (
@@ -216,6 +219,13 @@ class Producer:
                 sending = sender.submit(self._transaction, keys, group)
             assert sending is not None
             return verdicts + sending.result()
+
+    def batcher(self, **options: Any) -> Batcher:
+        """A batching producer over this one, for event-at-a-time writes: ``write(table,
+        row)`` returns a future; rows are merged per table and appended after
+        ``linger_ms`` (5), ``max_rows`` or ``max_bytes``. Options and guarantees:
+        ``producer.batcher`` (docs/batching.md)."""
+        return Batcher(self, **options)
 
     def replay_dead(self, table: str,
                     progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
@@ -421,6 +431,37 @@ class Producer:
             if int(pending or 0) < self.settings.max_pending_bytes or not length:
                 return True
         return False
+
+    # --- reading -----------------------------------------------------------------------
+
+    def read(self, table: str, columns: Sequence[str] | None = None,
+             filter: pc.Expression | None = None, *, min_id: str | None = None,
+             timeout_s: float = 10.0) -> pa.RecordBatchReader:
+        """Every row of ``table``, flushed or not, as one consistent snapshot: the lake's
+        rows up to its watermark and the delta's entries after it, each row exactly once,
+        even while flushes and compactions commit (``producer.read``). A batch whose
+        ``append`` returned before this call is in it.
+
+        ``columns`` selects columns; ``filter`` (a ``pyarrow.compute.Expression``, e.g.
+        ``pc.field("country") == "de"``) keeps matching rows; both are pushed down to the
+        lake reader and applied to the delta's decoded batches. ``min_id`` (an entry ID
+        ``append`` returned) waits, up to ``timeout_s``, until the snapshot holds it, then
+        raises ``NotYetVisible``. The rows are streamed: the lake's, then the delta's, in
+        the table's current schema (columns added since a row was written read null).
+        Raises ``UnknownTable`` for a table never appended to."""
+        from . import read
+
+        return read.read(self.redis, self.settings, table, columns, filter, min_id, timeout_s)
+
+    def dataset(self, table: str, *, min_id: str | None = None,
+                timeout_s: float = 10.0) -> ds.Dataset:
+        """The same snapshot as ``read``, as a ``pyarrow.dataset.Dataset`` that can be
+        scanned any number of times (a DuckDB query that joins a table with itself, or a
+        polars ``scan_pyarrow_dataset``): the lake's files, scanned lazily with pushdown,
+        and the delta's rows, decoded into memory."""
+        from . import read
+
+        return read.dataset(self.redis, self.settings, table, min_id, timeout_s)
 
     # --- table configuration ---------------------------------------------------------
 
