@@ -13,10 +13,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
-from . import admin, wire
+from . import admin, cluster, wire
 from .append import BACKPRESSURE
 from .batcher import Batcher
 from .convert import to_table
@@ -34,7 +35,9 @@ SEND_GROUP_BYTES = 8 * 1024 * 1024
 
 
 def connect(url: str, retries: int = 0) -> redis.Redis:
-    """A Redis client for the delta tier that reconnects by itself.
+    """A Redis client for the delta tier that reconnects by itself: a
+    ``redis.cluster.RedisCluster`` when ``url`` names a node of a Redis Cluster (it offers
+    the same commands, routed by key; ``producer.cluster``), else a ``redis.Redis``.
 
     ``retries`` > 0 retries a command on a lost connection with exponential backoff (up to
     about ``retries`` seconds in all); use it only for idempotent commands. The producer's
@@ -42,6 +45,10 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
     """
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries) if retries else \
         Retry(NoBackoff(), 0)
+    common: dict[str, Any] = dict(health_check_interval=30, socket_keepalive=True,
+                                  socket_connect_timeout=5)
+    if _names_a_cluster(url, retry):
+        return cast(redis.Redis, RedisCluster.from_url(url, retry=retry, **common))
     # redis-py's own serializer sends a large payload as it is (one ``sendall`` of the
     # buffer); the hiredis one, its default once hiredis is installed, first copies every
     # command into one string, which halves append throughput. hiredis still parses replies.
@@ -51,10 +58,19 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
         command_packer=packer,
         retry=retry,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retries else [],
-        health_check_interval=30,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
+        **common,
     )
+
+
+def _names_a_cluster(url: str, retry: Retry) -> bool:
+    """Whether ``url`` names a Redis Cluster node; a server that refuses ``INFO`` (an ACL
+    without ``+info``, an embedded Redis-compatible server) is taken for a standalone
+    Redis. Unreachable: Redis's error, after ``retry``'s attempts."""
+    try:
+        return bool(retry.call_with_retry(lambda: cluster.is_cluster_url(url),
+                                          lambda _: None))
+    except redis.ResponseError:
+        return False
 
 
 #: One batch on its way (``producer.core``).
@@ -64,9 +80,9 @@ _Pending = Pending
 class Producer:
     """Append Arrow batches to tables and ask for flushes.
 
-    ``Producer()`` reads its settings from the environment; ``redis_url``, ``broker_url`` and
-    ``key_prefix`` (or a whole ``settings``) override them. Thread-safe: the Redis client
-    has a connection pool.
+    ``Producer()`` reads its settings from the environment; ``redis_url``, ``broker_url``,
+    ``key_prefix`` and ``append_replicas`` (or a whole ``settings``) override them.
+    Thread-safe: the Redis client has a connection pool.
     """
 
     def __init__(
@@ -75,13 +91,16 @@ class Producer:
         broker_url: str | None = None,
         *,
         key_prefix: str | None = None,
+        append_replicas: int | None = None,
         settings: Settings | None = None,
         client: redis.Redis | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env(
-            redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix
-        )
+            redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix,
+            append_replicas=append_replicas)
         self.redis = client if client is not None else connect(self.settings.redis_url, retries=8)
+        if cluster.is_cluster(self.redis):
+            cluster.require_broker(self.settings.redis_url, self.settings.broker_url)
         #: what to send and what the replies mean (shared with ``AsyncProducer``)
         self._core = AppendCore(self.settings)
         self._registered = self._core.registered
@@ -91,7 +110,8 @@ class Producer:
 
     # --- appending --------------------------------------------------------------------
 
-    def append(self, table: str, data: Any, *, timeout_s: float | None = None) -> str:
+    def append(self, table: str, data: Any, *, timeout_s: float | None = None,
+               batch_id: str | None = None) -> str:
         """Append one batch; return its stream entry ID once Redis has accepted it.
 
         ``data`` is a ``pyarrow.Table``, ``pyarrow.RecordBatch``, ``pandas.DataFrame`` or a
@@ -102,9 +122,15 @@ class Producer:
         Raises ``Backpressure`` while the table has more than ``max_pending_bytes`` waiting,
         or, with ``timeout_s``, waits up to that long for room. A lost connection is retried
         (the batch carries an ID, so a retry never adds it twice).
+
+        With ``append_replicas`` > 0 it returns once that many replicas hold the batch, or
+        raises ``ReplicationTimeout``; ``batch_id`` (a retry passes the error's
+        ``batch_ids[0]``) makes a retry within two minutes add nothing twice.
         """
         keys = self._keys(table)
         item = self._prepare(table, data)
+        if batch_id is not None:
+            item.batch_id = batch_id
         self._register(keys)
         entry_id = self._send(keys, self._shape(table, item), timeout_s)
         self._maybe_trigger(keys)
@@ -245,9 +271,26 @@ class Producer:
         One transaction per batch, not one for all: Redis runs each as soon as it has
         arrived, while the next ones are still being sent.
         """
-        pipe = self.redis.pipeline(transaction=False)
-        self._core.queue(pipe, keys, items)
-        return self._core.verdicts(keys, pipe.execute(raise_on_error=False))
+        replicas = self.settings.append_replicas
+        timeout_ms = self.settings.append_replicas_timeout_ms
+
+        def send(master: redis.Redis) -> tuple[list[list[Any]], int]:
+            pipe = master.pipeline(transaction=False)
+            self._core.queue(pipe, keys, items)
+            if replicas:  # on the same connection, right after the transactions
+                cluster.queue_wait(pipe, replicas, timeout_ms)
+            replies = pipe.execute(raise_on_error=False)
+            verdicts = self._core.verdicts(keys, replies)  # raises what Redis refused
+            return verdicts, replies[-1] if replicas else 0
+
+        # On a cluster: on the master of the table's slot, again while the slot moves or
+        # fails over (each batch's ID makes that harmless).
+        verdicts, acked = cluster.on_master(self.redis, keys.delta, send)
+        if replicas:
+            cluster.check_acked(acked, replicas, timeout_ms,
+                                f"table {keys.table!r}: {len(items)} batch(es) appended",
+                                tuple(item.batch_id for item in items))
+        return verdicts
 
     def _accepted(self, keys: wire.Keys, item: _Pending, verdict: list[Any]) -> str | None:
         """The entry ID if Redis accepted ``item``, else None."""

@@ -4,7 +4,8 @@ Beat sends the scheduling task every second (or every ``flush_interval_s`` if sh
 worker runs :func:`due_tables` and enqueues one flush per table it returns. Whether a table
 is due is decided, and ``{T}:queued`` set, by one script per table (``producer.due``), so
 two rounds never both queue a flush of the same table; the scripts of all tables go out in
-pipelined batches of 1,000.
+pipelined batches of 1,000 (on a Redis Cluster, each batch split by master: every
+script runs in its table's slot).
 """
 
 from __future__ import annotations
@@ -29,17 +30,13 @@ def due_tables(client: redis.Redis, prefix: str, queued_ttl_ms: int,
     """Mark and return the tables that need a flush now: something pending, none queued or
     running, and their flush interval (``interval_ms`` unless the table sets its own) passed
     since they were last scheduled."""
-    client.script_load(DUE.source)
     args = due_args(queued_ttl_ms, interval_ms, force=False)
     due: list[str] = []
     batch: list[str] = []
 
     def run(names: list[str]) -> None:
-        pipe = client.pipeline(transaction=False)
-        for name in names:
-            key_list, arg_list = DUE.argv(due_keys(wire.Keys(prefix, name)), args)
-            pipe.evalsha(DUE.sha, len(key_list), *key_list, *arg_list)
-        due.extend(n for n, hit in zip(names, pipe.execute(), strict=True) if hit)
+        hits = DUE.run_each(client, [(due_keys(wire.Keys(prefix, n)), args) for n in names])
+        due.extend(n for n, hit in zip(names, hits, strict=True) if hit)
 
     for name in iter_tables(client, prefix):
         batch.append(name)
