@@ -18,7 +18,7 @@ from typing import Any
 import click
 import redis
 
-from producer import Producer, admin
+from producer import Producer, admin, shards
 from producer.client import connect
 from producer.errors import ConfigError, DeltaflushError, InvalidInput
 from producer.settings import Settings
@@ -169,11 +169,12 @@ def _flush_here(settings: Settings, client: redis.Redis, names: list[str]) -> No
 
             def step(name: str = name, keys: Any = keys, before: int = done) -> bool:
                 """Called between the files of a flush: moves the bar on."""
-                left = int(client.hget(keys.pending, "rows") or 0)
+                left = sum(int(client.hget(k.pending, "rows") or 0) for k in
+                           shards.table_shards(client, settings.key_prefix, keys.table))
                 bar.update(before + max(0, pending[name] - left), f"flushing {name}")
                 return False
 
-            result = flusher.flush(name, stop=step)
+            result = flusher.flush_shards(name, stop=step)
             done += pending[name]
             bar.update(done)
             bar.log(f"[{i}/{len(names)}] {name}: {result.status}, {result.rows} rows, "
@@ -260,6 +261,11 @@ def table() -> None:
               "an unreferenced file is removed.")
 @click.option("--maintenance-interval", "maintenance_interval_s", help="Lake tables: seconds "
               "between maintenance runs.")
+@click.option("--shards", help="Delta streams of the table, each in a slot of its own, "
+              "flushed in parallel (more than 1 requires protocol-2 producers; "
+              "docs/shards.md).")
+@click.option("--shard-key", help="The column whose value picks a row's shard (rows of one "
+              "key stay in order); '' for round-robin batches.")
 @click.option("--create", is_flag=True, help="Configure a table nothing was appended to yet.")
 def table_set(name: str, create: bool, **options: object) -> None:
     """Change TABLE's configuration; workers use it from their next flush."""
