@@ -6,12 +6,14 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import Encoder, PythonRespSerializer
@@ -511,6 +513,37 @@ class Producer:
             if int(pending or 0) < self.settings.max_pending_bytes or not length:
                 return True
         return False
+
+    # --- reading -----------------------------------------------------------------------
+
+    def read(self, table: str, columns: Sequence[str] | None = None,
+             filter: pc.Expression | None = None, *, min_id: str | None = None,
+             timeout_s: float = 10.0) -> pa.RecordBatchReader:
+        """Every row of ``table``, flushed or not, as one consistent snapshot: the lake's
+        rows up to its watermark and the delta's entries after it, each row exactly once,
+        even while flushes and compactions commit (``producer.read``). A batch whose
+        ``append`` returned before this call is in it.
+
+        ``columns`` selects columns; ``filter`` (a ``pyarrow.compute.Expression``, e.g.
+        ``pc.field("country") == "de"``) keeps matching rows; both are pushed down to the
+        lake reader and applied to the delta's decoded batches. ``min_id`` (an entry ID
+        ``append`` returned) waits, up to ``timeout_s``, until the snapshot holds it, then
+        raises ``NotYetVisible``. The rows are streamed: the lake's, then the delta's, in
+        the table's current schema (columns added since a row was written read null).
+        Raises ``UnknownTable`` for a table never appended to."""
+        from . import read
+
+        return read.read(self.redis, self.settings, table, columns, filter, min_id, timeout_s)
+
+    def dataset(self, table: str, *, min_id: str | None = None,
+                timeout_s: float = 10.0) -> ds.Dataset:
+        """The same snapshot as ``read``, as a ``pyarrow.dataset.Dataset`` that can be
+        scanned any number of times (a DuckDB query that joins a table with itself, or a
+        polars ``scan_pyarrow_dataset``): the lake's files, scanned lazily with pushdown,
+        and the delta's rows, decoded into memory."""
+        from . import read
+
+        return read.dataset(self.redis, self.settings, table, min_id, timeout_s)
 
     # --- table configuration ---------------------------------------------------------
 

@@ -15,6 +15,9 @@
     ├── Backpressure                       the table is too far behind: retry later
     ├── SchemaRace                         the table's schema kept changing meanwhile: retry
     ├── UpgradeRequired                    the table needs a later protocol: upgrade deltaflush
+    ├── ReadError                          a read of both tiers (``Producer.read``) failed
+    │   ├── NotYetVisible                  the entry asked for (``min_id``) is not there yet
+    │   └── SnapshotRace                   flushes kept committing while it was read: retry
     └── FlushError                         raised on the worker side
         ├── LeaseLost                      another flusher took the table over: stop, do not commit
         ├── CatalogUnavailable(OSError)    a lake table's catalog failed: retried with backoff
@@ -121,6 +124,36 @@ class UpgradeRequired(DeltaflushError):
             f"protocol {spoken}. Nothing was written: upgrade the producer (docs/spec.md, "
             "\"Versions\")."
         )
+
+
+class ReadError(DeltaflushError):
+    """A read of both tiers (``Producer.read``) could not take a consistent snapshot.
+    Retryable."""
+
+
+class NotYetVisible(ReadError):
+    """``read(min_id=...)``: the table's delta had not reached that entry ID within the
+    timeout (the ID is from another Redis, a replica behind, or not an ID ``append``
+    returned)."""
+
+    def __init__(self, table: str, min_id: str, seen: str | None, timeout_s: float) -> None:
+        self.table, self.min_id, self.seen = table, min_id, seen
+        super().__init__(
+            f"table {table!r}: entry {min_id} is not visible after {timeout_s:g} s (the "
+            f"newest entry is {seen or 'none'}); pass an entry ID that append returned for "
+            "this table on this Redis, or a longer timeout_s")
+
+
+class SnapshotRace(ReadError):
+    """Every attempt at a snapshot found entries trimmed under it: flushes committed
+    faster than the delta could be read. Retryable."""
+
+    def __init__(self, table: str, attempts: int) -> None:
+        self.table, self.attempts = table, attempts
+        super().__init__(
+            f"table {table!r}: flushes trimmed the delta under each of {attempts} attempts "
+            "to read it with the lake in one snapshot; retry the read (a very large pending "
+            "backlog takes longer to read than a flush to trim)")
 
 
 MISSING = "no such column"

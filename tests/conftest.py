@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fakeredis
 import pyarrow as pa
@@ -22,6 +23,9 @@ import pytest
 import redis
 
 from producer import Producer, Settings, wire
+
+if TYPE_CHECKING:
+    from tests.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -111,6 +115,55 @@ def real_redis(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real 6-node Redis Cluster (tests/cluster.py) shared by the session's tests. Tests
+    keep apart by key prefix (``cluster_prefix``); a test that kills or fails over nodes
+    takes a cluster of its own (``own_cluster``)."""
+    from tests.cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A Redis Cluster of this test's own, for faults that change its topology."""
+    from tests.cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path / "cluster").start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_prefix() -> str:
+    """A key prefix of this test's own, so tests share ``redis_cluster`` without FLUSHALL."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture
+def rabbitmq_vhost() -> Iterator[str]:
+    """A vhost of this test's own on the RabbitMQ at 127.0.0.1:5672, removed after."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is not installed: RabbitMQ must run at 127.0.0.1:5672")
+    vhost = f"deltaflush-test-{uuid.uuid4().hex[:8]}"
+    made = rabbitmqctl("add_vhost", vhost)
+    assert made.returncode == 0, made.stderr
+    try:
+        allowed = rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        assert allowed.returncode == 0, allowed.stderr
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture

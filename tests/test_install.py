@@ -180,27 +180,6 @@ def test_production_install_lands_a_flush_on_the_default_broker(prod_bin, own_re
     land_a_flush(prod_bin, tmp_path, env)
 
 
-def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
-                          timeout=60)
-
-
-@pytest.fixture
-def rabbitmq_vhost() -> Iterator[str]:
-    """A vhost of this test's own on the RabbitMQ at 127.0.0.1:5672, removed after."""
-    if shutil.which("rabbitmqctl") is None:
-        pytest.fail("rabbitmqctl is not installed: RabbitMQ must run at 127.0.0.1:5672")
-    vhost = f"deltaflush-test-{uuid.uuid4().hex[:8]}"
-    made = rabbitmqctl("add_vhost", vhost)
-    assert made.returncode == 0, made.stderr
-    try:
-        allowed = rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        assert allowed.returncode == 0, allowed.stderr
-        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
-
-
 def test_production_install_lands_a_flush_on_rabbitmq(prod_bin, own_redis, rabbitmq_vhost,
                                                       tmp_path):
     env = _env(DELTAFLUSH_REDIS_URL=own_redis.url, DELTAFLUSH_BROKER_URL=rabbitmq_vhost,

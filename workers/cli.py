@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import click
+import pyarrow as pa
 import redis
 
 from producer import Producer, admin, shards
@@ -86,6 +87,31 @@ def _client(settings: Settings) -> redis.Redis:
 def main(verbose: bool, debug: bool) -> None:
     """deltaflush: Arrow batches in Redis Streams, flushed to Parquet by a Celery fleet."""
     configure_logging(logging.INFO if verbose else logging.WARNING)
+
+
+# --- sql -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list.")
+@click.argument("query")
+def sql(as_json: bool, query: str) -> None:
+    """Run a DuckDB QUERY in which each table is one consistent snapshot of its lake and its
+    delta, e.g. deltaflush sql "SELECT country, count(*) FROM events GROUP BY ALL"."""
+    from . import sql as sqlquery
+
+    settings = _settings()
+    result = sqlquery.query(Producer(settings=settings, client=_client(settings)), query)
+    if as_json:
+        click.echo(json.dumps(result.to_pylist(), indent=2, default=str))
+        return
+    columns = [Column(f.name, pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+                      or pa.types.is_decimal(f.type)) for f in result.schema]
+    rows = [["NULL" if v is None else str(v) for v in row.values()]
+            for row in result.to_pylist()]
+    render.table(columns, rows)
+    if render.terminal():
+        render.say(f"{result.num_rows} row{'' if result.num_rows == 1 else 's'}", "dim")
 
 
 # --- status ----------------------------------------------------------------------------

@@ -33,16 +33,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from producer import wire
+from producer.delta_table import APP_PREFIX as APP_PREFIX
+from producer.delta_table import SEQ_BITS
+from producer.delta_table import app_id as app_id
+from producer.delta_table import entry_id as entry_id
 from producer.errors import InvariantViolation
 from producer.tablecfg import TableConfig
 from workers.layout import HIVE_NULL
 
-#: Bits of an entry ID's sequence number in an app-transaction version.
-SEQ_BITS = 21
-#: Bits of its milliseconds (up to the year 2109): ``ms << 21 | seq`` fits Delta's signed
-#: 64-bit ``version``.
+#: Bits of an entry ID's milliseconds (up to the year 2109): ``ms << 21 | seq`` fits
+#: Delta's signed 64-bit ``version``.
 MS_BITS = 63 - SEQ_BITS
-APP_PREFIX = "deltaflush:"
 
 
 class NotStorable(InvariantViolation):
@@ -53,11 +54,6 @@ class NotStorable(InvariantViolation):
 
 
 # --- the app transaction -------------------------------------------------------------------
-
-
-def app_id(stream: str) -> str:
-    """The Delta app ID under which the commits of ``stream`` record their ranges."""
-    return APP_PREFIX + stream
 
 
 def txn_version(entry_id: str) -> int:
@@ -73,11 +69,6 @@ def txn_version(entry_id: str) -> int:
             f"{1 << MS_BITS}. Append with auto-generated IDs (XADD *), or use the parquet "
             "format for this table")
     return ms << SEQ_BITS | seq
-
-
-def entry_id(version: int) -> str:
-    """The entry ID an app-transaction version stands for (``txn_version``'s inverse)."""
-    return f"{version >> SEQ_BITS}-{version & ((1 << SEQ_BITS) - 1)}"
 
 
 # --- types ---------------------------------------------------------------------------------

@@ -1,0 +1,389 @@
+"""Reads across both tiers: ``Producer.read``, one consistent snapshot of a table.
+
+A table's rows are in two tiers: the lake (Parquet files, an Iceberg or a Delta table) and
+the delta (each stream's entries in Redis). A flush moves a range of entries from one to
+the other in order (``workers.protocol``): it commits the range to the lake (step 4), then
+trims it from the stream (step 5), recording the range's last entry ID in the stream's
+``stats`` hash (``last_id``: the stream is trimmed up to there, and only up to there).
+Ranges are taken from the stream's head one after the other, so for each stream:
+
+* a lake snapshot whose watermark is ``W`` (the last entry ID of the last range it holds)
+  holds every row of every entry up to ``W``, and none after;
+* the stream holds every entry after its ``last_id``; every range up to ``last_id`` was
+  committed to the lake before that ``last_id`` was written.
+
+**The snapshot.** For each attempt: read each stream's ``last_id`` (``C0``); pin a lake
+snapshot with its watermarks ``W`` (``producer.lakes``); then, for each stream, read its
+entries after ``start = max(W, C0)`` up to its newest entry ``T``, chunk by chunk, each
+chunk in one ``MULTI`` with the stream's ``last_id`` (``C``). The rows are the lake
+snapshot's plus the entries read:
+
+* *no gap*: every entry after ``start`` up to ``T`` is read, unless a flush trimmed some of
+  them first; that shows as ``C`` past the last entry read (trimming is contiguous from the
+  head), and the attempt starts over with a newer lake snapshot. Entries from ``W`` to
+  ``C0`` were trimmed before the lake snapshot was pinned, so the lake holds every one of
+  them that had rows (a range whose entries were all dead letters commits no data, and an
+  Iceberg table's watermark does not move for it);
+* *no duplicate*: the lake holds nothing after ``W`` and the read starts after ``W``;
+* *read-your-writes*: an entry appended before the call is at most ``T``; after ``start``
+  it is read, and up to ``start`` it is in the lake (or a dead letter).
+
+A ``parquet`` table's files carry their range in their names: its lake snapshot is the
+files of ranges up to the ``last_id`` read with the first chunk (published before that
+trim), listed after it (``producer.lakes.FolderSnapshot``).
+
+**Memory.** The entries are read first (the lake snapshot stays valid for as long as the
+table keeps its snapshots; the delta is trimmed within seconds), as raw payloads: in
+memory up to ``SPILL_BYTES``, in an unlinked temporary file beyond. Then the lake's rows
+are streamed, then the entries are decoded, a chunk at a time, by the flusher's own
+``producer.decoding.decode`` (a dead letter is left out, as a flush leaves it out).
+
+**Schema.** The table's schema as stored once the entries are read (any entry read, and
+any file of the lake, has it or an older one), in the types its files get
+(``producer.typepolicy.write_schema``: e.g. microsecond timestamps for a
+``spark_compatible`` table): older rows read null for columns added since, widened types
+are cast.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, cast
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from producer import admin, lakes, shards, wire
+from producer.decoding import decode
+from producer.errors import InvalidInput, NotYetVisible, SnapshotRace
+from producer.settings import Settings
+from producer.storage import Storage
+from producer.tablecfg import TableConfig
+from producer.typepolicy import spark_safe
+
+#: Entries per ``XRANGE`` round trip (one ``MULTI`` each).
+CHUNK_ENTRIES = 512
+#: Raw payloads held in memory before the rest go to a temporary file.
+SPILL_BYTES = 64 * 1024 * 1024
+#: Attempts at a snapshot before ``SnapshotRace``.
+ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One stream of a table: its name in the lake's records and its keys."""
+
+    name: str
+    keys: wire.Keys
+
+
+def streams_of(client: Any, keys: wire.Keys) -> list[Stream]:
+    """The streams of a table: its delta, or each shard's (``producer.shards``)."""
+    return [Stream(k.stream, k) for k in shards.table_shards(client, keys.prefix, keys.table)]
+
+
+def _id(entry_id: str | bytes | None) -> tuple[int, int]:
+    return (-1, -1) if entry_id is None else wire.parse_id(entry_id)
+
+
+def _latest(*ids: str | None) -> str | None:
+    known = [i for i in ids if i is not None]
+    return max(known, key=_id) if known else None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else (value.decode() if isinstance(value, bytes) else
+                                       str(value))
+
+
+class _Stale(Exception):
+    """Entries the attempt needed were trimmed while it read them."""
+
+
+class Spool:
+    """Raw payloads in chunks: in memory up to ``limit`` bytes, then in a temporary file."""
+
+    def __init__(self, limit: int = SPILL_BYTES) -> None:
+        self.limit = limit
+        self.size = 0
+        self.entries = 0
+        self._memory: list[list[bytes]] = []
+        self._lengths: list[list[int]] = []
+        self._file: IO[bytes] | None = None
+
+    def add(self, payloads: list[bytes]) -> None:
+        size = sum(len(p) for p in payloads)
+        if self._file is None and self.size + size > self.limit:
+            self._file = tempfile.TemporaryFile(prefix="deltaflush-read-")
+            for chunk in self._memory:
+                self._write(chunk)
+            self._memory = []
+        if self._file is not None:
+            self._write(payloads)
+        else:
+            self._memory.append(payloads)
+        self.size += size
+        self.entries += len(payloads)
+
+    def _write(self, payloads: list[bytes]) -> None:
+        assert self._file is not None
+        for p in payloads:
+            self._file.write(p)
+        self._lengths.append([len(p) for p in payloads])
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        if self._file is None:
+            yield from self._memory
+            return
+        self._file.seek(0)
+        for lengths in self._lengths:
+            yield [self._file.read(n) for n in lengths]
+
+    def close(self) -> None:
+        self._memory = []
+        if self._file is not None:
+            self._file.close()
+
+
+@dataclass(frozen=True)
+class View:
+    """What a snapshot holds of one stream: the lake up to ``start``, the delta's entries
+    after it up to ``end`` (its newest entry when read; None if it had none)."""
+
+    stream: str
+    start: str | None
+    end: str | None
+
+    @property
+    def high(self) -> str | None:
+        return _latest(self.start, self.end)
+
+
+def capture(client: Any, stream: Stream, start: str | None, follow: bool,
+            spool: Spool) -> View:
+    """Read the entries of ``stream`` after ``start`` up to its newest one into ``spool``.
+
+    ``follow``: the lake's watermark is wherever the stream's trim is at the first chunk
+    (a ``parquet`` table), so start there. Raises ``_Stale`` if entries after ``start``
+    were trimmed before they were read (see the module doc)."""
+    keys = stream.keys
+    pipe = client.pipeline(transaction=True)
+    pipe.hget(keys.stats, "last_id")
+    pipe.xrevrange(keys.delta, count=1)
+    pipe.xrange(keys.delta, "-" if start is None else "(" + start, "+", count=CHUNK_ENTRIES)
+    committed, tail, chunk = pipe.execute()
+    trimmed = _text(committed)
+    if follow:
+        start = _latest(start, trimmed)
+    elif _id(trimmed) > _id(start):
+        raise _Stale()
+    end = _text(tail[0][0]) if tail else None
+    seen = start
+    while True:
+        chunk = [(_text(i), f) for i, f in chunk if _id(i) <= _id(end)]
+        if chunk:
+            spool.add([f.get(wire.FIELD_ARROW, b"") for _, f in chunk])
+            seen = chunk[-1][0]
+        if end is None or _id(seen) >= _id(end):
+            return View(stream.name, start, end)
+        pipe = client.pipeline(transaction=True)
+        pipe.hget(keys.stats, "last_id")
+        pipe.xrange(keys.delta, "(" + cast(str, seen) if seen else "-", end,
+                    count=CHUNK_ENTRIES)
+        committed, chunk = pipe.execute()
+        if _id(_text(committed)) > _id(seen):
+            raise _Stale()
+
+
+@dataclass
+class Snapshot:
+    """A lake snapshot and the delta entries after it, for every stream of a table."""
+
+    lake: lakes.LakeSnapshot
+    views: list[View]
+    spool: Spool
+    attempts: int = 1
+    watermarks: dict[str, str | None] = field(default_factory=dict)
+
+    def reaches(self, entry_id: str) -> bool:
+        return any(_id(v.high) >= _id(entry_id) for v in self.views)
+
+    def newest(self) -> str | None:
+        return _latest(*(v.high for v in self.views))
+
+
+def take(client: Any, storage: Storage, settings: Settings, table: str, config: TableConfig,
+         fmt: str, streams: list[Stream]) -> Snapshot:
+    """One consistent snapshot of the table (see the module doc); ``SnapshotRace`` if
+    flushes trimmed the delta under every one of ``ATTEMPTS`` attempts."""
+    for attempt in range(1, ATTEMPTS + 1):
+        pipe = client.pipeline(transaction=False)
+        for s in streams:
+            pipe.hget(s.keys.stats, "last_id")
+        before = [_text(c) for c in pipe.execute()]
+        lake = lakes.snapshot(fmt, storage, settings, table, config, [s.name for s in streams])
+        spool = Spool()
+        try:
+            views = []
+            for s, trimmed in zip(streams, before, strict=True):
+                if lake.pinned_by_redis:
+                    views.append(capture(client, s, trimmed, True, spool))
+                else:
+                    start = _latest(lake.watermarks.get(s.name), trimmed)
+                    views.append(capture(client, s, start, False, spool))
+        except _Stale:
+            spool.close()
+            continue
+        except BaseException:
+            spool.close()
+            raise
+        if lake.pinned_by_redis:
+            lake.pin({v.stream: v.start for v in views})
+        return Snapshot(lake, views, spool, attempt, {v.stream: v.start for v in views})
+    raise SnapshotRace(table, ATTEMPTS)
+
+
+def _fit(data: pa.Table | pa.RecordBatch, schema: pa.Schema) -> pa.Table:
+    """``data`` with exactly the columns of ``schema``: cast where the type differs, null
+    where missing."""
+    columns = []
+    for f in schema:
+        if f.name in data.schema.names:
+            column = data.column(f.name)
+            if not column.type.equals(f.type):
+                column = pc.cast(column, f.type, safe=False)
+        else:
+            column = pa.nulls(data.num_rows, f.type)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _delta_batches(snap: Snapshot, table: str, stored: pa.Schema, config: TableConfig,
+                   full: pa.Schema, out: pa.Schema, filter: pc.Expression | None
+                   ) -> Iterator[pa.RecordBatch]:
+    """The entries read, decoded as a flush decodes them, a chunk at a time, in ``full``
+    (the lake's types); ``out``'s columns of the rows matching ``filter``."""
+    written, cast_to_written = spark_safe(stored, config)
+    for payloads in snap.spool:
+        rows = []
+        for payload in payloads:
+            try:
+                rows.append(decode(payload, stored, table, config.spark_compatible))
+            except ValueError:  # a dead letter: no flush writes it either
+                continue
+        if not rows:
+            continue
+        data = _fit(cast_to_written(pa.concat_tables(rows) if len(rows) > 1 else rows[0]),
+                    full)
+        if filter is not None:
+            data = data.filter(filter)
+        yield from _fit(data, out).to_batches()
+
+
+@dataclass
+class Opened:
+    """A snapshot and the schemas it is read in: the table's as stored, its files' (see
+    ``typepolicy.spark_safe``), and the lake's (``full``, every column)."""
+
+    table: str
+    snap: Snapshot
+    config: TableConfig
+    stored: pa.Schema
+    full: pa.Schema
+
+    def project(self, columns: Sequence[str] | None) -> pa.Schema:
+        wanted = list(self.full.names if columns is None else columns)
+        missing = [c for c in wanted if c not in self.full.names]
+        if missing:
+            self.snap.spool.close()
+            raise InvalidInput(f"table {self.table!r} has no column {missing[0]!r}; its "
+                               f"columns: {', '.join(self.full.names)}")
+        return pa.schema([self.full.field(c) for c in wanted])
+
+    def batches(self, out: pa.Schema, filter: pc.Expression | None
+                ) -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in lakes.batches(self.snap.lake.dataset(self.full), out.names, filter):
+                yield from _fit(batch, out).to_batches()
+            yield from _delta_batches(self.snap, self.table, self.stored, self.config,
+                                      self.full, out, filter)
+        finally:
+            self.snap.spool.close()
+
+    def dataset(self) -> ds.Dataset:
+        """The snapshot as one dataset that can be scanned many times: the lake's files,
+        and the delta's rows decoded into memory."""
+        delta = list(_delta_batches(self.snap, self.table, self.stored, self.config,
+                                    self.full, self.full, None))
+        self.snap.spool.close()
+        parts = [ds.InMemoryDataset(pa.Table.from_batches(delta, self.full))]
+        lake = self.snap.lake.dataset(self.full)
+        if lake is not None:
+            parts.insert(0, lake)
+        return ds.dataset(parts) if len(parts) > 1 else parts[0]
+
+
+def open_snapshot(client: Any, settings: Settings, table: str, min_id: str | None = None,
+                  timeout_s: float = 10.0) -> Opened | None:
+    """A snapshot of ``table`` holding ``min_id`` (if given); None if the table never had
+    a batch (it has no schema)."""
+    keys = admin.require_table(client, settings.key_prefix, table)
+    if min_id is not None:
+        try:
+            wire.parse_id(min_id)
+        except ValueError as exc:
+            raise InvalidInput(f"min_id={min_id!r} is not a stream entry ID such as "
+                               "'1732480000000-0' (what append returns)") from exc
+    config = admin.table_config(client, keys)
+    fmt = config.format or settings.table_format
+    storage = Storage(settings.storage_uri)
+    streams = streams_of(client, keys)
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        snap = take(client, storage, settings, table, config, fmt, streams)
+        if min_id is None or snap.reaches(min_id):
+            break
+        snap.spool.close()
+        if time.monotonic() >= deadline:
+            raise NotYetVisible(table, min_id, snap.newest(), timeout_s)
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.5)
+    raw = cast(bytes | None, client.get(keys.authority))
+    if not raw:  # configured, never appended to
+        snap.spool.close()
+        return None
+    stored = wire.stored_schema(raw)
+    written, _ = spark_safe(stored, config)
+    return Opened(table, snap, config, stored, snap.lake.schema(written))
+
+
+def read(client: Any, settings: Settings, table: str, columns: Sequence[str] | None = None,
+         filter: pc.Expression | None = None, min_id: str | None = None,
+         timeout_s: float = 10.0) -> pa.RecordBatchReader:
+    """See ``Producer.read``."""
+    if filter is not None and not isinstance(filter, pc.Expression):
+        raise InvalidInput(f"filter must be a pyarrow.compute.Expression, e.g. "
+                           f"pc.field('country') == 'de'; got {type(filter).__name__}")
+    opened = open_snapshot(client, settings, table, min_id, timeout_s)
+    if opened is None:
+        return pa.RecordBatchReader.from_batches(pa.schema([]), iter(()))
+    out = opened.project(columns)
+    return pa.RecordBatchReader.from_batches(out, opened.batches(out, filter))
+
+
+def dataset(client: Any, settings: Settings, table: str, min_id: str | None = None,
+            timeout_s: float = 10.0) -> ds.Dataset:
+    """See ``Producer.dataset``."""
+    opened = open_snapshot(client, settings, table, min_id, timeout_s)
+    if opened is None:
+        return ds.InMemoryDataset(pa.table({}))
+    return opened.dataset()

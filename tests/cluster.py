@@ -1,0 +1,279 @@
+"""A real local Redis Cluster for tests: 6 ``redis-server --cluster-enabled yes`` processes
+(3 masters, 1 replica each) on free ports in a folder of the test's own, joined with
+``redis-cli --cluster create --cluster-replicas 1``.
+
+:class:`LocalCluster` starts it, waits until every node says ``cluster_state:ok`` and every
+replica's link to its master is up, and offers what fault-injection tests need: which node
+serves a key, its replica, SIGKILL/SIGSTOP/SIGCONT of one node, a forced failover, a restart
+of a killed node (it rejoins as a replica). ``stop()`` ends only its own processes.
+
+Every node runs with ``appendonly yes`` and ``appendfsync always`` (what ``deltaflush
+doctor`` asks for) and a node timeout of 2 s, so a failover takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from redis.cluster import key_slot
+
+from tests.conftest import wait_for
+
+NODE_TIMEOUT_MS = 2000
+
+
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too (so P <= 55535)."""
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports for a cluster node")
+
+
+@dataclass
+class Node:
+    """One redis-server of the cluster."""
+
+    port: int
+    folder: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_connect_timeout=2, socket_timeout=10)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def info(self, section: str) -> dict[str, object]:
+        with self.client() as c:
+            return dict(c.info(section))
+
+    def cluster_info(self) -> dict[str, str]:
+        with self.client() as c:
+            raw = c.execute_command("CLUSTER", "INFO")
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+    def role(self) -> str:
+        return str(self.info("replication")["role"])
+
+
+class LocalCluster:
+    """Six nodes in ``folder``: 3 masters with one replica each (see the module doc)."""
+
+    def __init__(self, folder: Path, nodes: int = 6, replicas: int = 1) -> None:
+        self.folder = folder
+        self.replicas = replicas
+        self.nodes = [Node(free_cluster_port(), folder / f"node{i}") for i in range(nodes)]
+
+    # --- life cycle --------------------------------------------------------------------
+
+    def start(self) -> LocalCluster:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        for node in self.nodes:
+            node.folder.mkdir(parents=True, exist_ok=True)
+            self._spawn(node)
+        for node in self.nodes:
+            wait_for(lambda n=node: _ping(n) or not n.alive(), 10,
+                     f"node {node.port} to start")
+            assert node.alive(), f"redis-server {node.port} exited: {self.log_tail(node)}"
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail("redis-cli is not installed (apt-get install redis-tools)")
+        made = subprocess.run(
+            [cli, "--cluster", "create", *(n.address for n in self.nodes),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stdout + made.stderr
+        self.wait_healthy()
+
+    def _spawn(self, node: Node) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        node.proc = subprocess.Popen(
+            [binary, "--port", str(node.port), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--dir", str(node.folder), "--logfile", str(node.folder / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Until every live node says ``cluster_state:ok``, knows every node, and every
+        live replica's link to its master is up."""
+        def healthy() -> bool:
+            try:
+                for node in self.live():
+                    info = node.cluster_info()
+                    if info.get("cluster_state") != "ok" or \
+                            int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
+                        return False
+                    repl = node.info("replication")
+                    if repl["role"] == "slave" and repl.get("master_link_status") != "up":
+                        return False
+                return True
+            except redis.RedisError:
+                return False
+        wait_for(healthy, timeout, "the cluster to be healthy", interval=0.2)
+
+    def live(self) -> list[Node]:
+        return [n for n in self.nodes if n.alive()]
+
+    def stop(self) -> None:
+        """End this cluster's own processes (SIGCONT first: a stopped one cannot exit)."""
+        for node in self.nodes:
+            if node.alive():
+                assert node.proc is not None
+                node.proc.send_signal(signal.SIGCONT)
+                node.proc.kill()
+        for node in self.nodes:
+            if node.proc is not None:
+                node.proc.wait(10)
+                node.proc = None
+
+    def log_tail(self, node: Node) -> str:
+        log = node.folder / "redis.log"
+        return log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+
+    # --- who serves what ---------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """A URL naming one (live) node: all a client needs to find the others."""
+        return self.live()[0].url
+
+    def by_port(self, port: int) -> Node:
+        return next(n for n in self.nodes if n.port == port)
+
+    def masters(self) -> list[Node]:
+        return [n for n in self.live() if n.role() == "master"]
+
+    def master_of(self, key: str) -> Node:
+        """The node serving ``key``'s slot now."""
+        slot = key_slot(key.encode())
+        for node in self.live():
+            try:
+                with node.client() as c:
+                    for start, end, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                        if start <= slot <= end:
+                            return self.by_port(int(master[1]))
+            except redis.RedisError:
+                continue
+        raise AssertionError(f"no live node knows who serves slot {slot}")
+
+    def replica_of(self, master: Node) -> Node:
+        """A live replica of ``master``."""
+        for node in self.live():
+            repl = node.info("replication")
+            if repl["role"] == "slave" and int(repl["master_port"]) == master.port:
+                return node
+        raise AssertionError(f"node {master.port} has no live replica")
+
+    # --- faults ------------------------------------------------------------------------
+
+    def kill(self, node: Node) -> None:
+        """SIGKILL one node (its AOF stays, for ``restart``)."""
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGCONT)
+        node.proc.kill()
+        node.proc.wait(10)
+
+    def pause(self, node: Node) -> None:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self, node: Node) -> None:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGCONT)
+
+    def takeover(self, replica: Node, timeout: float = 30) -> None:
+        """Promote ``replica`` now, without its master's agreement (``CLUSTER FAILOVER
+        TAKEOVER``: the master may be dead), and wait until the others see it as master."""
+        with replica.client() as c:
+            c.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        wait_for(lambda: replica.role() == "master", timeout, f"{replica.port} to be master")
+        wait_for(lambda: all(_sees_master(n, replica) for n in self.live()), timeout,
+                 "every node to see the new master", interval=0.1)
+
+    def wait_promoted(self, replica: Node, timeout: float = 30) -> None:
+        """Wait until ``replica`` (of a dead master) has been elected master."""
+        wait_for(lambda: _role_or_none(replica) == "master", timeout,
+                 f"replica {replica.port} to be promoted")
+
+    def restart(self, node: Node) -> None:
+        """Start a killed node again from its folder; it rejoins (as a replica of whoever
+        took over its slots)."""
+        assert not node.alive()
+        self._spawn(node)
+        wait_for(lambda: _ping(node) or not node.alive(), 10, f"node {node.port} to restart")
+
+
+def _ping(node: Node) -> bool:
+    try:
+        with node.client() as c:
+            return bool(c.ping())
+    except redis.RedisError:
+        return False
+
+
+def _role_or_none(node: Node) -> str | None:
+    try:
+        return node.role()
+    except redis.RedisError:
+        return None
+
+
+def _sees_master(node: Node, master: Node) -> bool:
+    try:
+        with node.client() as c:
+            for line in c.execute_command("CLUSTER", "NODES").decode().splitlines():
+                fields = line.split()
+                if fields[1].startswith(f"127.0.0.1:{master.port}@"):
+                    return "master" in fields[2]
+    except redis.RedisError:
+        return False
+    return False
+
+
+def wait_ok(cluster: LocalCluster, timeout: float = 60) -> None:
+    """Until every live node says ``cluster_state:ok`` (after a failover)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if all(n.cluster_info().get("cluster_state") == "ok" for n in cluster.live()):
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(0.1)
+    pytest.fail("the cluster did not come back to cluster_state:ok")
