@@ -261,3 +261,16 @@ def test_a_sharded_lake_table_commits_each_shard_exactly_once(real_redis, storag
         from tests.delta_readers import duckdb_ids as delta_ids
         ids = delta_ids(storage_dir / TABLE)
     assert ids == list(range(240))
+
+
+def test_read_sees_every_shard_once_whatever_is_flushed(real_redis, storage_dir):
+    """``p.read`` over a sharded table with some shards flushed, some not: every row once."""
+    settings = Settings(storage_uri=str(storage_dir))
+    p = Producer(client=real_redis, settings=settings)
+    p.configure(TABLE, shards=3, shard_key="user")
+    p.append_many(TABLE, [keyed_batch(i * 20, 20) for i in range(6)])
+    Flusher(real_redis, Storage(str(storage_dir)), settings).flush(TABLE, shard=1)
+    assert sorted(p.read(TABLE).read_all()["id"].to_pylist()) == list(range(120))
+    p.append(TABLE, keyed_batch(120, 20))
+    Flusher(real_redis, Storage(str(storage_dir)), settings).flush_shards(TABLE)
+    assert sorted(p.read(TABLE).read_all()["id"].to_pylist()) == list(range(140))
