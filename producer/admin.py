@@ -207,14 +207,22 @@ class DeadLetter:
 
 
 def dead_letters(client: Any, keys: wire.Keys, limit: int) -> tuple[list[DeadLetter], int]:
-    """The first ``limit`` dead letters of the table, and how many it has."""
+    """The first ``limit`` dead letters of the table (shard by shard, for a sharded table:
+    an ID then reads ``<shard>:<id>``), and how many it has."""
+    streams = shards.table_shards(client, keys.prefix, keys.table)
     pipe = client.pipeline(transaction=False)
-    pipe.xrange(keys.dead, count=limit)
-    pipe.xlen(keys.dead)
-    entries, total = pipe.execute()
-    return [
-        DeadLetter(entry_id.decode(), fields.get(wire.FIELD_ENTRY_ID, b"?").decode(),
-                   len(fields.get(wire.FIELD_ARROW, b"")),
-                   fields.get(wire.FIELD_ERROR, b"").decode(errors="replace"))
-        for entry_id, fields in cast(list[wire.Entry], entries)
-    ], int(total)
+    for k in streams:
+        pipe.xrange(k.dead, count=limit)
+        pipe.xlen(k.dead)
+    replies = pipe.execute()
+    letters, total = [], 0
+    for n, k in enumerate(streams):
+        entries, count = replies[2 * n], replies[2 * n + 1]
+        total += int(count)
+        tag = f"{k.shard}:" if len(streams) > 1 else ""
+        letters += [
+            DeadLetter(tag + entry_id.decode(), fields.get(wire.FIELD_ENTRY_ID, b"?").decode(),
+                       len(fields.get(wire.FIELD_ARROW, b"")),
+                       fields.get(wire.FIELD_ERROR, b"").decode(errors="replace"))
+            for entry_id, fields in cast(list[wire.Entry], entries)]
+    return letters[:limit], total

@@ -5,6 +5,7 @@ test runs on fakeredis and on a real redis-server; the fleets are in test_shards
 
 from __future__ import annotations
 
+import json
 import threading
 import zlib
 from pathlib import Path
@@ -274,3 +275,34 @@ def test_read_sees_every_shard_once_whatever_is_flushed(real_redis, storage_dir)
     p.append(TABLE, keyed_batch(120, 20))
     Flusher(real_redis, Storage(str(storage_dir)), settings).flush_shards(TABLE)
     assert sorted(p.read(TABLE).read_all()["id"].to_pylist()) == list(range(140))
+
+
+def test_the_command_line_shards_a_table_and_shows_each_shard(redis_server, real_redis,
+                                                              storage_dir):
+    from click.testing import CliRunner
+
+    from workers.cli import main
+
+    env = {"DELTAFLUSH_REDIS_URL": redis_server.url, "DELTAFLUSH_STORAGE_URI": str(storage_dir)}
+
+    def run(*args: str):
+        return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+    producer(real_redis).append(TABLE, keyed_batch(0, 10))
+    bad = run("table", "set", TABLE, "--shards", "4", "--shard-key", "nope")
+    assert bad.exit_code == 2 and "has no column 'nope'" in bad.output, bad.output
+    assert run("table", "set", TABLE, "--shards", "0").exit_code == 2
+    done = run("table", "set", TABLE, "--shards", "4", "--shard-key", "user")
+    assert done.exit_code == 0, done.output
+    p = producer(real_redis)
+    p.append_many(TABLE, [keyed_batch(i * 10, 10) for i in range(1, 8)])
+    data = json.loads(run("status", "--json").output)
+    [row] = [t for t in data["tables"] if t["table"] == TABLE] if isinstance(data, dict) \
+        else [t for t in data if t["table"] == TABLE]
+    assert row["pending_rows"] + row["rows_flushed"] == 80
+    assert [s["shard"] for s in row["shards"]] == [0, 1, 2, 3]
+    assert sum(s["pending_rows"] for s in row["shards"]) == row["pending_rows"]
+    flushed = run("flush", TABLE, "--local")
+    assert flushed.exit_code == 0, flushed.output
+    assert sorted(read(storage_dir)["id"].to_pylist()) == list(range(80))
+    assert "events~3" in run("status").output

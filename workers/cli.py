@@ -365,9 +365,14 @@ def table_unstick(name: str) -> None:
     """Clear TABLE's stuck mark, once the cause is fixed, so that flushes run again."""
     settings = _settings()
     client = _client(settings)
-    reason = unstick(client, admin.require_table(client, settings.key_prefix, name))
-    click.echo(f"{name} was not stuck" if reason is None else
-               f"{name} unstuck; it was stuck because: {reason}")
+    admin.require_table(client, settings.key_prefix, name)
+    reasons = [(k, unstick(client, k))  # every shard of a sharded table
+               for k in shards.table_shards(client, settings.key_prefix, name)]
+    stuck = [(k, r) for k, r in reasons if r is not None]
+    if not stuck:
+        click.echo(f"{name} was not stuck")
+    for k, reason in stuck:
+        click.echo(f"{k.stream} unstuck; it was stuck because: {reason}")
 
 
 @main.command()
