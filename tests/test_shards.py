@@ -306,3 +306,19 @@ def test_the_command_line_shards_a_table_and_shows_each_shard(redis_server, real
     assert flushed.exit_code == 0, flushed.output
     assert sorted(read(storage_dir)["id"].to_pylist()) == list(range(80))
     assert "events~3" in run("status").output
+
+
+@pytest.mark.parametrize("values, type_", [
+    ([0, -1, 7, None, 2**63 - 1, -2**63, 1234567890123], pa.int64()),
+    ([0, 255, None], pa.uint8()),
+    ([2**64 - 1, 0], pa.uint64()),
+    (["", "é", "alice", None, "x" * 300, "日本"], pa.string()),
+    (["a", None, "bc"], pa.large_string()),
+    ([b"\x00\xff", None, b""], pa.binary()),
+    ([True, False, None], pa.bool_()),
+])
+def test_the_vectorised_crc_is_zlibs_of_the_canonical_bytes(values, type_):
+    column = pa.array(values, type_)
+    expected = [zlib.crc32(shards.key_bytes(v)) for v in values]
+    assert list(shards.crc32_column(column)) == expected
+    assert list(shards.crc32_column(column.slice(1))) == expected[1:]
