@@ -21,6 +21,7 @@ from redis.retry import Retry
 
 from . import admin, scripts, shards, wire
 from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, PROTOCOL, queue_append
+from .batcher import Batcher
 from .convert import conform, evolve, to_table
 from .due import DUE, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import (
@@ -302,6 +303,13 @@ class Producer:
                 sending = sender.submit(self._transaction, keys, group)
             assert sending is not None
             return verdicts + sending.result()
+
+    def batcher(self, **options: Any) -> Batcher:
+        """A batching producer over this one, for event-at-a-time writes: ``write(table,
+        row)`` returns a future; rows are merged per table and appended after
+        ``linger_ms`` (5), ``max_rows`` or ``max_bytes``. Options and guarantees:
+        ``producer.batcher`` (docs/batching.md)."""
+        return Batcher(self, **options)
 
     def replay_dead(self, table: str,
                     progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:

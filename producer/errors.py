@@ -13,6 +13,7 @@
     │   ├── UnsupportedType                a column's type some reader rejects: cast it
     │   └── UnknownTable                   no table of that name was ever appended to
     ├── Backpressure                       the table is too far behind: retry later
+    ├── BufferFull                         a batcher's buffer stayed full: retry later
     ├── SchemaRace                         the table's schema kept changing meanwhile: retry
     ├── UpgradeRequired                    the table needs a later protocol: upgrade deltaflush
     ├── ReadError                          a read of both tiers (``Producer.read``) failed
@@ -88,6 +89,21 @@ class Backpressure(DeltaflushError):
             f"table {table!r} has {pending_bytes} bytes pending, over the limit of {limit} "
             "(DELTAFLUSH_MAX_PENDING_BYTES); nothing was written. Retry after the workers "
             "catch up, or add workers."
+        )
+
+
+class BufferFull(DeltaflushError):
+    """A batcher's buffer (``max_buffer_bytes``) stayed full for ``max_block_s``: its
+    background thread could not send as fast as rows were written (Redis slow or refusing
+    with ``Backpressure``). Nothing of the write was buffered; retryable."""
+
+    def __init__(self, buffered: int, limit: int, waited_s: float) -> None:
+        self.buffered, self.limit, self.waited_s = buffered, limit, waited_s
+        super().__init__(
+            f"the batcher's buffer holds {buffered} bytes, at its limit of {limit} "
+            f"(max_buffer_bytes), and did not drain within {waited_s} s (max_block_s); "
+            "nothing of this write was buffered. Retry later, give the batcher a larger "
+            "max_buffer_bytes or max_block_s, or add workers if the tables are behind."
         )
 
 
