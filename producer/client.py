@@ -16,10 +16,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
-from . import admin, scripts, shards, wire
+from . import admin, cluster, scripts, shards, wire
 from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, PROTOCOL, queue_append
 from .batcher import Batcher
 from .convert import conform, evolve, to_table
@@ -51,7 +52,9 @@ EVOLVE = scripts.load("schema_evolve")
 
 
 def connect(url: str, retries: int = 0) -> redis.Redis:
-    """A Redis client for the delta tier that reconnects by itself.
+    """A Redis client for the delta tier that reconnects by itself: a
+    ``redis.cluster.RedisCluster`` when ``url`` names a node of a Redis Cluster (it offers
+    the same commands, routed by key; ``producer.cluster``), else a ``redis.Redis``.
 
     ``retries`` > 0 retries a command on a lost connection with exponential backoff (up to
     about ``retries`` seconds in all); use it only for idempotent commands. The producer's
@@ -59,6 +62,10 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
     """
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries) if retries else \
         Retry(NoBackoff(), 0)
+    common: dict[str, Any] = dict(health_check_interval=30, socket_keepalive=True,
+                                  socket_connect_timeout=5)
+    if _names_a_cluster(url, retry):
+        return cast(redis.Redis, RedisCluster.from_url(url, retry=retry, **common))
     # redis-py's own serializer sends a large payload as it is (one ``sendall`` of the
     # buffer); the hiredis one, its default once hiredis is installed, first copies every
     # command into one string, which halves append throughput. hiredis still parses replies.
@@ -68,10 +75,19 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
         command_packer=packer,
         retry=retry,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retries else [],
-        health_check_interval=30,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
+        **common,
     )
+
+
+def _names_a_cluster(url: str, retry: Retry) -> bool:
+    """Whether ``url`` names a Redis Cluster node; a server that refuses ``INFO`` (an ACL
+    without ``+info``, an embedded Redis-compatible server) is taken for a standalone
+    Redis. Unreachable: Redis's error, after ``retry``'s attempts."""
+    try:
+        return bool(retry.call_with_retry(lambda: cluster.is_cluster_url(url),
+                                          lambda _: None))
+    except redis.ResponseError:
+        return False
 
 
 @dataclass
@@ -92,9 +108,9 @@ class _Pending:
 class Producer:
     """Append Arrow batches to tables and ask for flushes.
 
-    ``Producer()`` reads its settings from the environment; ``redis_url``, ``broker_url`` and
-    ``key_prefix`` (or a whole ``settings``) override them. Thread-safe: the Redis client
-    has a connection pool.
+    ``Producer()`` reads its settings from the environment; ``redis_url``, ``broker_url``,
+    ``key_prefix`` and ``append_replicas`` (or a whole ``settings``) override them.
+    Thread-safe: the Redis client has a connection pool.
     """
 
     def __init__(
@@ -103,13 +119,16 @@ class Producer:
         broker_url: str | None = None,
         *,
         key_prefix: str | None = None,
+        append_replicas: int | None = None,
         settings: Settings | None = None,
         client: redis.Redis | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env(
-            redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix
-        )
+            redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix,
+            append_replicas=append_replicas)
         self.redis = client if client is not None else connect(self.settings.redis_url, retries=8)
+        if cluster.is_cluster(self.redis):
+            cluster.require_broker(self.settings.redis_url, self.settings.broker_url)
         #: the tables, and shards (by hash tag), whose schema this producer has read
         self._registered: set[str] = set()
         #: table or shard (hash tag) -> (its schema, the value of ``:schema`` it was read
@@ -124,7 +143,8 @@ class Producer:
 
     # --- appending --------------------------------------------------------------------
 
-    def append(self, table: str, data: Any, *, timeout_s: float | None = None) -> str:
+    def append(self, table: str, data: Any, *, timeout_s: float | None = None,
+               batch_id: str | None = None) -> str:
         """Append one batch; return its stream entry ID once Redis has accepted it.
 
         ``data`` is a ``pyarrow.Table``, ``pyarrow.RecordBatch``, ``pandas.DataFrame`` or a
@@ -135,9 +155,15 @@ class Producer:
         Raises ``Backpressure`` while the table has more than ``max_pending_bytes`` waiting,
         or, with ``timeout_s``, waits up to that long for room. A lost connection is retried
         (the batch carries an ID, so a retry never adds it twice).
+
+        With ``append_replicas`` > 0 it returns once that many replicas hold the batch, or
+        raises ``ReplicationTimeout``; ``batch_id`` (a retry passes the error's
+        ``batch_ids[0]``) makes a retry within two minutes add nothing twice.
         """
         keys = self._keys(table)
         item = self._prepare(table, data)
+        if batch_id is not None:
+            item.batch_id = batch_id
         self._register(keys)
         parts = self._route(keys, item)
         if parts is None:
@@ -440,25 +466,38 @@ class Producer:
         One transaction per batch, not one for all: Redis runs each as soon as it has
         arrived, while the next ones are still being sent.
         """
-        pipe = self.redis.pipeline(transaction=False)
-        for item in items:
-            pipe.execute_command("MULTI")
-            queue_append(pipe, keys, item.payload, item.arrow.num_rows, item.batch_id,
-                         item.schema_bytes, item.evolves_from,
-                         self.settings.max_pending_bytes, item.dead_id)
-            pipe.execute_command("EXEC")
-        replies = pipe.execute(raise_on_error=False)
-        verdicts = []
-        for reply in replies:
-            # e.g. EXECABORT: Redis refused a command at queueing; nothing of it ran
-            for error in (reply if isinstance(reply, list) else [reply]):
-                if isinstance(error, redis.OutOfMemoryError):
-                    raise _out_of_memory(keys.table, error) from error
-                if isinstance(error, Exception):
-                    raise error
-            if isinstance(reply, list):  # an EXEC: XADD, check
-                verdicts.append(reply[-1])
-        return verdicts
+        replicas = self.settings.append_replicas
+        timeout_ms = self.settings.append_replicas_timeout_ms
+
+        def send(master: redis.Redis) -> list[Any]:
+            pipe = master.pipeline(transaction=False)
+            for item in items:
+                pipe.execute_command("MULTI")
+                queue_append(pipe, keys, item.payload, item.arrow.num_rows, item.batch_id,
+                             item.schema_bytes, item.evolves_from,
+                             self.settings.max_pending_bytes, item.dead_id)
+                pipe.execute_command("EXEC")
+            if replicas:  # on the same connection, right after the transactions
+                cluster.queue_wait(pipe, replicas, timeout_ms)
+            replies = pipe.execute(raise_on_error=False)
+            for reply in replies:
+                # e.g. EXECABORT: Redis refused a command at queueing; nothing of it ran
+                for error in (reply if isinstance(reply, list) else [reply]):
+                    if isinstance(error, redis.OutOfMemoryError):
+                        raise _out_of_memory(keys.table, error) from error
+                    if isinstance(error, Exception):
+                        raise error
+            return replies
+
+        # On a cluster: on the master of the table's slot, again while the slot moves or
+        # fails over (each batch's ID makes that harmless).
+        replies = cluster.on_master(self.redis, keys.delta, send)
+        if replicas:
+            cluster.check_acked(replies.pop(), replicas, timeout_ms,
+                                f"table {keys.table!r}: {len(items)} batch(es) appended",
+                                tuple(item.batch_id for item in items))
+        # an EXEC's reply: the XADD's and the check's
+        return [reply[-1] for reply in replies if isinstance(reply, list)]
 
     def _accepted(self, keys: wire.Keys, item: _Pending, verdict: list[Any]) -> str | None:
         """The entry ID if Redis accepted ``item``, else None."""

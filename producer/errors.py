@@ -16,6 +16,7 @@
     ├── BufferFull                         a batcher's buffer stayed full: retry later
     ├── SchemaRace                         the table's schema kept changing meanwhile: retry
     ├── UpgradeRequired                    the table needs a later protocol: upgrade deltaflush
+    ├── ReplicationTimeout                 fewer replicas than asked for hold a write: retry
     ├── ReadError                          a read of both tiers (``Producer.read``) failed
     │   ├── NotYetVisible                  the entry asked for (``min_id``) is not there yet
     │   └── SnapshotRace                   flushes kept committing while it was read: retry
@@ -173,6 +174,35 @@ class SnapshotRace(ReadError):
 
 
 MISSING = "no such column"
+
+
+class ReplicationTimeout(DeltaflushError):
+    """Fewer replicas than ``DELTAFLUSH_APPEND_REPLICAS`` acknowledged a write (Redis
+    ``WAIT``) within ``DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS``. The write stands on the
+    master, but a failover before its replicas catch up could lose it.
+
+    Retryable. For an ``append``, ``batch_ids`` holds the IDs of the batches concerned:
+    ``append(..., batch_id=...)`` with the same ID within two minutes adds nothing twice and
+    waits for the replicas again. A flush retries by itself (it publishes and trims nothing
+    after a failed wait)."""
+
+    def __init__(self, what: str, acked: int, wanted: int, timeout_ms: int,
+                 batch_ids: tuple[str, ...] = ()) -> None:
+        self.what = what
+        self.acked = acked
+        self.wanted = wanted
+        self.timeout_ms = timeout_ms
+        self.batch_ids = batch_ids
+        retry = (f"; retry with the same batch ID (append(..., batch_id={batch_ids[0]!r})), "
+                 "which is never added twice" if len(batch_ids) == 1 else
+                 f"; retry with the same batch IDs ({len(batch_ids)} in .batch_ids), which "
+                 "are never added twice" if batch_ids else "")
+        super().__init__(
+            f"{what}: {acked} of the {wanted} replicas asked for "
+            f"(DELTAFLUSH_APPEND_REPLICAS={wanted}) acknowledged it within {timeout_ms} ms "
+            f"(DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS). It is on the Redis master, but a "
+            f"failover before its replicas catch up could lose it. Check that the master's "
+            f"replicas are up and in sync (INFO replication){retry}")
 
 
 class SchemaConflict(InvalidInput):

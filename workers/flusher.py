@@ -118,7 +118,9 @@ class Flusher:
         self._sinks: dict[str, Sink] = {}
         self._lock = threading.Lock()
         self._source = source or (
-            lambda table: RedisStream(client, wire.Keys(settings.key_prefix, table)))
+            lambda table: RedisStream(client, wire.Keys(settings.key_prefix, table),
+                                      settings.append_replicas,
+                                      settings.append_replicas_timeout_ms))
 
     def sink_for(self, config: TableConfig) -> Sink:
         """The sink of a table with ``config`` (one per format, made on first use)."""

@@ -2,10 +2,11 @@
 
 Beat sends the scheduling task every second (or every ``flush_interval_s`` if shorter); a
 worker runs :func:`due_tables` and enqueues one flush per table it returns (per due shard of
-a sharded table: each ``flush_table`` message takes one shard, ``workers.tasks``). Whether a table
-is due is decided, and ``{T}:queued`` set, by one script per table (``producer.due``), so
+a sharded table: each ``flush_table`` message takes one shard, ``workers.tasks``). Whether
+a table is due is decided, and ``{T}:queued`` set, by one script per table (``producer.due``), so
 two rounds never both queue a flush of the same table; the scripts of all tables go out in
-pipelined batches of 1,000.
+pipelined batches of 1,000 (on a Redis Cluster, each batch split by master: every
+script runs in its table's slot).
 """
 
 from __future__ import annotations
@@ -37,18 +38,14 @@ def due_shards(client: redis.Redis, prefix: str, queued_ttl_ms: int,
                interval_ms: int = 0) -> list[wire.Keys]:
     """``due_tables``, as the keys of each due shard: each shard of a sharded table (every
     shard below the largest count it ever had, ``producer.shards``) is due on its own."""
-    client.script_load(DUE.source)
     args = due_args(queued_ttl_ms, interval_ms, force=False)
     sharded = shards.sharded_tables(client, prefix)
     due: list[wire.Keys] = []
     batch: list[wire.Keys] = []
 
     def run(streams: list[wire.Keys]) -> None:
-        pipe = client.pipeline(transaction=False)
-        for keys in streams:
-            key_list, arg_list = DUE.argv(due_keys(keys), args)
-            pipe.evalsha(DUE.sha, len(key_list), *key_list, *arg_list)
-        due.extend(k for k, hit in zip(streams, pipe.execute(), strict=True) if hit)
+        hits = DUE.run_each(client, [(due_keys(k), args) for k in streams])
+        due.extend(k for k, hit in zip(streams, hits, strict=True) if hit)
 
     for name in iter_tables(client, prefix):
         batch.extend(shards.all_shards(prefix, name, sharded))

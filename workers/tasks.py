@@ -26,8 +26,9 @@ from celery.signals import setup_logging, worker_init, worker_ready, worker_shut
 
 from producer import shards, wire
 from producer.client import connect
+from producer.cluster import REDIRECTS
 from producer.due import queue_flush
-from producer.errors import InvalidTableName, LeaseLost
+from producer.errors import InvalidTableName, LeaseLost, ReplicationTimeout
 
 from .app import app, settings
 from .doctor import startup
@@ -40,8 +41,10 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-#: Errors worth retrying with backoff: the next try may well succeed.
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Errors worth retrying with backoff: the next try may well succeed. On a Redis Cluster:
+#: a slot moving or failing over, and replicas slow to acknowledge a flush's writes.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError, ReplicationTimeout,
+             *REDIRECTS)
 MAX_BACKOFF_S = 60
 
 _runtime: tuple[int, redis.Redis, Flusher] | None = None
@@ -106,8 +109,12 @@ def _check_redis(sender: Any = None, **_: Any) -> None:
 def flush_table(self: Any, table: str) -> dict[str, Any]:
     if not wire.valid_table_name(table):
         raise InvalidTableName(table)
-    client, flusher = runtime()
     keys = wire.Keys(settings.key_prefix, table)
+    try:
+        client, flusher = runtime()
+    except TRANSIENT as exc:  # Redis unreachable: nothing to hold beat off with
+        raise self.retry(exc=exc, countdown=min(MAX_BACKOFF_S,
+                                                2 ** min(self.request.retries, 6))) from exc
     try:
         # From here on a new request may be queued; this run takes what is pending now.
         shard = take_shard(client, table)
