@@ -30,6 +30,7 @@ from .errors import (
     BatchTooLarge,
     DeltaflushError,
     InvalidTableName,
+    ReplicationTimeout,
     SchemaRace,
     UnsupportedData,
     UpgradeRequired,
@@ -165,7 +166,7 @@ class Producer:
         if batch_id is not None:
             item.batch_id = batch_id
         self._register(keys)
-        parts = self._route(keys, item)
+        parts = self._route(keys, item, pinned=batch_id is not None)
         if parts is None:
             entry_id = self._send(keys, self._shape(keys, item), timeout_s)
             self._maybe_trigger(keys)
@@ -173,7 +174,12 @@ class Producer:
         ids = []
         for shard, part in parts:
             self._register(shard)
-            ids.append(f"{shard.shard}:{self._send(shard, self._shape(shard, part), timeout_s)}")
+            try:
+                sent = self._send(shard, self._shape(shard, part), timeout_s)
+            except ReplicationTimeout as exc:  # retried whole: the parts' IDs follow from it
+                exc.batch_ids = (item.batch_id,)
+                raise
+            ids.append(f"{shard.shard}:{sent}")
             self._maybe_trigger(shard)
         return " ".join(ids)
 
@@ -249,15 +255,19 @@ class Producer:
             self._routes[keys.table] = route
         return route[1]
 
-    def _route(self, keys: wire.Keys, item: _Pending) -> list[tuple[wire.Keys, _Pending]] | None:
+    def _route(self, keys: wire.Keys, item: _Pending, pinned: bool = False
+               ) -> list[tuple[wire.Keys, _Pending]] | None:
         """The shards ``item`` goes to, with its part for each; None for an unsharded
         table. By its shard key's values (``crc32`` of their canonical bytes, mod N), else
-        the next shard in turn."""
+        the next shard in turn; or, for a batch ID the caller gave (``pinned``: a retry of
+        an append must reach the shard that remembers the ID), the ``crc32`` of the ID."""
         count = self._shard_count(keys)
         if count == 1:
             return None
         key = self._routes[keys.table][2]
         if not key:
+            if pinned:
+                return [(keys.for_shard(shards.shard_of(item.batch_id, count)), item)]
             shard = self._next_shard.get(keys.table, random.randrange(count)) % count
             self._next_shard[keys.table] = shard + 1
             return [(keys.for_shard(shard), item)]
@@ -289,18 +299,39 @@ class Producer:
             target_bytes = wire.canonical_schema(target)
             if known is not None and known[1] == target_bytes:
                 return target
-            # EVAL, as the check: a producer needs no permission beyond protocol 1's
-            key_list, arg_list = EVOLVE.argv(
-                {"schema": table.authority, "protocol": table.protocol},
-                {"expected": b"" if known is None else known[1], "schema": target_bytes,
-                 "protocol": wire.PROTOCOL})
-            code, value = self.redis.eval(EVOLVE.source, len(key_list), *key_list, *arg_list)
+            code, value = self._evolve_script(table, b"" if known is None else known[1],
+                                              target_bytes)
             if code == PROTOCOL:
                 raise UpgradeRequired(keys.table, int(value), wire.PROTOCOL)
             self._remember(table, bytes(value))
             if code == 1:
                 return target
         raise SchemaRace(keys.table, SCHEMA_RACES + 1)
+
+    def _evolve_script(self, table: wire.Keys, expected: bytes, target: bytes) -> list[Any]:
+        """Run ``schema_evolve.lua`` on shard 0's master (again while its slot moves or fails
+        over: a compare-and-set, so a repeat is harmless), then, with ``append_replicas``,
+        wait for the replicas: an authority lost in a failover could let another shard
+        evolve a column a second way. ``EVAL``, as the check: protocol 2 needs no
+        permission beyond protocol 1's."""
+        key_list, arg_list = EVOLVE.argv(
+            {"schema": table.authority, "protocol": table.protocol},
+            {"expected": expected, "schema": target, "protocol": wire.PROTOCOL})
+        replicas = self.settings.append_replicas
+        timeout_ms = self.settings.append_replicas_timeout_ms
+
+        def run(master: redis.Redis) -> list[Any]:
+            pipe = master.pipeline(transaction=False)
+            pipe.eval(EVOLVE.source, len(key_list), *key_list, *arg_list)
+            if replicas:
+                cluster.queue_wait(pipe, replicas, timeout_ms)
+            return cast(list[Any], pipe.execute())
+
+        replies = cluster.on_master(self.redis, table.authority, run)
+        if replicas:
+            cluster.check_acked(replies[-1], replicas, timeout_ms,
+                                f"table {table.table!r}: its schema evolved")
+        return cast(list[Any], replies[0])
 
     def _send_groups(self, keys: wire.Keys, items: list[_Pending]) -> list[list[Any]]:
         """Send ``items`` in groups of about ``SEND_GROUP_BYTES``, encoding the next group

@@ -322,3 +322,16 @@ def test_the_vectorised_crc_is_zlibs_of_the_canonical_bytes(values, type_):
     expected = [zlib.crc32(shards.key_bytes(v)) for v in values]
     assert list(shards.crc32_column(column)) == expected
     assert list(shards.crc32_column(column.slice(1))) == expected[1:]
+
+
+@pytest.mark.parametrize("key", ["", "user"])
+def test_an_append_retried_with_its_batch_id_adds_nothing_twice(any_redis, key):
+    """A retry (after a ReplicationTimeout, say) passes the batch ID back: it must reach
+    the shards that remember it, so round-robin does not apply to a given batch ID."""
+    p = producer(any_redis)
+    p.configure(TABLE, shards=4, shard_key=key)
+    first = p.append(TABLE, keyed_batch(0, 40), batch_id="b" * 32)
+    again = p.append(TABLE, keyed_batch(0, 40), batch_id="b" * 32)
+    assert first == again
+    assert sum(any_redis.xlen(k.delta) for k in shards.table_shards(
+        any_redis, "deltaflush", TABLE)) == (4 if key else 1)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from producer import Producer, Settings, shards, wire
-from producer.errors import SchemaConflict
+from producer.errors import ReplicationTimeout, SchemaConflict
 from tests.conftest import Fleet, wait_for
 from tests.test_cluster import BROKER, settings_for
 from tests.test_shards_fleet import batch, read_back
@@ -87,3 +87,34 @@ def test_two_workers_flush_four_shards_on_the_cluster(redis_cluster, cluster_pre
         p.close()
     finally:
         fleet.stop()
+
+
+def test_a_replicated_evolution_reaches_the_authoritys_replica_first(redis_cluster,
+                                                                    cluster_prefix):
+    """With DELTAFLUSH_APPEND_REPLICAS, the authority's compare-and-set (shard 0's master)
+    waits for its replica before the shard's copy moves; a paused replica makes it a
+    ReplicationTimeout, nothing of the batch appended, and a retry with the batch's ID
+    then lands it once."""
+    settings = settings_for(redis_cluster, cluster_prefix, append_replicas=1,
+                            append_replicas_timeout_ms=300)
+    p = Producer(settings=settings)
+    p.configure(TABLE, shards=4)
+    p.append(TABLE, pa.table({"id": [0]}), batch_id="a" * 32)
+    authority = wire.Keys(cluster_prefix, TABLE).authority
+    replica = redis_cluster.replica_of(redis_cluster.master_of(authority))
+    # a batch ID whose shard is not 0, so the evolution goes through the authority
+    bid = next(f"{i:032d}" for i in range(100) if shards.shard_of(f"{i:032d}", 4))
+    evolving = pa.table({"id": [1], "extra": ["x"]})
+    redis_cluster.pause(replica)
+    try:
+        with pytest.raises(ReplicationTimeout, match="schema evolved"):
+            p.append(TABLE, evolving, batch_id=bid)
+    finally:
+        redis_cluster.resume(replica)
+    keys = shards.table_shards(p.redis, cluster_prefix, TABLE)
+    assert sum(p.redis.xlen(k.delta) for k in keys) == 1
+    p.append(TABLE, evolving, batch_id=bid)
+    with replica.client(readonly=True) as r:
+        assert b"extra" in r.get(authority)
+    assert sum(p.redis.xlen(k.delta) for k in keys) == 2
+    p.close()
