@@ -93,7 +93,7 @@ class AsyncProducer:
         keys = self._core.keys(table)
         item = await self._prepare(keys, data)
         await self._register(keys)
-        entry_id = await self._send(keys, self._core.shape(table, item), timeout_s)
+        entry_id = await self._send(keys, self._core.shape(keys, item), timeout_s)
         await self._maybe_trigger(keys)
         return entry_id
 
@@ -106,7 +106,7 @@ class AsyncProducer:
         items = [await self._prepare(keys, data) for data in batches]
         await self._register(keys)
         for item in items:
-            self._core.shape(table, item)
+            self._core.shape(keys, item)
         verdicts = await self._transaction(keys, items) if items else []
         ids: list[str | None] = [self._core.accepted(keys, item, verdict)
                                  for item, verdict in zip(items, verdicts, strict=True)]
@@ -137,7 +137,7 @@ class AsyncProducer:
 
     async def _register(self, keys: wire.Keys) -> None:
         """``Producer._register``: the table in ``{prefix}:tables``, its schema learnt."""
-        if keys.table in self._core.registered:
+        if keys.tag in self._core.registered:
             return
         pipe = self.redis.pipeline(transaction=False)
         pipe.sadd(wire.tables_key(self.settings.key_prefix), keys.table)
@@ -183,7 +183,7 @@ class AsyncProducer:
 
     async def _maybe_trigger(self, keys: wire.Keys) -> None:
         """The size trigger of ``Producer._maybe_trigger``."""
-        if not self._core.trigger_due(keys.table):
+        if not self._core.trigger_due(keys):
             return
         key_list, arg_list = DUE.argv(due_keys(keys),
                                       due_args(self.settings.lease_ms, 0, force=True))

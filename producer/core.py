@@ -19,6 +19,7 @@ validate, shape, size and encode a batch the same way, queue the same append tra
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -68,11 +69,12 @@ class AppendCore:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        #: the tables whose schema this producer has read (``register``)
+        #: the tables, and shards (by hash tag), whose schema this producer has read
         self.registered: set[str] = set()
-        #: table -> (its schema, the value of ``{T}:schema`` it was read from)
+        #: table or shard (hash tag) -> (its schema, the value of ``:schema`` it was read
+        #: from); a table's own entry is shard 0's schema, the authority of its shards
         self.schemas: dict[str, tuple[pa.Schema, bytes]] = {}
-        #: table -> its pending bytes after this producer's last accepted append
+        #: table or shard (hash tag) -> its pending bytes after the last accepted append
         self.pending: dict[str, int] = {}
         #: types some reader rejects (``producer.typepolicy``); its rare look-up of a
         #: table's configuration is the client's (``needs_config``)
@@ -97,14 +99,18 @@ class AppendCore:
         return self.types.needs_config(keys, arrow.schema)
 
     def registered_as(self, keys: wire.Keys, stored: bytes | None) -> None:
-        """The table's registration came back with its stored schema (or None)."""
+        """The table's (or shard's) registration came back with its stored schema."""
         if stored:
-            self.remember(keys.table, stored)
-        self.registered.add(keys.table)
+            self.remember(keys, stored)
+        self.registered.add(keys.tag)
 
-    def remember(self, table: str, stored: bytes) -> None:
-        """Keep the table's schema, as ``{T}:schema`` held it (``stored``)."""
-        known = self.schemas.get(table)
+    def remember(self, keys: wire.Keys, stored: bytes) -> None:
+        """Keep the table's (or shard's) schema, as its ``:schema`` held it (``stored``)."""
+        table = keys.table
+        if not stored:
+            self.schemas.pop(keys.tag, None)
+            return
+        known = self.schemas.get(keys.tag)
         if known is None or known[1] != stored:
             try:
                 schema = wire.stored_schema(stored)
@@ -114,26 +120,39 @@ class AppendCore:
                     f"canonical schema, so no batch can be shaped to it; nothing was "
                     f"appended (docs/spec.md 6.4; a later protocol, or a faulty writer, "
                     f"stored it): {exc}") from exc
-            self.schemas[table] = (schema, stored)
+            self.schemas[keys.tag] = (schema, stored)
 
-    def shape(self, table: str, item: Pending) -> Pending:
+    def shape(self, keys: wire.Keys, item: Pending,
+              authority: Callable[[wire.Keys, pa.Schema], pa.Schema] | None = None
+              ) -> Pending:
         """Bring the batch to the table's schema as this producer last saw it: conformed to
         it (column order, nulls for missing nullable columns, widened types), or evolving it
         (``evolves_from`` is then the stored value: the check's compare-and-set). Raises
-        ``SchemaConflict`` naming the column when neither is possible."""
+        ``SchemaConflict`` naming the column when neither is possible.
+
+        A shard (>= 1) of a sharded table moves its copy only to a schema the table (shard
+        0) holds: ``authority(keys, schema)`` (the client's I/O) returns that schema."""
+        table = keys.table
         item.evolves_from = b""
-        known = self.schemas.get(table)
-        if known is None or known[1] == item.schema_bytes:
+        known = self.schemas.get(keys.tag)
+        if keys.shard == 0 and (known is None or known[1] == item.schema_bytes):
             return item
-        stored, raw = known
-        target = evolve(stored, item.arrow.schema, table)
+        if known is not None and known[1] == item.schema_bytes:
+            return item
+        raw = b"" if known is None else known[1]
+        target = None if known is None else evolve(known[0], item.arrow.schema, table)
+        if keys.shard and (target is None or wire.canonical_schema(target) != raw):
+            if authority is None:
+                raise TypeError("shaping a batch for a shard needs the client's authority")
+            target = authority(keys, item.arrow.schema)
+        assert target is not None
         target_bytes = wire.canonical_schema(target)
         if target_bytes != item.schema_bytes:
             item.arrow = conform(item.arrow, target, table)
             item.schema_bytes = target_bytes
             self.measure(table, item)
-        if target_bytes != raw:  # an evolution, or a stored value to bring to canonical form
-            item.evolves_from = raw
+        if known is not None and target_bytes != raw:  # an evolution, or a stored value
+            item.evolves_from = raw                     # to bring to canonical form
         return item
 
     def measure(self, table: str, item: Pending) -> None:
@@ -184,11 +203,13 @@ class AppendCore:
             raise out_of_memory(keys.table, value.decode())
         if code in (CONFLICT, BACKPRESSURE, PROTOCOL):
             return None
-        self.remember(keys.table, item.schema_bytes)
-        self.pending[keys.table] = int(rest[0])
+        self.remember(keys, item.schema_bytes)
+        self.pending[keys.tag] = int(rest[0])
         return str(value.decode())
 
-    def refused(self, keys: wire.Keys, item: Pending, verdict: list[Any]) -> Next:
+    def refused(self, keys: wire.Keys, item: Pending, verdict: list[Any],
+                authority: Callable[[wire.Keys, pa.Schema], pa.Schema] | None = None
+                ) -> Next:
         """What to do after Redis refused ``item`` with ``verdict`` (not accepted): send it
         again, reshaped to the schema the refusal returned (at most ``SCHEMA_RACES`` times,
         then ``SchemaRace``), or wait for room (backpressure; the client raises
@@ -207,17 +228,17 @@ class AppendCore:
             raise SchemaRace(table, item.races, same=True)
         if item.races > SCHEMA_RACES:
             raise SchemaRace(table, item.races)
-        self.remember(table, bytes(value))
-        self.shape(table, item)  # raises SchemaConflict if it cannot fit
+        self.remember(keys, bytes(value))
+        self.shape(keys, item, authority)  # raises SchemaConflict if it cannot fit
         return Next.RESEND
 
     def backpressure(self, keys: wire.Keys, verdict: list[Any]) -> Backpressure:
         return Backpressure(keys.table, int(verdict[1]), self.settings.max_pending_bytes)
 
-    def trigger_due(self, table: str) -> bool:
-        """Whether the last accepted append put the table past ``flush_at_bytes`` (the
-        size trigger: queue a flush now); forgets it."""
-        return self.pending.pop(table, 0) >= self.settings.flush_at_bytes
+    def trigger_due(self, keys: wire.Keys) -> bool:
+        """Whether the last accepted append put the table (or shard) past
+        ``flush_at_bytes`` (the size trigger: queue a flush now); forgets it."""
+        return self.pending.pop(keys.tag, 0) >= self.settings.flush_at_bytes
 
 
 def partly_appended(exc: Exception, ids: list[str | None]) -> None:
