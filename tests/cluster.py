@@ -223,6 +223,18 @@ class LocalCluster:
         assert node.proc is not None
         node.proc.send_signal(signal.SIGCONT)
 
+    def cut_off(self, replica: Node) -> None:
+        """Cut ``replica`` off its master: freeze it (SIGSTOP), then have the master close
+        the replication link (``CLIENT KILL TYPE replica``). What the master writes from
+        now on never reaches the replica, even after SIGCONT (SIGSTOP alone only delays it:
+        the kernel still takes the bytes into the frozen replica's socket buffer)."""
+        master_port = int(str(replica.info("replication")["master_port"]))
+        self.pause(replica)
+        with self.by_port(master_port).client() as master:
+            master.execute_command("CLIENT", "KILL", "TYPE", "replica")
+            wait_for(lambda: int(master.info("replication")["connected_slaves"]) == 0, 10,
+                     "the master to drop its replica")
+
     def takeover(self, replica: Node, timeout: float = 30) -> None:
         """Promote ``replica`` now, without its master's agreement (``CLUSTER FAILOVER
         TAKEOVER``: the master may be dead), and wait until the others see it as master."""
