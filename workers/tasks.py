@@ -1,6 +1,7 @@
 """The Celery tasks: thin wrappers that parse arguments, call plain code and map errors.
 
-* ``flush_table(table)``: runs ``Flusher.flush``. Transient errors (Redis connection,
+* ``flush_table(table)``: runs ``Flusher.flush`` (of one shard of a sharded table: the one
+  whose ``queued`` mark the message takes, ``take_shard``). Transient errors (Redis connection,
   storage) are retried with exponential backoff; a fenced flush (``LeaseLost``) ends with a
   warning, since the flusher that fenced it does the work; a table whose state breaks the
   protocol is marked stuck by the flusher and the task returns ``status: "stuck"`` (never
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from typing import Any
 
 import redis
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
 
-from producer import wire
+from producer import shards, wire
 from producer.client import connect
 from producer.cluster import REDIRECTS
 from producer.due import queue_flush
@@ -115,10 +117,12 @@ def flush_table(self: Any, table: str) -> dict[str, Any]:
                                                 2 ** min(self.request.retries, 6))) from exc
     try:
         # From here on a new request may be queued; this run takes what is pending now.
-        client.delete(keys.queued)
+        shard = take_shard(client, table)
+        keys = keys.for_shard(shard or 0)
         stopping = _stopping_key(self.request.hostname or "")
-        result = flusher.flush(table, budget_s=settings.task_time_limit_s / 2,
-                               stop=lambda: bool(client.exists(stopping)))
+        budget, stop = settings.task_time_limit_s / 2, lambda: bool(client.exists(stopping))
+        result = flusher.flush_shards(table, budget, stop) if shard is None else \
+            flusher.flush(table, budget, stop, shard=shard)
     except LeaseLost as exc:
         log.warning("flush of %s fenced: %s", table, exc)
         return {"table": table, "status": "fenced", "error": str(exc)}
@@ -132,8 +136,29 @@ def flush_table(self: Any, table: str) -> dict[str, Any]:
             pass
         raise self.retry(exc=exc, countdown=countdown) from exc
     if result.more:  # the time budget ran out or the worker is stopping: hand the rest on
-        queue_flush(client, keys, settings.lease_ms, send_flush)
+        for more in ([keys] if shard is not None else
+                     shards.table_shards(client, settings.key_prefix, table)):
+            queue_flush(client, more, settings.lease_ms, send_flush)
     return result.as_dict()
+
+
+def take_shard(client: redis.Redis, table: str) -> int | None:
+    """The shard this ``flush_table(table)`` message flushes: it takes (deletes) one shard's
+    ``queued`` mark, set by whoever queued the message (beat's round, a producer's size
+    trigger or ``flush``, a continuation): one message per marked shard, so the shards of a
+    table are flushed in parallel by as many workers. A table never sharded: shard 0. A
+    message whose mark is gone (it expired, or the message was sent by hand): None, flush
+    every shard in turn."""
+    count = shards.shards_ever(client, settings.key_prefix, table)
+    if count == 1:
+        client.delete(wire.Keys(settings.key_prefix, table).queued)
+        return 0
+    start = random.randrange(count)
+    for i in range(count):
+        shard = (start + i) % count
+        if client.delete(wire.Keys(settings.key_prefix, table, shard).queued):
+            return shard
+    return None
 
 
 @app.task(name=wire.SCHEDULE_TASK, ignore_result=True)

@@ -1,4 +1,5 @@
-"""The range source of a table's delta: one Redis stream, ``{prefix}:{<table>}:delta``.
+"""The range source of a table's delta: one Redis stream, ``{prefix}:{<table>}:delta``, or
+one shard's, ``{prefix}:{<table>~<i>}:delta`` (``wire.Keys``; its ``stream`` names it).
 
 Claims and commits run the scripts ``producer/lua/claim.lua`` and ``commit.lua``, which
 check the lease's fencing token in Redis before they change anything (the fence).
@@ -56,7 +57,7 @@ class RedisStream:
         self.replicas = replicas
         self.replicas_timeout_ms = replicas_timeout_ms
         self.table = keys.table
-        self.stream = keys.table
+        self.stream = keys.stream
 
     def __repr__(self) -> str:
         return f"RedisStream({self.keys.delta!r})"
@@ -90,8 +91,12 @@ class RedisStream:
             return EntryReader(self.table, self.stream, chunks, start, schema, start.config,
                                max_bytes, lambda _: None, chunks.close)
         chunks = self._chunks("-" if start is None else "(" + start, "+")
-        stored, config = cast(list[bytes | None],
-                              self.client.mget(self.keys.schema, self.keys.config))
+        if self.keys.shard:  # the configuration is shard 0's: another slot
+            stored, config = cast(bytes | None, self.client.get(self.keys.schema)), \
+                cast(bytes | None, self.client.get(self.keys.config))
+        else:
+            stored, config = cast(list[bytes | None],
+                                  self.client.mget(self.keys.schema, self.keys.config))
         schema = wire.stored_schema(stored) if stored else None
         return EntryReader(self.table, self.stream, chunks, None, schema,
                            config.decode() if config else "", max_bytes, self._evolved,
