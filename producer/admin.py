@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import pyarrow as pa
 
-from . import typepolicy, wire
+from . import shards, typepolicy, wire
 from .errors import ConfigError, InvalidTableName, LayoutLocked, UnknownTable
 from .tablecfg import TableConfig
 
@@ -62,6 +62,7 @@ def configure(client: Any, prefix: str, table: str, changes: dict[str, Any],
     the readers could not follow (see the module docstring)."""
     keys = keys_for(prefix, table)
     result: list[TableConfig] = []
+    _prepare_shards(client, prefix, keys, changes)
 
     def update(pipe: Any) -> None:
         current = TableConfig.from_json(pipe.get(keys.config))
@@ -99,7 +100,34 @@ def configure(client: Any, prefix: str, table: str, changes: dict[str, Any],
                        keys.claim)
     # Not in the transaction: another hash slot than the table's keys (Redis Cluster).
     client.sadd(wire.tables_key(prefix), table)
-    return result[-1]
+    new = result[-1]
+    for shard in shards.table_shards(client, prefix, table)[1:]:  # their own slots
+        if new.flush_interval_s is None:
+            client.hdel(shard.sched, "interval_ms")
+        else:
+            client.hset(shard.sched, "interval_ms", int(new.flush_interval_s * 1000))
+    return new
+
+
+def _prepare_shards(client: Any, prefix: str, keys: wire.Keys,
+                    changes: dict[str, Any]) -> None:
+    """Before a configuration with more than one shard is written (and producers may send
+    batches to its shards): check it, record the shard count (the workers flush every shard
+    below the largest count ever) and make every shard require protocol 2 (a protocol-1
+    producer knows nothing of shards: it would write to shard 0 only, out of key order)."""
+    if "shards" not in changes and "shard_key" not in changes:
+        return
+    current = TableConfig.from_json(client.get(keys.config))
+    new = current.with_changes(**changes)
+    stored = client.get(keys.authority)
+    if stored and new.shard_key:
+        shards.check_key(wire.stored_schema(stored), new.shard_key, keys.table)
+    if new.shards > 1:
+        count = shards.record(client, prefix, keys.table, new.shards)
+        for shard in range(count):
+            protocol = keys.for_shard(shard).protocol
+            if int(client.get(protocol) or 1) < shards.PROTOCOL:
+                client.set(protocol, shards.PROTOCOL)
 
 
 def _check_layout_change(pipe: Any, keys: wire.Keys, current: TableConfig,
@@ -179,14 +207,22 @@ class DeadLetter:
 
 
 def dead_letters(client: Any, keys: wire.Keys, limit: int) -> tuple[list[DeadLetter], int]:
-    """The first ``limit`` dead letters of the table, and how many it has."""
+    """The first ``limit`` dead letters of the table (shard by shard, for a sharded table:
+    an ID then reads ``<shard>:<id>``), and how many it has."""
+    streams = shards.table_shards(client, keys.prefix, keys.table)
     pipe = client.pipeline(transaction=False)
-    pipe.xrange(keys.dead, count=limit)
-    pipe.xlen(keys.dead)
-    entries, total = pipe.execute()
-    return [
-        DeadLetter(entry_id.decode(), fields.get(wire.FIELD_ENTRY_ID, b"?").decode(),
-                   len(fields.get(wire.FIELD_ARROW, b"")),
-                   fields.get(wire.FIELD_ERROR, b"").decode(errors="replace"))
-        for entry_id, fields in cast(list[wire.Entry], entries)
-    ], int(total)
+    for k in streams:
+        pipe.xrange(k.dead, count=limit)
+        pipe.xlen(k.dead)
+    replies = pipe.execute()
+    letters, total = [], 0
+    for n, k in enumerate(streams):
+        entries, count = replies[2 * n], replies[2 * n + 1]
+        total += int(count)
+        tag = f"{k.shard}:" if len(streams) > 1 else ""
+        letters += [
+            DeadLetter(tag + entry_id.decode(), fields.get(wire.FIELD_ENTRY_ID, b"?").decode(),
+                       len(fields.get(wire.FIELD_ARROW, b"")),
+                       fields.get(wire.FIELD_ERROR, b"").decode(errors="replace"))
+            for entry_id, fields in cast(list[wire.Entry], entries)]
+    return letters[:limit], total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -15,11 +16,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
-from . import admin, wire
+from . import admin, cluster, scripts, shards, wire
 from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, PROTOCOL, queue_append
+from .batcher import Batcher
 from .convert import conform, evolve, to_table
 from .due import DUE, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import (
@@ -27,7 +30,9 @@ from .errors import (
     BatchTooLarge,
     DeltaflushError,
     InvalidTableName,
+    ReplicationTimeout,
     SchemaRace,
+    UnsupportedData,
     UpgradeRequired,
 )
 from .settings import Settings
@@ -41,10 +46,16 @@ SEND_GROUP_BYTES = 8 * 1024 * 1024
 #: How many times one batch is reshaped and sent again because the table's schema changed
 #: between its shaping and its arrival (other producers evolving it at the same moment).
 SCHEMA_RACES = 3
+#: How long a producer uses a table's shard count before reading its configuration again.
+ROUTE_TTL_S = 5.0
+#: The compare-and-set of a sharded table's schema (``producer/lua/schema_evolve.lua``).
+EVOLVE = scripts.load("schema_evolve")
 
 
 def connect(url: str, retries: int = 0) -> redis.Redis:
-    """A Redis client for the delta tier that reconnects by itself.
+    """A Redis client for the delta tier that reconnects by itself: a
+    ``redis.cluster.RedisCluster`` when ``url`` names a node of a Redis Cluster (it offers
+    the same commands, routed by key; ``producer.cluster``), else a ``redis.Redis``.
 
     ``retries`` > 0 retries a command on a lost connection with exponential backoff (up to
     about ``retries`` seconds in all); use it only for idempotent commands. The producer's
@@ -52,6 +63,10 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
     """
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries) if retries else \
         Retry(NoBackoff(), 0)
+    common: dict[str, Any] = dict(health_check_interval=30, socket_keepalive=True,
+                                  socket_connect_timeout=5)
+    if _names_a_cluster(url, retry):
+        return cast(redis.Redis, RedisCluster.from_url(url, retry=retry, **common))
     # redis-py's own serializer sends a large payload as it is (one ``sendall`` of the
     # buffer); the hiredis one, its default once hiredis is installed, first copies every
     # command into one string, which halves append throughput. hiredis still parses replies.
@@ -61,10 +76,19 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
         command_packer=packer,
         retry=retry,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retries else [],
-        health_check_interval=30,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
+        **common,
     )
+
+
+def _names_a_cluster(url: str, retry: Retry) -> bool:
+    """Whether ``url`` names a Redis Cluster node; a server that refuses ``INFO`` (an ACL
+    without ``+info``, an embedded Redis-compatible server) is taken for a standalone
+    Redis. Unreachable: Redis's error, after ``retry``'s attempts."""
+    try:
+        return bool(retry.call_with_retry(lambda: cluster.is_cluster_url(url),
+                                          lambda _: None))
+    except redis.ResponseError:
+        return False
 
 
 @dataclass
@@ -85,9 +109,9 @@ class _Pending:
 class Producer:
     """Append Arrow batches to tables and ask for flushes.
 
-    ``Producer()`` reads its settings from the environment; ``redis_url``, ``broker_url`` and
-    ``key_prefix`` (or a whole ``settings``) override them. Thread-safe: the Redis client
-    has a connection pool.
+    ``Producer()`` reads its settings from the environment; ``redis_url``, ``broker_url``,
+    ``key_prefix`` and ``append_replicas`` (or a whole ``settings``) override them.
+    Thread-safe: the Redis client has a connection pool.
     """
 
     def __init__(
@@ -96,23 +120,32 @@ class Producer:
         broker_url: str | None = None,
         *,
         key_prefix: str | None = None,
+        append_replicas: int | None = None,
         settings: Settings | None = None,
         client: redis.Redis | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env(
-            redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix
-        )
+            redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix,
+            append_replicas=append_replicas)
         self.redis = client if client is not None else connect(self.settings.redis_url, retries=8)
+        if cluster.is_cluster(self.redis):
+            cluster.require_broker(self.settings.redis_url, self.settings.broker_url)
+        #: the tables, and shards (by hash tag), whose schema this producer has read
         self._registered: set[str] = set()
-        #: table -> (its schema, the value of ``{T}:schema`` it was read from)
+        #: table or shard (hash tag) -> (its schema, the value of ``:schema`` it was read
+        #: from); a table's own entry is shard 0's schema, the authority of its shards
         self._schemas: dict[str, tuple[pa.Schema, bytes]] = {}
         self._pending: dict[str, int] = {}
+        #: table -> (when to read its configuration again, its shard count, shard key)
+        self._routes: dict[str, tuple[float, int, str]] = {}
+        self._next_shard: dict[str, int] = {}
         self._celery: Any = None
         self._types = AppendCheck(self.redis)  # types some reader rejects (typepolicy)
 
     # --- appending --------------------------------------------------------------------
 
-    def append(self, table: str, data: Any, *, timeout_s: float | None = None) -> str:
+    def append(self, table: str, data: Any, *, timeout_s: float | None = None,
+               batch_id: str | None = None) -> str:
         """Append one batch; return its stream entry ID once Redis has accepted it.
 
         ``data`` is a ``pyarrow.Table``, ``pyarrow.RecordBatch``, ``pandas.DataFrame`` or a
@@ -123,13 +156,32 @@ class Producer:
         Raises ``Backpressure`` while the table has more than ``max_pending_bytes`` waiting,
         or, with ``timeout_s``, waits up to that long for room. A lost connection is retried
         (the batch carries an ID, so a retry never adds it twice).
+
+        With ``append_replicas`` > 0 it returns once that many replicas hold the batch, or
+        raises ``ReplicationTimeout``; ``batch_id`` (a retry passes the error's
+        ``batch_ids[0]``) makes a retry within two minutes add nothing twice.
         """
         keys = self._keys(table)
         item = self._prepare(table, data)
+        if batch_id is not None:
+            item.batch_id = batch_id
         self._register(keys)
-        entry_id = self._send(keys, self._shape(table, item), timeout_s)
-        self._maybe_trigger(keys)
-        return entry_id
+        parts = self._route(keys, item, pinned=batch_id is not None)
+        if parts is None:
+            entry_id = self._send(keys, self._shape(keys, item), timeout_s)
+            self._maybe_trigger(keys)
+            return entry_id
+        ids = []
+        for shard, part in parts:
+            self._register(shard)
+            try:
+                sent = self._send(shard, self._shape(shard, part), timeout_s)
+            except ReplicationTimeout as exc:  # retried whole: the parts' IDs follow from it
+                exc.batch_ids = (item.batch_id,)
+                raise
+            ids.append(f"{shard.shard}:{sent}")
+            self._maybe_trigger(shard)
+        return " ".join(ids)
 
     def append_many(self, table: str, batches: Iterable[Any], *,
                     timeout_s: float | None = None) -> list[str]:
@@ -144,8 +196,10 @@ class Producer:
         keys = self._keys(table)
         items = [self._prepare(table, data) for data in batches]
         self._register(keys)
+        if self._shard_count(keys) > 1:
+            return self._append_many_sharded(keys, items, timeout_s)
         for item in items:
-            self._shape(table, item)
+            self._shape(keys, item)
         verdicts = self._send_groups(keys, items)
         ids: list[str | None] = [self._accepted(keys, item, verdict)
                                  for item, verdict in zip(items, verdicts, strict=False)]
@@ -164,6 +218,120 @@ class Producer:
                     raise
         self._maybe_trigger(keys)
         return [str(i) for i in ids]
+
+    def _append_many_sharded(self, keys: wire.Keys, items: list[_Pending],
+                             timeout_s: float | None) -> list[str]:
+        """``append_many`` to a sharded table: each batch (or part of one, with a shard
+        key) goes to its shard, batch by batch; IDs as ``append`` returns them."""
+        ids: list[str | None] = [None] * len(items)
+        for n, item in enumerate(items):
+            parts = self._route(keys, item) or [(keys, item)]
+            try:
+                found = []
+                for shard, part in parts:
+                    self._register(shard)
+                    found.append(f"{shard.shard}:"
+                                 f"{self._send(shard, self._shape(shard, part), timeout_s)}")
+                    self._maybe_trigger(shard)
+            except DeltaflushError as exc:
+                exc.appended = ids  # type: ignore[attr-defined]
+                exc.add_note(
+                    f"append_many: {n} of the {len(ids)} batches of this call are appended; "
+                    "`.appended` has their entry IDs (None for the others).")
+                raise
+            ids[n] = " ".join(found)
+        return [str(i) for i in ids]
+
+    # --- shards (protocol 2, docs/shards.md) ----------------------------------------
+
+    def _shard_count(self, keys: wire.Keys) -> int:
+        """The table's shard count, from its configuration read at most ``ROUTE_TTL_S``
+        ago (a producer that still uses the old count after a change writes to shards the
+        workers flush all the same: they flush every shard the table ever had)."""
+        route = self._routes.get(keys.table)
+        if route is None or route[0] < time.monotonic():
+            config = TableConfig.from_json(self.redis.get(keys.config))
+            route = (time.monotonic() + ROUTE_TTL_S, config.shards, config.shard_key)
+            self._routes[keys.table] = route
+        return route[1]
+
+    def _route(self, keys: wire.Keys, item: _Pending, pinned: bool = False
+               ) -> list[tuple[wire.Keys, _Pending]] | None:
+        """The shards ``item`` goes to, with its part for each; None for an unsharded
+        table. By its shard key's values (``crc32`` of their canonical bytes, mod N), else
+        the next shard in turn; or, for a batch ID the caller gave (``pinned``: a retry of
+        an append must reach the shard that remembers the ID), the ``crc32`` of the ID."""
+        count = self._shard_count(keys)
+        if count == 1:
+            return None
+        key = self._routes[keys.table][2]
+        if not key:
+            if pinned:
+                return [(keys.for_shard(shards.shard_of(item.batch_id, count)), item)]
+            shard = self._next_shard.get(keys.table, random.randrange(count)) % count
+            self._next_shard[keys.table] = shard + 1
+            return [(keys.for_shard(shard), item)]
+        if item.arrow.schema.get_field_index(key) < 0:
+            raise UnsupportedData(
+                f"table {keys.table!r} is sharded by column {key!r} (its shard_key), which "
+                f"this batch lacks; its columns are {item.arrow.schema.names}. Add the column, "
+                "or change the table's shard_key (`deltaflush table set`)")
+        parts = shards.split(item.arrow, key, count)
+        if len(parts) == 1:
+            return [(keys.for_shard(parts[0][0]), item)]
+        out = []
+        for shard, rows in parts:
+            part = _Pending(rows, f"{item.batch_id}-s{shard}", item.schema_bytes)
+            self._measure(keys.table, part)
+            out.append((keys.for_shard(shard), part))
+        return out
+
+    def _evolve_authority(self, keys: wire.Keys, batch: pa.Schema) -> pa.Schema:
+        """The schema a batch for shard ``keys`` (>= 1) evolves the shard's copy to: the
+        table's schema (shard 0's, the authority) evolved by ``batch``, moved there first
+        with a compare-and-set in shard 0's slot; so every shard's copy is a schema the
+        table had, and two shards never evolve a column two ways (the second producer gets
+        the first one's schema back, and a ``SchemaConflict`` if its batch cannot fit)."""
+        table = keys.for_shard(0)
+        for _race in range(SCHEMA_RACES + 1):
+            known = self._schemas.get(table.tag)
+            target = batch if known is None else evolve(known[0], batch, keys.table)
+            target_bytes = wire.canonical_schema(target)
+            if known is not None and known[1] == target_bytes:
+                return target
+            code, value = self._evolve_script(table, b"" if known is None else known[1],
+                                              target_bytes)
+            if code == PROTOCOL:
+                raise UpgradeRequired(keys.table, int(value), wire.PROTOCOL)
+            self._remember(table, bytes(value))
+            if code == 1:
+                return target
+        raise SchemaRace(keys.table, SCHEMA_RACES + 1)
+
+    def _evolve_script(self, table: wire.Keys, expected: bytes, target: bytes) -> list[Any]:
+        """Run ``schema_evolve.lua`` on shard 0's master (again while its slot moves or fails
+        over: a compare-and-set, so a repeat is harmless), then, with ``append_replicas``,
+        wait for the replicas: an authority lost in a failover could let another shard
+        evolve a column a second way. ``EVAL``, as the check: protocol 2 needs no
+        permission beyond protocol 1's."""
+        key_list, arg_list = EVOLVE.argv(
+            {"schema": table.authority, "protocol": table.protocol},
+            {"expected": expected, "schema": target, "protocol": wire.PROTOCOL})
+        replicas = self.settings.append_replicas
+        timeout_ms = self.settings.append_replicas_timeout_ms
+
+        def run(master: redis.Redis) -> list[Any]:
+            pipe = master.pipeline(transaction=False)
+            pipe.eval(EVOLVE.source, len(key_list), *key_list, *arg_list)
+            if replicas:
+                cluster.queue_wait(pipe, replicas, timeout_ms)
+            return cast(list[Any], pipe.execute())
+
+        replies = cluster.on_master(self.redis, table.authority, run)
+        if replicas:
+            cluster.check_acked(replies[-1], replicas, timeout_ms,
+                                f"table {table.table!r}: its schema evolved")
+        return cast(list[Any], replies[0])
 
     def _send_groups(self, keys: wire.Keys, items: list[_Pending]) -> list[list[Any]]:
         """Send ``items`` in groups of about ``SEND_GROUP_BYTES``, encoding the next group
@@ -193,6 +361,13 @@ class Producer:
             assert sending is not None
             return verdicts + sending.result()
 
+    def batcher(self, **options: Any) -> Batcher:
+        """A batching producer over this one, for event-at-a-time writes: ``write(table,
+        row)`` returns a future; rows are merged per table and appended after
+        ``linger_ms`` (5), ``max_rows`` or ``max_bytes``. Options and guarantees:
+        ``producer.batcher`` (docs/batching.md)."""
+        return Batcher(self, **options)
+
     def replay_dead(self, table: str,
                     progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
         """Re-append the dead letters of ``table`` that now decode and fit its schema.
@@ -200,14 +375,18 @@ class Producer:
         Each one is appended and removed from ``{table}:dead`` in one atomic step. Returns
         ``(replayed, still_dead)``; ``progress(done, total)`` is called after each entry.
         """
-        keys = self._keys(table)
-        self._register(keys)
+        self._register(self._keys(table))
         replayed = still_dead = 0
-        entries = cast(list[wire.Entry], self.redis.xrange(keys.dead))
-        for done, (entry_id, fields) in enumerate(entries, 1):
+        # each shard's dead letters go back to that shard (the check removes the dead
+        # letter in the shard's slot)
+        entries = [(keys, entry) for keys in shards.table_shards(
+            self.redis, self.settings.key_prefix, table)
+            for entry in cast(list[wire.Entry], self.redis.xrange(keys.dead))]
+        for done, (keys, (entry_id, fields)) in enumerate(entries, 1):
             try:
+                self._register(keys)
                 arrow = to_table(wire.decode_payload(fields.get(wire.FIELD_ARROW, b"")))
-                item = self._shape(table, self._prepare(table, arrow))
+                item = self._shape(keys, self._prepare(table, arrow))
                 item.dead_id = entry_id.decode()
                 self._send(keys, item, None)
             except (ValueError, Backpressure, SchemaRace) as exc:
@@ -238,19 +417,27 @@ class Producer:
         table's shape. The ``SADD`` is a command of its own, answered before any append
         starts: never inside an append's transaction, whose keys all share the table's hash
         slot (Redis Cluster). A crash in between leaves a registered, empty table."""
-        if keys.table in self._registered:
+        if keys.tag in self._registered:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(wire.tables_key(self.settings.key_prefix), keys.table)
-        pipe.get(keys.schema)
-        _, stored = pipe.execute()
+        stored: bytes | None
+        if keys.shard:  # a shard of a registered table: only its schema copy to learn
+            stored = cast(bytes | None, self.redis.get(keys.schema))
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.sadd(wire.tables_key(self.settings.key_prefix), keys.table)
+            pipe.get(keys.schema)
+            _, stored = pipe.execute()
         if stored:
-            self._remember(keys.table, stored)
-        self._registered.add(keys.table)
+            self._remember(keys, stored)
+        self._registered.add(keys.tag)
 
-    def _remember(self, table: str, stored: bytes) -> None:
-        """Keep the table's schema, as ``{T}:schema`` held it (``stored``)."""
-        known = self._schemas.get(table)
+    def _remember(self, keys: wire.Keys, stored: bytes) -> None:
+        """Keep the table's (or shard's) schema, as its ``:schema`` held it (``stored``)."""
+        table = keys.table
+        if not stored:
+            self._schemas.pop(keys.tag, None)
+            return
+        known = self._schemas.get(keys.tag)
         if known is None or known[1] != stored:
             try:
                 schema = wire.stored_schema(stored)
@@ -260,26 +447,33 @@ class Producer:
                     f"canonical schema, so no batch can be shaped to it; nothing was "
                     f"appended (docs/spec.md 6.4; a later protocol, or a faulty writer, "
                     f"stored it): {exc}") from exc
-            self._schemas[table] = (schema, stored)
+            self._schemas[keys.tag] = (schema, stored)
 
-    def _shape(self, table: str, item: _Pending) -> _Pending:
+    def _shape(self, keys: wire.Keys, item: _Pending) -> _Pending:
         """Bring the batch to the table's schema as this producer last saw it: conformed to
         it (column order, nulls for missing nullable columns, widened types), or evolving it
         (``evolves_from`` is then the stored value: the check's compare-and-set). Raises
         ``SchemaConflict`` naming the column when neither is possible."""
+        table = keys.table
         item.evolves_from = b""
-        known = self._schemas.get(table)
-        if known is None or known[1] == item.schema_bytes:
+        known = self._schemas.get(keys.tag)
+        if keys.shard == 0 and (known is None or known[1] == item.schema_bytes):
             return item
-        stored, raw = known
-        target = evolve(stored, item.arrow.schema, table)
+        if known is not None and known[1] == item.schema_bytes:
+            return item
+        raw = b"" if known is None else known[1]
+        target = None if known is None else evolve(known[0], item.arrow.schema, table)
+        if keys.shard and (target is None or wire.canonical_schema(target) != raw):
+            # a shard's copy moves only to a schema the table (shard 0) holds
+            target = self._evolve_authority(keys, item.arrow.schema)
+        assert target is not None
         target_bytes = wire.canonical_schema(target)
         if target_bytes != item.schema_bytes:
             item.arrow = conform(item.arrow, target, table)
             item.schema_bytes = target_bytes
             self._measure(table, item)
-        if target_bytes != raw:  # an evolution, or a stored value to bring to canonical form
-            item.evolves_from = raw
+        if known is not None and target_bytes != raw:  # an evolution, or a stored value
+            item.evolves_from = raw                     # to bring to canonical form
         return item
 
     def _measure(self, table: str, item: _Pending) -> None:
@@ -303,25 +497,38 @@ class Producer:
         One transaction per batch, not one for all: Redis runs each as soon as it has
         arrived, while the next ones are still being sent.
         """
-        pipe = self.redis.pipeline(transaction=False)
-        for item in items:
-            pipe.execute_command("MULTI")
-            queue_append(pipe, keys, item.payload, item.arrow.num_rows, item.batch_id,
-                         item.schema_bytes, item.evolves_from,
-                         self.settings.max_pending_bytes, item.dead_id)
-            pipe.execute_command("EXEC")
-        replies = pipe.execute(raise_on_error=False)
-        verdicts = []
-        for reply in replies:
-            # e.g. EXECABORT: Redis refused a command at queueing; nothing of it ran
-            for error in (reply if isinstance(reply, list) else [reply]):
-                if isinstance(error, redis.OutOfMemoryError):
-                    raise _out_of_memory(keys.table, error) from error
-                if isinstance(error, Exception):
-                    raise error
-            if isinstance(reply, list):  # an EXEC: XADD, check
-                verdicts.append(reply[-1])
-        return verdicts
+        replicas = self.settings.append_replicas
+        timeout_ms = self.settings.append_replicas_timeout_ms
+
+        def send(master: redis.Redis) -> list[Any]:
+            pipe = master.pipeline(transaction=False)
+            for item in items:
+                pipe.execute_command("MULTI")
+                queue_append(pipe, keys, item.payload, item.arrow.num_rows, item.batch_id,
+                             item.schema_bytes, item.evolves_from,
+                             self.settings.max_pending_bytes, item.dead_id)
+                pipe.execute_command("EXEC")
+            if replicas:  # on the same connection, right after the transactions
+                cluster.queue_wait(pipe, replicas, timeout_ms)
+            replies = pipe.execute(raise_on_error=False)
+            for reply in replies:
+                # e.g. EXECABORT: Redis refused a command at queueing; nothing of it ran
+                for error in (reply if isinstance(reply, list) else [reply]):
+                    if isinstance(error, redis.OutOfMemoryError):
+                        raise _out_of_memory(keys.table, error) from error
+                    if isinstance(error, Exception):
+                        raise error
+            return replies
+
+        # On a cluster: on the master of the table's slot, again while the slot moves or
+        # fails over (each batch's ID makes that harmless).
+        replies = cluster.on_master(self.redis, keys.delta, send)
+        if replicas:
+            cluster.check_acked(replies.pop(), replicas, timeout_ms,
+                                f"table {keys.table!r}: {len(items)} batch(es) appended",
+                                tuple(item.batch_id for item in items))
+        # an EXEC's reply: the XADD's and the check's
+        return [reply[-1] for reply in replies if isinstance(reply, list)]
 
     def _accepted(self, keys: wire.Keys, item: _Pending, verdict: list[Any]) -> str | None:
         """The entry ID if Redis accepted ``item``, else None."""
@@ -330,8 +537,8 @@ class Producer:
             raise _out_of_memory(keys.table, value.decode())
         if code in (CONFLICT, BACKPRESSURE, PROTOCOL):
             return None
-        self._remember(keys.table, item.schema_bytes)
-        self._pending[keys.table] = int(rest[0])
+        self._remember(keys, item.schema_bytes)
+        self._pending[keys.tag] = int(rest[0])
         return str(value.decode())
 
     def _send(self, keys: wire.Keys, item: _Pending, timeout_s: float | None,
@@ -367,8 +574,8 @@ class Producer:
                     raise SchemaRace(table, races, same=True)
                 if races > SCHEMA_RACES:
                     raise SchemaRace(table, races)
-                self._remember(table, bytes(value))
-                self._shape(table, item)  # raises SchemaConflict if it cannot fit
+                self._remember(keys, bytes(value))
+                self._shape(keys, item)  # raises SchemaConflict if it cannot fit
 
     def _wait_for_room(self, keys: wire.Keys, deadline: float) -> bool:
         """Wait, polling the pending counter (not resending the payload), until the table is
@@ -436,7 +643,7 @@ class Producer:
     def _maybe_trigger(self, keys: wire.Keys) -> None:
         """Size trigger: once a table's pending bytes pass ``flush_at_bytes``, queue a flush
         now instead of waiting for beat (unless one is queued or running already)."""
-        if self._pending.pop(keys.table, 0) < self.settings.flush_at_bytes:
+        if self._pending.pop(keys.tag, 0) < self.settings.flush_at_bytes:
             return
         if DUE(self.redis, due_keys(keys), due_args(self.settings.lease_ms, 0, force=True)):
             send_or_unmark(self.redis, keys, self._send_flush)
@@ -448,15 +655,19 @@ class Producer:
         new one from being queued: it runs after, and takes whatever arrived meanwhile.
         """
         # The mark expires after a lease period, so a lost message never blocks the table.
-        return queue_flush(self.redis, self._keys(table), self.settings.lease_ms,
-                           self._send_flush)
+        # A sharded table: one task per shard, each takes one shard's mark (workers.tasks).
+        self._keys(table)
+        sent = [queue_flush(self.redis, keys, self.settings.lease_ms, self._send_flush)
+                for keys in shards.table_shards(self.redis, self.settings.key_prefix, table)]
+        return any(sent)
 
     def request_flush(self, table: str) -> None:
         """Ask for a flush of ``table`` through Redis alone, as a producer in any language
         does (docs/spec.md, "Requesting a flush"): the next scheduling round (beat's, every
         second) queues one, unless one is queued already. Needs no Celery broker."""
-        keys = self._keys(table)
-        self.redis.hset(keys.sched, wire.FIELD_FLUSH_REQUESTED, int(time.time() * 1000))
+        self._keys(table)
+        for keys in shards.table_shards(self.redis, self.settings.key_prefix, table):
+            self.redis.hset(keys.sched, wire.FIELD_FLUSH_REQUESTED, int(time.time() * 1000))
 
     def _send_flush(self, table: str) -> None:
         self._celery_app().send_task(wire.FLUSH_TASK, args=[table], queue=wire.QUEUE)

@@ -34,7 +34,7 @@ def to_table(data: Any) -> pa.Table:
             raise UnsupportedData(f"a list given to append must hold dicts (rows); got {SUPPORTED}")
         try:
             table = pa.Table.from_pylist(data)
-        except (pa.ArrowException, ValueError, TypeError) as exc:
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
             raise UnsupportedData(
                 f"cannot convert the list of dicts to Arrow: {exc}. Give each key one type "
                 "in every row."

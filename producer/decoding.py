@@ -22,7 +22,14 @@ def decode(payload: bytes | None, schema: pa.Schema | None, table: str,
     A column of a type the table cannot write (``producer.typepolicy``) is such a reason."""
     if payload is None:
         raise ValueError(f"entry has no {wire.FIELD_ARROW.decode()!r} field")
-    batch = wire.decode_payload(payload)
+    return fit(wire.decode_payload(payload), schema, table, spark_compatible)
+
+
+def fit(batch: pa.Table, schema: pa.Schema | None, table: str,
+        spark_compatible: bool = True) -> pa.Table:
+    """A decoded, fully validated ``batch`` as a table of ``schema`` (or its own, if None);
+    ``ValueError`` says why it cannot be flushed. What ``decode`` does after decoding, for
+    a batch decoded otherwise (``workers.sources.runs``)."""
     if batch.schema.metadata:
         batch = batch.replace_schema_metadata(None)
     if schema is not None and not batch.schema.equals(schema):

@@ -13,8 +13,10 @@
     │   ├── UnsupportedType                a column's type some reader rejects: cast it
     │   └── UnknownTable                   no table of that name was ever appended to
     ├── Backpressure                       the table is too far behind: retry later
+    ├── BufferFull                         a batcher's buffer stayed full: retry later
     ├── SchemaRace                         the table's schema kept changing meanwhile: retry
     ├── UpgradeRequired                    the table needs a later protocol: upgrade deltaflush
+    ├── ReplicationTimeout                 fewer replicas than asked for hold a write: retry
     ├── ReadError                          a read of both tiers (``Producer.read``) failed
     │   └── NotYetVisible                  the entry asked for (``min_id``) is not there yet
     └── FlushError                         raised on the worker side
@@ -90,6 +92,21 @@ class Backpressure(DeltaflushError):
         )
 
 
+class BufferFull(DeltaflushError):
+    """A batcher's buffer (``max_buffer_bytes``) stayed full for ``max_block_s``: its
+    background thread could not send as fast as rows were written (Redis slow or refusing
+    with ``Backpressure``). Nothing of the write was buffered; retryable."""
+
+    def __init__(self, buffered: int, limit: int, waited_s: float) -> None:
+        self.buffered, self.limit, self.waited_s = buffered, limit, waited_s
+        super().__init__(
+            f"the batcher's buffer holds {buffered} bytes, at its limit of {limit} "
+            f"(max_buffer_bytes), and did not drain within {waited_s} s (max_block_s); "
+            "nothing of this write was buffered. Retry later, give the batcher a larger "
+            "max_buffer_bytes or max_block_s, or add workers if the tables are behind."
+        )
+
+
 class SchemaRace(DeltaflushError):
     """The table's schema changed every time this batch was sent (other producers evolving
     it at the same moment), more often than the producer retries. Nothing was written;
@@ -143,6 +160,35 @@ class NotYetVisible(ReadError):
 
 
 MISSING = "no such column"
+
+
+class ReplicationTimeout(DeltaflushError):
+    """Fewer replicas than ``DELTAFLUSH_APPEND_REPLICAS`` acknowledged a write (Redis
+    ``WAIT``) within ``DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS``. The write stands on the
+    master, but a failover before its replicas catch up could lose it.
+
+    Retryable. For an ``append``, ``batch_ids`` holds the IDs of the batches concerned:
+    ``append(..., batch_id=...)`` with the same ID within two minutes adds nothing twice and
+    waits for the replicas again. A flush retries by itself (it publishes and trims nothing
+    after a failed wait)."""
+
+    def __init__(self, what: str, acked: int, wanted: int, timeout_ms: int,
+                 batch_ids: tuple[str, ...] = ()) -> None:
+        self.what = what
+        self.acked = acked
+        self.wanted = wanted
+        self.timeout_ms = timeout_ms
+        self.batch_ids = batch_ids
+        retry = (f"; retry with the same batch ID (append(..., batch_id={batch_ids[0]!r})), "
+                 "which is never added twice" if len(batch_ids) == 1 else
+                 f"; retry with the same batch IDs ({len(batch_ids)} in .batch_ids), which "
+                 "are never added twice" if batch_ids else "")
+        super().__init__(
+            f"{what}: {acked} of the {wanted} replicas asked for "
+            f"(DELTAFLUSH_APPEND_REPLICAS={wanted}) acknowledged it within {timeout_ms} ms "
+            f"(DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS). It is on the Redis master, but a "
+            f"failover before its replicas catch up could lose it. Check that the master's "
+            f"replicas are up and in sync (INFO replication){retry}")
 
 
 class SchemaConflict(InvalidInput):

@@ -28,6 +28,7 @@ from typing import Any
 
 import redis
 
+from .cluster import by_master
 from .errors import ClaimMismatch, DeltaflushError, LeaseLost, NotAtHead
 
 #: The folder of the ``.lua`` files.
@@ -77,6 +78,24 @@ class Script:
                 return client.eval(self.source, len(key_list), *key_list, *arg_list)
         except redis.ResponseError as exc:
             raise script_error(exc, table) from exc
+
+    def run_each(self, client: Any, calls: Sequence[tuple[Mapping[str, str],
+                                                          Mapping[str, Any]]]) -> list[Any]:
+        """Run the script once for each ``(keys, args)`` of ``calls``, in one pipeline per
+        Redis master (a Redis Cluster's masters, by the slot of each call's first key), the
+        script loaded at its head (so a promoted replica's empty cache does not matter);
+        return the replies in order."""
+        replies: list[Any] = [None] * len(calls)
+        firsts = [self.argv(keys, args)[0][0] for keys, args in calls]
+        for master, positions in by_master(client, firsts):
+            pipe = master.pipeline(transaction=False)
+            pipe.script_load(self.source)
+            for i in positions:
+                key_list, arg_list = self.argv(*calls[i])
+                pipe.evalsha(self.sha, len(key_list), *key_list, *arg_list)
+            for i, reply in zip(positions, pipe.execute()[1:], strict=True):
+                replies[i] = reply
+        return replies
 
     def queue(self, pipe: Any, keys: Mapping[str, str], args: Mapping[str, Any],
               tail: Sequence[Any] = ()) -> None:

@@ -31,6 +31,8 @@ _ENV = {
     "table_format": "DELTAFLUSH_TABLE_FORMAT",
     "catalog_uri": "DELTAFLUSH_CATALOG_URI",
     "catalog_namespace": "DELTAFLUSH_CATALOG_NAMESPACE",
+    "append_replicas": "DELTAFLUSH_APPEND_REPLICAS",
+    "append_replicas_timeout_ms": "DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS",
 }
 
 
@@ -69,6 +71,11 @@ class Settings:
     catalog_uri: str = ""
     # Iceberg namespace of deltaflush's tables.
     catalog_namespace: str = "deltaflush"
+    # Replicas of a table's Redis master that must hold a batch before `append` returns
+    # (Redis WAIT), and that a flusher waits for before it publishes (docs/cluster.md).
+    append_replicas: int = 0
+    # How long `append` (and a flusher) waits for them before ReplicationTimeout.
+    append_replicas_timeout_ms: int = 2000
 
     def __post_init__(self) -> None:
         if self.table_format not in FORMATS:
@@ -90,6 +97,11 @@ class Settings:
                 "max_batch_bytes must be > 0 and max_pending_bytes >= 0 (0: no limit), got "
                 f"{self.max_batch_bytes!r} and {self.max_pending_bytes!r}"
             )
+        if self.append_replicas < 0 or self.append_replicas_timeout_ms <= 0:
+            raise ConfigError(
+                "DELTAFLUSH_APPEND_REPLICAS must be >= 0 and "
+                "DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS > 0, got "
+                f"{self.append_replicas!r} and {self.append_replicas_timeout_ms!r}")
         if not self.key_prefix or any(c in self.key_prefix for c in "{} "):
             raise ConfigError(
                 f"key_prefix {self.key_prefix!r} must be non-empty and contain no braces "

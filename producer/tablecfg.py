@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from .errors import ConfigError
+from .shards import MAX_SHARDS, check_key
 
 CODECS = ("zstd", "snappy", "gzip", "lz4", "brotli", "none")
 #: Table formats: Parquet files in a folder, an Apache Iceberg table, a Delta Lake table.
@@ -86,6 +87,13 @@ class TableConfig:
     orphan_retention_s: float = 3 * 86400.0
     #: how often beat checks the table's policy
     maintenance_interval_s: float = 600.0
+    # --- sharding (protocol 2, docs/shards.md) ----------------------------------------
+    #: delta streams of the table, each in a hash slot of its own, flushed in parallel;
+    #: more than 1 makes the table require protocol 2 of its producers
+    shards: int = 1
+    #: the column whose value picks a row's shard (rows of one key stay in order within
+    #: their shard); empty: batches go round-robin over the shards
+    shard_key: str = ""
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
@@ -108,6 +116,8 @@ class TableConfig:
                      "maintenance_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ConfigError(f"shards must be between 1 and {MAX_SHARDS}, got {self.shards}")
         if self.partition_time:
             TimePartition.parse(self.partition_time)
         names = list(self.partition_by) + ([self.time.name] if self.time else [])
@@ -140,6 +150,8 @@ class TableConfig:
 
     def check_schema(self, schema: pa.Schema, table: str) -> None:
         """Raise ``ConfigError`` if a column this configuration names is not usable."""
+        if self.shard_key:
+            check_key(schema, self.shard_key, table)
         for name in (*self.partition_by, *self.sort_by):
             if schema.get_field_index(name) < 0:
                 raise ConfigError(f"table {table!r} has no column {name!r}; "
@@ -207,7 +219,9 @@ def _parse(name: str, value: Any) -> Any:
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
-        if name in ("row_group_rows", "compact_min_small_files"):
+        if name == "shard_key":
+            return "" if value is None else str(value).strip()
+        if name in ("row_group_rows", "compact_min_small_files", "shards"):
             return int(value)
         if name == "target_file_bytes":
             return None if value in (None, "", "default") else int(value)

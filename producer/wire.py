@@ -23,9 +23,10 @@ from .canonical import check_names
 from .canonical import normalize as normalize
 from .canonical import schema_from_canonical as schema_from_canonical
 
-#: The version of the protocol this module implements (docs/spec.md). The append check
-#: refuses a batch for a table that requires a later one (``{prefix}:{<table>}:protocol``).
-PROTOCOL = 1
+#: The version of the protocol this module implements (docs/spec.md): 2, sharded tables
+#: (protocol 1 with shards; the same append check). The append check refuses a batch for a
+#: table that requires a later one (``{prefix}:{<table>}:protocol``).
+PROTOCOL = 2
 
 #: Field of a delta entry holding the batch as Arrow IPC stream bytes.
 FIELD_ARROW = b"arrow"
@@ -187,6 +188,13 @@ class Keys:
 
 #: A stream entry as redis-py returns it (``decode_responses`` off): ID and fields.
 Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def shard_of_stream(stream: str) -> int:
+    """The shard number of a stream name (``Keys.stream``): 0 for ``events``, 3 for
+    ``events~3``."""
+    _, sep, shard = stream.partition(SHARD_SEP)
+    return int(shard) if sep else 0
 
 
 def tables_key(prefix: str) -> str:

@@ -61,8 +61,14 @@ class Node:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_connect_timeout=2, socket_timeout=10)
+    def client(self, readonly: bool = False) -> redis.Redis:
+        """A plain client of this node; ``readonly``: one that reads a replica's own data
+        (``READONLY``) instead of being redirected to its master."""
+        client = redis.Redis(port=self.port, socket_connect_timeout=2, socket_timeout=10,
+                             single_connection_client=readonly)
+        if readonly:
+            client.execute_command("READONLY")
+        return client
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

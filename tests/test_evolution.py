@@ -330,6 +330,9 @@ def test_an_equivalent_stored_form_is_brought_to_the_canonical_one(any_redis, mo
     assert any_redis.get(K.schema) == wire.canonical_schema(id_batch(0, 1).schema)
 
 
+UNREADABLE = f"stored schema is not a protocol-{wire.PROTOCOL} canonical schema"
+
+
 @pytest.mark.parametrize("stored", [
     b"[not json", b"[1]", b'[{"children":[],"name":"id","nullable":true,"type":"q"}]',
     b'[{"children":[],"name":"id","nullable":true,"type":"l"},'
@@ -343,7 +346,7 @@ def test_a_stored_schema_that_cannot_be_read_refuses_the_append_and_stays(
     any_redis.set(K.schema, stored)
     p = producer(any_redis)
     sent = _count_sends(p, monkeypatch)
-    with pytest.raises(ValueError, match="stored schema is not a protocol-1 canonical schema"):
+    with pytest.raises(ValueError, match=UNREADABLE):
         p.append("events", id_batch(0, 1))
     assert sent == [] and any_redis.get(K.schema) == stored and any_redis.xlen(K.delta) == 0
     any_redis.delete(K.schema)
@@ -351,7 +354,7 @@ def test_a_stored_schema_that_cannot_be_read_refuses_the_append_and_stays(
     p2._register(K)  # knows the table has no schema yet; then a faulty writer stores one
     any_redis.set(K.schema, stored)
     sent = _count_sends(p2, monkeypatch)
-    with pytest.raises(ValueError, match="stored schema is not a protocol-1 canonical schema"):
+    with pytest.raises(ValueError, match=UNREADABLE):
         p2.append("events", id_batch(0, 1))
     assert len(sent) == 1 and any_redis.get(K.schema) == stored
     assert any_redis.xlen(K.delta) == 0
@@ -376,8 +379,9 @@ def test_dictionary_columns_fit_a_string_column(any_redis, storage_dir, monkeypa
 
 
 def test_a_table_that_needs_a_later_protocol_is_refused(any_redis):
-    any_redis.set(K.protocol, 2)
-    with pytest.raises(UpgradeRequired, match="protocol 2.*upgrade") as err:
+    later = wire.PROTOCOL + 1
+    any_redis.set(K.protocol, later)
+    with pytest.raises(UpgradeRequired, match=f"protocol {later}.*upgrade") as err:
         producer(any_redis).append("events", id_batch(0, 1))
-    assert (err.value.required, err.value.spoken) == (2, wire.PROTOCOL)
+    assert (err.value.required, err.value.spoken) == (later, wire.PROTOCOL)
     assert any_redis.xlen(K.delta) == 0

@@ -210,9 +210,10 @@ def test_refusals(foreign, real_redis):
     assert (status, out["error"], out["column"]) == (2, "schema_conflict", "id"), out
     assert real_redis.xlen(k.delta) == 1
 
-    real_redis.set(wire.Keys("deltaflush", "later").protocol, 2)
+    later = wire.PROTOCOL + 1  # later than every producer here speaks
+    real_redis.set(wire.Keys("deltaflush", "later").protocol, later)
     status, out = foreign.append("later", SCHEMA, rows(0, 1))
-    assert (status, out["error"], out["required"]) == (4, "upgrade_required", 2), out
+    assert (status, out["error"], out["required"]) == (4, "upgrade_required", later), out
     assert real_redis.xlen(wire.Keys("deltaflush", "later").delta) == 0
 
     ok(foreign.append("full", SCHEMA, rows(0, 10)))

@@ -224,8 +224,8 @@ def test_a_producer_needs_only_the_documented_acl(redis_server, real_redis):
         p.append("events", id_batch(0, 10))
         p.append_many("events", [id_batch(10, 10), id_batch(20, 10).append_column(
             "extra", pa.array([1] * 10, pa.int64()))])
-        [item] = p._encode([p._shape("events", p._prepare("events", id_batch(30, 10)))])
         keys = p._keys("events")
+        [item] = p._encode([p._shape(keys, p._prepare("events", id_batch(30, 10)))])
         assert p._accepted(keys, item, p._transaction(keys, [item])[0]) == \
             p._accepted(keys, item, p._transaction(keys, [item])[0])
         assert real_redis.xlen(K.delta) == 4

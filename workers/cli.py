@@ -19,7 +19,7 @@ import click
 import pyarrow as pa
 import redis
 
-from producer import Producer, admin
+from producer import Producer, admin, shards
 from producer.client import connect
 from producer.errors import ConfigError, DeltaflushError, InvalidInput
 from producer.settings import Settings
@@ -195,11 +195,12 @@ def _flush_here(settings: Settings, client: redis.Redis, names: list[str]) -> No
 
             def step(name: str = name, keys: Any = keys, before: int = done) -> bool:
                 """Called between the files of a flush: moves the bar on."""
-                left = int(client.hget(keys.pending, "rows") or 0)
+                left = sum(int(client.hget(k.pending, "rows") or 0) for k in
+                           shards.table_shards(client, settings.key_prefix, keys.table))
                 bar.update(before + max(0, pending[name] - left), f"flushing {name}")
                 return False
 
-            result = flusher.flush(name, stop=step)
+            result = flusher.flush_shards(name, stop=step)
             done += pending[name]
             bar.update(done)
             bar.log(f"[{i}/{len(names)}] {name}: {result.status}, {result.rows} rows, "
@@ -286,6 +287,11 @@ def table() -> None:
               "an unreferenced file is removed.")
 @click.option("--maintenance-interval", "maintenance_interval_s", help="Lake tables: seconds "
               "between maintenance runs.")
+@click.option("--shards", help="Delta streams of the table, each in a slot of its own, "
+              "flushed in parallel (more than 1 requires protocol-2 producers; "
+              "docs/shards.md).")
+@click.option("--shard-key", help="The column whose value picks a row's shard (rows of one "
+              "key stay in order); '' for round-robin batches.")
 @click.option("--create", is_flag=True, help="Configure a table nothing was appended to yet.")
 def table_set(name: str, create: bool, **options: object) -> None:
     """Change TABLE's configuration; workers use it from their next flush."""
@@ -359,9 +365,14 @@ def table_unstick(name: str) -> None:
     """Clear TABLE's stuck mark, once the cause is fixed, so that flushes run again."""
     settings = _settings()
     client = _client(settings)
-    reason = unstick(client, admin.require_table(client, settings.key_prefix, name))
-    click.echo(f"{name} was not stuck" if reason is None else
-               f"{name} unstuck; it was stuck because: {reason}")
+    admin.require_table(client, settings.key_prefix, name)
+    reasons = [(k, unstick(client, k))  # every shard of a sharded table
+               for k in shards.table_shards(client, settings.key_prefix, name)]
+    stuck = [(k, r) for k, r in reasons if r is not None]
+    if not stuck:
+        click.echo(f"{name} was not stuck")
+    for k, reason in stuck:
+        click.echo(f"{k.stream} unstuck; it was stuck because: {reason}")
 
 
 @main.command()

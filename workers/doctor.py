@@ -5,7 +5,10 @@ also runs at start (``workers.tasks``, Celery's ``worker_init``).
   ``maxmemory-policy noeviction`` (any other policy may evict unflushed batches, leases or
   batch IDs under memory pressure, silently), and AOF on with ``appendfsync always`` (else a
   restart of Redis loses the batches not yet flushed, or the last second of them).
-* **the broker** is reachable (workers get no flush without it);
+* **the broker** is reachable (workers get no flush without it), and is not the Redis
+  Cluster itself (``producer.cluster``);
+* on a **Redis Cluster**, every master is checked as above, one by one; with
+  ``DELTAFLUSH_APPEND_REPLICAS`` > 0, every master has at least that many replicas;
 * **the storage** is writable: a small probe file in the temporary folder, removed again.
 
 What stops a worker (``fatal``): an unreachable Redis or broker, unwritable storage, and an
@@ -35,7 +38,9 @@ from typing import Any
 import redis
 from kombu import Connection
 
+from producer import cluster
 from producer.client import connect
+from producer.errors import ConfigError
 from producer.settings import Settings
 
 from .blame import BROKER, REDIS, STORAGE, blame, describe, flat
@@ -67,10 +72,39 @@ def check_redis(settings: Settings) -> list[Check]:
     except Exception as exc:  # noqa: BLE001 - reported, with the setting at fault
         return [Check("redis", FAIL, flat(exc))]
     try:
-        found = [Check("redis", OK, f"reachable: {describe(REDIS, settings.redis_url)}")]
-        return found + durability(client, settings.allow_volatile_redis)
+        where = describe(REDIS, settings.redis_url)
+        if not cluster.is_cluster(client):
+            return [Check("redis", OK, f"reachable: {where}"),
+                    *durability(client, settings.allow_volatile_redis),
+                    *replication(client, settings.append_replicas)]
+        # A cluster: every master keeps what it holds, each checked on its own.
+        nodes = cluster.masters(client)
+        found = [Check("redis", OK, f"reachable: {where}, a Redis Cluster of {len(nodes)} "
+                                    "masters")]
+        for name, node in sorted(nodes, key=lambda n: n[0]):
+            found += [Check(f"{c.name} {name}", c.status, c.detail) for c in
+                      durability(node, settings.allow_volatile_redis)
+                      + replication(node, settings.append_replicas)]
+        return found
     finally:
         client.close()
+
+
+def replication(client: redis.Redis, wanted: int) -> list[Check]:
+    """Whether the master has the replicas ``DELTAFLUSH_APPEND_REPLICAS`` asks for (else
+    every append and flush would time out waiting for them)."""
+    if wanted <= 0:
+        return []
+    try:
+        have = int(client.info("replication").get("connected_slaves", 0))
+    except redis.ResponseError as exc:  # INFO refused (an ACL)
+        return [Check("redis replicas", WARN, f"cannot read INFO replication ({flat(exc)})")]
+    if have < wanted:
+        return [Check("redis replicas", FAIL,
+                      f"{have} replicas connected, DELTAFLUSH_APPEND_REPLICAS={wanted}: every "
+                      "append and flush would time out waiting for them. Add replicas, or "
+                      "lower DELTAFLUSH_APPEND_REPLICAS")]
+    return [Check("redis replicas", OK, f"{have} replicas connected (at least {wanted})")]
 
 
 def durability(client: redis.Redis, allow_volatile: bool = False) -> list[Check]:
@@ -111,6 +145,13 @@ def durability(client: redis.Redis, allow_volatile: bool = False) -> list[Check]
 
 
 def check_broker(settings: Settings) -> list[Check]:
+    try:
+        if cluster.is_cluster_url(settings.redis_url):
+            cluster.require_broker(settings.redis_url, settings.broker_url)
+    except ConfigError as exc:
+        return [Check("broker", FAIL, str(exc))]
+    except (redis.RedisError, ValueError):
+        pass  # Redis unreachable or refusing INFO: check_redis says so
     try:
         with blame(BROKER, settings.broker_url, "cannot reach the broker"), \
                 Connection(settings.broker_url, connect_timeout=5) as connection:

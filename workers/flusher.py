@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from producer import wire
+from producer import shards, wire
 from producer.errors import InvariantViolation, LeaseLost
 from producer.settings import Settings
 from producer.tablecfg import TableConfig
@@ -60,6 +60,8 @@ class FlushResult:
 
     table: str
     status: str = "ok"  # ok | empty | busy | fenced | stuck
+    #: the shard flushed (0: the table's own stream); None for a flush of every shard
+    shard: int | None = 0
     rows: int = 0
     files: int = 0
     bytes: int = 0
@@ -86,6 +88,17 @@ class FlushResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def merge(self, other: FlushResult) -> None:
+        """Add a flush of another shard of the table (``flush_shards``)."""
+        for name in ("rows", "files", "bytes", "arrow_bytes", "dead"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.paths.extend(other.paths)
+        self.more = self.more or other.more
+        self.first_id = self.first_id or other.first_id
+        self.last_id = other.last_id or self.last_id
+        if other.status not in ("ok", "empty") or self.status == "empty":
+            self.status, self.error = other.status, other.error or self.error
+
 
 class Flusher:
     """Flushes tables from one Redis to their sinks. One per process; thread-safe.
@@ -105,7 +118,9 @@ class Flusher:
         self._sinks: dict[str, Sink] = {}
         self._lock = threading.Lock()
         self._source = source or (
-            lambda table: RedisStream(client, wire.Keys(settings.key_prefix, table)))
+            lambda table: RedisStream(client, wire.Keys(settings.key_prefix, table),
+                                      settings.append_replicas,
+                                      settings.append_replicas_timeout_ms))
 
     def sink_for(self, config: TableConfig) -> Sink:
         """The sink of a table with ``config`` (one per format, made on first use)."""
@@ -117,10 +132,25 @@ class Flusher:
                 self._sinks[fmt] = sinks.for_format(fmt, self.storage, self.settings)
             return self._sinks[fmt]
 
+    def flush_shards(self, table: str, budget_s: float | None = None,
+                     stop: Callable[[], bool] | None = None) -> FlushResult:
+        """``flush`` every shard of ``table`` in turn (just the table, if never sharded),
+        skipping those another flusher holds; one summary of them all (``shard`` None for
+        a sharded table)."""
+        started = time.monotonic()
+        count = shards.shards_ever(self.redis, self.settings.key_prefix, table)
+        result = FlushResult(table, status="empty", shard=None if count > 1 else 0)
+        for shard in range(count):
+            left = None if budget_s is None else budget_s - (time.monotonic() - started)
+            result.merge(self.flush(table, left, stop, shard=shard))
+        result.seconds = round(time.monotonic() - started, 3)
+        return result
+
     def flush(self, table: str, budget_s: float | None = None,
-              stop: Callable[[], bool] | None = None) -> FlushResult:
-        """Drain ``table`` until its stream is empty, ``budget_s`` is spent or ``stop()``
-        says so (checked between ranges, e.g. when the worker shuts down).
+              stop: Callable[[], bool] | None = None, shard: int = 0) -> FlushResult:
+        """Drain ``table`` (its shard ``shard``) until its stream is empty, ``budget_s`` is
+        spent or ``stop()`` says so (checked between ranges, e.g. when the worker shuts
+        down).
 
         Returns ``status="busy"`` without doing anything if another flusher holds the
         table, ``"stuck"`` if the table is marked stuck (``error`` says why). Raises
@@ -129,12 +159,14 @@ class Flusher:
         resumes).
         """
         started = time.monotonic()
-        source = self._source(table)
-        result = FlushResult(table)
+        source = self._source(table) if shard == 0 else \
+            RedisStream(self.redis, wire.Keys(self.settings.key_prefix, table, shard))
+        result = FlushResult(table, shard=shard)
+        name = source.stream
         reason = source.stuck()
         if reason is not None:
             log.warning("table %s is stuck and was not flushed (`deltaflush table unstick "
-                        "%s` once the cause is fixed): %s", table, table, reason)
+                        "%s` once the cause is fixed): %s", name, table, reason)
             result.status, result.error = "stuck", reason
             return result
         lease = source.lease(self.settings.lease_ms)
@@ -146,10 +178,10 @@ class Flusher:
                 self._drain(source, lease, result, started, budget_s, stop)
             except InvariantViolation as exc:
                 if not lease.held():  # a zombie's read of a range committed meanwhile
-                    raise LeaseLost(f"lost the lease on table {table!r}: {exc}") from exc
+                    raise LeaseLost(f"lost the lease on table {name!r}: {exc}") from exc
                 source.mark_stuck(str(exc))
                 log.warning("table %s is stuck, no flush runs until `deltaflush table "
-                            "unstick %s`: %s", table, table, exc)
+                            "unstick %s`: %s", name, table, exc)
                 result.status, result.error = "stuck", str(exc)
         if result.more:
             result.more = source.pending()
@@ -159,7 +191,7 @@ class Flusher:
         if result.first_id is not None:
             log.info(
                 "flushed table=%s rows=%d files=%d bytes=%d dead=%d ids=%s..%s seconds=%.3f",
-                table, result.rows, result.files, result.bytes, result.dead,
+                name, result.rows, result.files, result.bytes, result.dead,
                 result.first_id, result.last_id, result.seconds,
             )
         return result

@@ -20,6 +20,7 @@ import time
 import redis
 
 from producer import scripts
+from producer.cluster import check_acked, replicated
 from producer.errors import LeaseLost
 from producer.wire import Keys
 
@@ -88,9 +89,27 @@ class Lease:
                     return
 
 
-def acquire(client: redis.Redis, keys: Keys, lease_ms: int) -> Lease | None:
-    """Take the table's lease with a new fencing token, or return None if another holds it."""
-    token = ACQUIRE(client, {"lease": keys.lease, "fence": keys.fence}, {"lease_ms": lease_ms})
+def acquire(client: redis.Redis, keys: Keys, lease_ms: int, replicas: int = 0,
+            timeout_ms: int = 0) -> Lease | None:
+    """Take the table's lease with a new fencing token, or return None if another holds it.
+
+    With ``replicas`` > 0, wait (``WAIT``, on the connection that took it) until that many
+    replicas hold the new token, and everything written before it on that master (a claim
+    a previous flusher recorded, a trim it committed): so a failover can neither hand out
+    this token again nor bring back a state older than the one this flush starts from.
+    Raises ``ReplicationTimeout`` (the lease given up again) if they do not within
+    ``timeout_ms``."""
+    key_args = {"lease": keys.lease, "fence": keys.fence}
+    if replicas <= 0:
+        token = ACQUIRE(client, key_args, {"lease_ms": lease_ms})
+    else:
+        [token], acked = replicated(
+            client, keys.lease, replicas, timeout_ms,
+            lambda pipe: ACQUIRE.queue(pipe, key_args, {"lease_ms": lease_ms}))
+        if token is not None and acked < replicas:
+            RELEASE(client, {"lease": keys.lease}, {"token": token})
+            check_acked(acked, replicas, timeout_ms,
+                        f"table {keys.table!r}: the lease of a flush")
     if token is None:
         return None
     return Lease(client, keys, int(token), lease_ms)

@@ -204,19 +204,17 @@ def lake_info(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
 
 def due_tables(client: redis.Redis, prefix: str, default_interval_ms: int) -> list[str]:
     """Mark and return the lake tables due for maintenance (one script each, pipelined)."""
-    client.script_load(DUE.source)
     due: list[str] = []
     names = list(iter_tables(client, prefix))
+    args = {"default_interval_ms": default_interval_ms}
     for i in range(0, len(names), BATCH):
         chunk = names[i:i + BATCH]
-        pipe = client.pipeline(transaction=False)
+        calls = []
         for name in chunk:
             k = wire.Keys(prefix, name)
-            key_list, arg_list = DUE.argv({"config": k.config, "maint": k.maint,
-                                           "lock": k.maint_lock},
-                                          {"default_interval_ms": default_interval_ms})
-            pipe.evalsha(DUE.sha, len(key_list), *key_list, *arg_list)
-        due.extend(n for n, hit in zip(chunk, pipe.execute(), strict=True) if hit)
+            calls.append(({"config": k.config, "maint": k.maint, "lock": k.maint_lock}, args))
+        due.extend(n for n, hit in zip(chunk, DUE.run_each(client, calls), strict=True)
+                   if hit)
     return due
 
 

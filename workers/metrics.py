@@ -19,7 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from producer import wire
+from producer import shards
 
 from .scheduler import iter_tables
 from .status import table_status
@@ -44,10 +44,19 @@ class DeltaflushCollector(Collector):
     def collect(self) -> Iterator[Any]:
         tables = sorted(iter_tables(self.client, self.prefix))
         rows = table_status(self.client, self.prefix, tables)
+        sharded = shards.sharded_tables(self.client, self.prefix)
+        streams = [k for name in tables for k in shards.all_shards(self.prefix, name, sharded)]
         pipe = self.client.pipeline(transaction=False)
-        for name in tables:
-            pipe.hgetall(wire.Keys(self.prefix, name).stats)
-        stats = dict(zip(tables, pipe.execute(), strict=True))
+        for k in streams:
+            pipe.hgetall(k.stats)
+        stats: dict[str, dict[bytes, float]] = {}
+        for k, raw in zip(streams, pipe.execute(), strict=True):
+            summed = stats.setdefault(k.table, {})  # a sharded table: its shards' summed
+            for field, value in raw.items():
+                try:
+                    summed[field] = summed.get(field, 0) + float(value)
+                except ValueError:
+                    continue
 
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"deltaflush_{name}", doc, labels=["table"])
@@ -87,6 +96,22 @@ class DeltaflushCollector(Collector):
                                           "Seconds from reading one file's range to committing it "
                                           "(a range is read while the one before commits).",
                                           labels=["table"])
+        shard_labels = ["table", "shard"]
+        shard_pending = GaugeMetricFamily(
+            "deltaflush_shard_pending_rows", "Rows pending in one shard of a sharded table.",
+            labels=shard_labels)
+        shard_rows = CounterMetricFamily(
+            "deltaflush_shard_rows_flushed", "Rows flushed from one shard of a sharded table.",
+            labels=shard_labels)
+        shard_flushing = GaugeMetricFamily(
+            "deltaflush_shard_flushing", "1 while a flush of the shard holds its lease.",
+            labels=shard_labels)
+        for s in rows:
+            for part in s.shards or []:
+                labels = [s.table, str(part.shard)]
+                shard_pending.add_metric(labels, part.pending_rows)
+                shard_rows.add_metric(labels, part.rows_flushed)
+                shard_flushing.add_metric(labels, 1 if part.flushing else 0)
         for s in rows:
             t = [s.table]
             pending_rows.add_metric(t, s.pending_rows)
@@ -112,7 +137,8 @@ class DeltaflushCollector(Collector):
             durations.add_metric(t, buckets, float(st.get(b"dur_sum", 0.0)))
         yield from (pending_rows, pending_bytes, pending_entries, oldest, flushing, stuck, dead,
                     rows_total, bytes_total, files_total, refused, durations, lake_files,
-                    lake_small, *(family for family, _ in lake_counters))
+                    lake_small, *(family for family, _ in lake_counters), shard_pending,
+                    shard_rows, shard_flushing)
 
 
 def serve(client: redis.Redis, prefix: str, port: int, addr: str = "0.0.0.0") -> Any:

@@ -89,7 +89,7 @@ def write_range(source: RangeSource, sink: Sink, lease: Lease, start: Claim | st
                 assert reader.schema is not None and reader.first is not None
                 staging = sink.stage(StageStart(
                     source.table, reader.first, lease.token, reader.schema,
-                    TableConfig.from_json(reader.config), encoder, ahead))
+                    TableConfig.from_json(reader.config), encoder, ahead, source.stream))
                 staging.write(data)
                 failpoint("flush.first_chunk")
             else:

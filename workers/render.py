@@ -143,9 +143,10 @@ _STATE_STYLE = {"stuck": "bold red", "flushing": "yellow", "pending": "cyan", "i
 
 def status(rows: list[TableStatus]) -> None:
     cells, styles = [], []
-    for s in rows:
+    for s in [line for t in rows for line in [t, *(t.shards or [])]]:  # shards under tables
         state = s.state
-        cells.append([s.table, str(s.pending_rows), size(s.pending_bytes),
+        cells.append([s.table if s.shard is None or s.shards else f"  {s.table}~{s.shard}",
+                      str(s.pending_rows), size(s.pending_bytes),
                       age(s.oldest_pending_age_s), str(s.files_flushed), str(s.rows_flushed),
                       str(s.dead_entries), state])
         styles.append(_STATE_STYLE[state] if state == "stuck" or not s.dead_entries
@@ -153,8 +154,9 @@ def status(rows: list[TableStatus]) -> None:
     columns = STATUS_COLUMNS
     if any(s.lake for s in rows):  # lake tables: format, snapshot, files (small ones)
         columns = [*columns, Column("lake")]
-        for line, s in zip(cells, rows, strict=True):
-            line.append(lake(s.lake))
+        for line, s in zip(cells, [x for t in rows for x in [t, *(t.shards or [])]],
+                           strict=True):
+            line.append(lake(s.lake) if s.shard is None or s.shards else "")
     table(columns, cells, styles=styles)
 
 

@@ -1,6 +1,7 @@
 """The Celery tasks: thin wrappers that parse arguments, call plain code and map errors.
 
-* ``flush_table(table)``: runs ``Flusher.flush``. Transient errors (Redis connection,
+* ``flush_table(table)``: runs ``Flusher.flush`` (of one shard of a sharded table: the one
+  whose ``queued`` mark the message takes, ``take_shard``). Transient errors (Redis connection,
   storage) are retried with exponential backoff; a fenced flush (``LeaseLost``) ends with a
   warning, since the flusher that fenced it does the work; a table whose state breaks the
   protocol is marked stuck by the flusher and the task returns ``status: "stuck"`` (never
@@ -16,16 +17,18 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from typing import Any
 
 import redis
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
 
-from producer import wire
+from producer import shards, wire
 from producer.client import connect
+from producer.cluster import REDIRECTS
 from producer.due import queue_flush
-from producer.errors import InvalidTableName, LeaseLost
+from producer.errors import InvalidTableName, LeaseLost, ReplicationTimeout
 
 from .app import app, settings
 from .doctor import startup
@@ -38,8 +41,10 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 
-#: Errors worth retrying with backoff: the next try may well succeed.
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Errors worth retrying with backoff: the next try may well succeed. On a Redis Cluster:
+#: a slot moving or failing over, and replicas slow to acknowledge a flush's writes.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, OSError, ReplicationTimeout,
+             *REDIRECTS)
 MAX_BACKOFF_S = 60
 
 _runtime: tuple[int, redis.Redis, Flusher] | None = None
@@ -104,14 +109,20 @@ def _check_redis(sender: Any = None, **_: Any) -> None:
 def flush_table(self: Any, table: str) -> dict[str, Any]:
     if not wire.valid_table_name(table):
         raise InvalidTableName(table)
-    client, flusher = runtime()
     keys = wire.Keys(settings.key_prefix, table)
     try:
+        client, flusher = runtime()
+    except TRANSIENT as exc:  # Redis unreachable: nothing to hold beat off with
+        raise self.retry(exc=exc, countdown=min(MAX_BACKOFF_S,
+                                                2 ** min(self.request.retries, 6))) from exc
+    try:
         # From here on a new request may be queued; this run takes what is pending now.
-        client.delete(keys.queued)
+        shard = take_shard(client, table)
+        keys = keys.for_shard(shard or 0)
         stopping = _stopping_key(self.request.hostname or "")
-        result = flusher.flush(table, budget_s=settings.task_time_limit_s / 2,
-                               stop=lambda: bool(client.exists(stopping)))
+        budget, stop = settings.task_time_limit_s / 2, lambda: bool(client.exists(stopping))
+        result = flusher.flush_shards(table, budget, stop) if shard is None else \
+            flusher.flush(table, budget, stop, shard=shard)
     except LeaseLost as exc:
         log.warning("flush of %s fenced: %s", table, exc)
         return {"table": table, "status": "fenced", "error": str(exc)}
@@ -125,8 +136,29 @@ def flush_table(self: Any, table: str) -> dict[str, Any]:
             pass
         raise self.retry(exc=exc, countdown=countdown) from exc
     if result.more:  # the time budget ran out or the worker is stopping: hand the rest on
-        queue_flush(client, keys, settings.lease_ms, send_flush)
+        for more in ([keys] if shard is not None else
+                     shards.table_shards(client, settings.key_prefix, table)):
+            queue_flush(client, more, settings.lease_ms, send_flush)
     return result.as_dict()
+
+
+def take_shard(client: redis.Redis, table: str) -> int | None:
+    """The shard this ``flush_table(table)`` message flushes: it takes (deletes) one shard's
+    ``queued`` mark, set by whoever queued the message (beat's round, a producer's size
+    trigger or ``flush``, a continuation): one message per marked shard, so the shards of a
+    table are flushed in parallel by as many workers. A table never sharded: shard 0. A
+    message whose mark is gone (it expired, or the message was sent by hand): None, flush
+    every shard in turn."""
+    count = shards.shards_ever(client, settings.key_prefix, table)
+    if count == 1:
+        client.delete(wire.Keys(settings.key_prefix, table).queued)
+        return 0
+    start = random.randrange(count)
+    for i in range(count):
+        shard = (start + i) % count
+        if client.delete(wire.Keys(settings.key_prefix, table, shard).queued):
+            return shard
+    return None
 
 
 @app.task(name=wire.SCHEDULE_TASK, ignore_result=True)

@@ -41,6 +41,9 @@ class StageStart:
     config: TableConfig
     encoder: Encoder
     ahead: bool = False
+    #: the range's stream among the table's (``wire.Keys.stream``: the table name, or
+    #: ``<table>~<shard>`` for a shard of a sharded table)
+    stream: str = ""
 
 
 @dataclass(frozen=True)

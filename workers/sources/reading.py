@@ -4,7 +4,8 @@ Shared by every range source: it sees entries as ``(id, fields)`` and does not k
 they come from. Each entry is decoded and fully validated (``producer.wire.decode_payload``)
 and cast to the range's schema; an entry that cannot be (garbage, truncated, no ``arrow``
 field, a schema that cannot be cast) is set aside as a dead letter with the reason, never
-failing the flush.
+failing the flush. Runs of small entries that share their schema message are decoded
+together first (``runs``: the same rows, or the run is decoded entry by entry after all).
 
 A new range is written in the table's current schema. If an entry does not fit because
 the table's schema evolved while the range was being read, the range switches to the new
@@ -20,11 +21,12 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 
 from producer import wire
-from producer.decoding import decode
+from producer.decoding import decode, fit
 from producer.errors import ClaimMismatch
 from producer.tablecfg import TableConfig
 
 from . import Claim, Range
+from .runs import decode_run, dictionary_free, runs
 
 #: Entries as a source hands them over: lists (chunks) of ``(id, fields)``.
 Chunks = Iterator[list[tuple[str, dict[bytes, bytes]]]]
@@ -60,35 +62,81 @@ class EntryReader:
         self._pending_bytes = 0
         self._bytes = 0
         self._yielded = False
+        self._prefixes: dict[bytes, bool] = {}
 
     def __iter__(self) -> Iterator[pa.Table]:
         for chunk in self._chunks:
             good: list[pa.Table] = []
             done = False
-            for entry_id, fields in chunk:
-                payload = fields.get(wire.FIELD_ARROW)
-                batch, error, newer = self._decode(payload)
-                if newer is not None:  # fits only the table's schema as it is now
-                    if self._yielded or good:
-                        done = True  # the range ends before this entry
+            payloads = [fields.get(wire.FIELD_ARROW) for _, fields in chunk]
+            rows = [fields.get(wire.FIELD_ROWS) for _, fields in chunk]
+            for start, end, prefix in runs(payloads, rows):
+                if prefix is not None and self._runnable(prefix):
+                    table = self._decode_run(prefix, payloads[start:end], rows[start:end])
+                    if table is not None:
+                        self._take_run(chunk[start][0], chunk[end - 1][0], end - start,
+                                       table.num_rows, payloads[start:end])
+                        good.append(table)
+                        continue
+                for n in range(start, end):
+                    entry_id, fields = chunk[n]
+                    payload = payloads[n]
+                    batch, error, newer = self._decode(payload)
+                    if newer is not None:  # fits only the table's schema as it is now
+                        if self._yielded or good:
+                            done = True  # the range ends before this entry
+                            break
+                        self.schema = newer
+                    self._take(entry_id, fields, payload)
+                    if batch is None:
+                        self._dead.append((entry_id, error or "undecodable"))
+                        continue
+                    if self.schema is None:
+                        self.schema = batch.schema
+                    good.append(batch)
+                    self._bytes += batch.nbytes
+                    if self._claim is None and self._bytes >= self._max_bytes:
+                        done = True
                         break
-                    self.schema = newer
-                self._take(entry_id, fields, payload)
-                if batch is None:
-                    self._dead.append((entry_id, error or "undecodable"))
-                    continue
-                if self.schema is None:
-                    self.schema = batch.schema
-                good.append(batch)
-                self._bytes += batch.nbytes
-                if self._claim is None and self._bytes >= self._max_bytes:
-                    done = True
+                if done:
                     break
             if good:
                 self._yielded = True
                 yield good[0] if len(good) == 1 else pa.concat_tables(good)
             if done:
                 return
+
+    def _runnable(self, prefix: bytes) -> bool:
+        """Whether entries starting with the schema message ``prefix`` may be decoded as a
+        run (no dictionary columns, see ``runs``); remembered per prefix."""
+        known = self._prefixes.get(prefix)
+        if known is None:
+            try:
+                known = dictionary_free(pa.ipc.read_schema(pa.py_buffer(prefix)))
+            except (pa.ArrowException, OSError, ValueError):
+                known = False
+            self._prefixes[prefix] = known
+        return known
+
+    def _decode_run(self, prefix: bytes, payloads: list[bytes | None],
+                    rows: list[bytes | None]) -> pa.Table | None:
+        """A run decoded at once and brought to the range's schema, or None if its entries
+        must be decoded one by one: it does not decode whole, needs the table's evolved
+        schema, or would cross the range's size limit (where the range ends is decided
+        entry by entry)."""
+        table = decode_run(prefix, payloads, rows)  # type: ignore[arg-type]
+        if table is None:
+            return None
+        try:
+            table = fit(table, self.schema, self.table, self._spark)
+        except ValueError:
+            return None
+        if self._claim is None and self._bytes + table.nbytes >= self._max_bytes:
+            return None
+        if self.schema is None:
+            self.schema = table.schema
+        self._bytes += table.nbytes
+        return table
 
     def _decode(self, payload: bytes | None
                 ) -> tuple[pa.Table | None, str | None, pa.Schema | None]:
@@ -110,9 +158,23 @@ class EntryReader:
             self.first = entry_id
         self._last = entry_id
         self._count += 1
-        if wire.FIELD_ROWS in fields and payload is not None:
-            self._pending_rows += int(fields[wire.FIELD_ROWS] or 0)
+        rows = fields.get(wire.FIELD_ROWS)
+        # a ``rows`` that is not a count was never counted in (the append check refuses it):
+        # an entry written around the check, by a faulty producer, which must not fail the
+        # flush
+        if rows is not None and payload is not None and (not rows or rows.isdigit()):
+            self._pending_rows += int(rows or 0)
             self._pending_bytes += len(payload)
+
+    def _take_run(self, first: str, last: str, count: int, rows: int,
+                  payloads: list[bytes | None]) -> None:
+        """``_take`` for a run of ``count`` entries, ``first..last``, of ``rows`` rows."""
+        if self.first is None:
+            self.first = first
+        self._last = last
+        self._count += count
+        self._pending_rows += rows
+        self._pending_bytes += sum(map(len, payloads))  # type: ignore[arg-type]
 
     def range(self) -> Range | None:
         claim = self._claim

@@ -1,7 +1,16 @@
-"""The range source of a table's delta: one Redis stream, ``{prefix}:{<table>}:delta``.
+"""The range source of a table's delta: one Redis stream, ``{prefix}:{<table>}:delta``, or
+one shard's, ``{prefix}:{<table>~<i>}:delta`` (``wire.Keys``; its ``stream`` names it).
 
 Claims and commits run the scripts ``producer/lua/claim.lua`` and ``commit.lua``, which
-check the lease's fencing token in Redis before they change anything (the fence). Reads
+check the lease's fencing token in Redis before they change anything (the fence).
+
+Failover (a replica promoted, Redis replicating asynchronously): with ``replicas`` > 0
+(``DELTAFLUSH_APPEND_REPLICAS``) the lease and every new claim are on that many replicas
+(``WAIT`` on the connection that wrote them) before the flush goes on, so no file is
+published for a claim a failover could forget (the next flush would form another range over
+the same rows: duplicates), and no token is handed out twice. The commit (trim) is not
+waited for: a failover that forgets it brings back the claim it deleted, whose range the
+next flush resumes and the sink recognises (idempotent by range), so nothing is duplicated. Reads
 fetch ``XRANGE`` chunks of about ``CHUNK_BYTES``, the next one in the background while the
 caller decodes and writes this one.
 """
@@ -17,6 +26,7 @@ import pyarrow as pa
 import redis
 
 from producer import scripts, wire
+from producer.cluster import check_acked, replicated
 from producer.errors import NotAtHead
 from workers.lease import acquire
 from workers.metrics import duration_fields
@@ -38,17 +48,23 @@ PIN = scripts.load("config_pin")
 class RedisStream:
     """A table's delta stream in one Redis (see the module doc)."""
 
-    def __init__(self, client: redis.Redis, keys: wire.Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: wire.Keys, replicas: int = 0,
+                 replicas_timeout_ms: int = 2000) -> None:
         self.client = client
         self.keys = keys
+        #: replicas that must hold the lease and each claim before the flush goes on
+        #: (``DELTAFLUSH_APPEND_REPLICAS``; see the module doc)
+        self.replicas = replicas
+        self.replicas_timeout_ms = replicas_timeout_ms
         self.table = keys.table
-        self.stream = keys.table
+        self.stream = keys.stream
 
     def __repr__(self) -> str:
         return f"RedisStream({self.keys.delta!r})"
 
     def lease(self, lease_ms: int) -> Lease | None:
-        return acquire(self.client, self.keys, lease_ms)
+        return acquire(self.client, self.keys, lease_ms, self.replicas,
+                       self.replicas_timeout_ms)
 
     def load_claim(self) -> Claim | None:
         raw = cast(dict[bytes, bytes], self.client.hgetall(self.keys.claim))
@@ -75,8 +91,12 @@ class RedisStream:
             return EntryReader(self.table, self.stream, chunks, start, schema, start.config,
                                max_bytes, lambda _: None, chunks.close)
         chunks = self._chunks("-" if start is None else "(" + start, "+")
-        stored, config = cast(list[bytes | None],
-                              self.client.mget(self.keys.schema, self.keys.config))
+        if self.keys.shard:  # the configuration is shard 0's: another slot
+            stored, config = cast(bytes | None, self.client.get(self.keys.schema)), \
+                cast(bytes | None, self.client.get(self.keys.config))
+        else:
+            stored, config = cast(list[bytes | None],
+                                  self.client.mget(self.keys.schema, self.keys.config))
         schema = wire.stored_schema(stored) if stored else None
         return EntryReader(self.table, self.stream, chunks, None, schema,
                            config.decode() if config else "", max_bytes, self._evolved,
@@ -124,10 +144,20 @@ class RedisStream:
                     return
 
     def record_claim(self, lease: Lease, rng: Range) -> None:
-        CLAIM(self.client, {"lease": self.keys.lease, "claim": self.keys.claim},
-              {"token": lease.token, "first": rng.first, "last": rng.last,
-               "count": rng.count, "schema": rng.schema, "config": rng.config},
-              table=self.table)
+        keys = {"lease": self.keys.lease, "claim": self.keys.claim}
+        args = {"token": lease.token, "first": rng.first, "last": rng.last,
+                "count": rng.count, "schema": rng.schema, "config": rng.config}
+        if self.replicas <= 0:
+            CLAIM(self.client, keys, args, table=self.table)
+            return
+        try:  # the claim on the replicas before any file of it is published
+            _, acked = replicated(self.client, self.keys.claim, self.replicas,
+                                  self.replicas_timeout_ms,
+                                  lambda pipe: CLAIM.queue(pipe, keys, args))
+        except redis.ResponseError as exc:
+            raise scripts.script_error(exc, self.table) from exc
+        check_acked(acked, self.replicas, self.replicas_timeout_ms,
+                    f"table {self.table!r}: the claim of range {rng.first}..{rng.last}")
 
     def commit(self, lease: Lease, rng: Range, tally: Tally) -> int:
         k = self.keys
