@@ -187,7 +187,47 @@ class LocalCluster:
 
     def master_of(self, key: str) -> Node:
         """The node serving ``key``'s slot now."""
-        slot = key_slot(key.encode())
+        return self.master_of_slot(key_slot(key.encode()))
+
+    def replica_of(self, master: Node) -> Node:
+        """A live replica of ``master``."""
+        for node in self.live():
+            repl = node.info("replication")
+            if repl["role"] == "slave" and int(repl["master_port"]) == master.port:
+                return node
+        raise AssertionError(f"node {master.port} has no live replica")
+
+    def node_id(self, node: Node) -> str:
+        with node.client() as c:
+            return str(c.execute_command("CLUSTER", "MYID").decode())
+
+    def migrate_slot(self, slot: int, target: Node, pause_s: float = 0.0) -> int:
+        """Move ``slot`` to the master ``target`` the way ``redis-cli --cluster reshard``
+        does (``CLUSTER SETSLOT ... IMPORTING/MIGRATING``, ``MIGRATE`` key by key, then
+        ``SETSLOT ... NODE`` everywhere), sleeping ``pause_s`` between keys so that clients
+        meet the slot half moved (``ASK``, ``TRYAGAIN``). Returns the keys moved."""
+        source = self.by_port(self.master_of_slot(slot).port)
+        assert source.port != target.port
+        src_id, dst_id = self.node_id(source), self.node_id(target)
+        with target.client() as dst, source.client() as src:
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while True:
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10)
+                if not keys:
+                    break
+                for key in keys:
+                    src.execute_command("MIGRATE", "127.0.0.1", target.port, key, 0, 10000)
+                    moved += 1
+                    time.sleep(pause_s)
+            for node in (target, source, *(n for n in self.masters()
+                                           if n.port not in (target.port, source.port))):
+                with node.client() as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
+    def master_of_slot(self, slot: int) -> Node:
         for node in self.live():
             try:
                 with node.client() as c:
@@ -197,14 +237,6 @@ class LocalCluster:
             except redis.RedisError:
                 continue
         raise AssertionError(f"no live node knows who serves slot {slot}")
-
-    def replica_of(self, master: Node) -> Node:
-        """A live replica of ``master``."""
-        for node in self.live():
-            repl = node.info("replication")
-            if repl["role"] == "slave" and int(repl["master_port"]) == master.port:
-                return node
-        raise AssertionError(f"node {master.port} has no live replica")
 
     # --- faults ------------------------------------------------------------------------
 
@@ -222,6 +254,18 @@ class LocalCluster:
     def resume(self, node: Node) -> None:
         assert node.proc is not None
         node.proc.send_signal(signal.SIGCONT)
+
+    def cut_off(self, replica: Node) -> None:
+        """Cut ``replica`` off its master: freeze it (SIGSTOP), then have the master close
+        the replication link (``CLIENT KILL TYPE replica``). What the master writes from
+        now on never reaches the replica, even after SIGCONT (SIGSTOP alone only delays it:
+        the kernel still takes the bytes into the frozen replica's socket buffer)."""
+        master_port = int(str(replica.info("replication")["master_port"]))
+        self.pause(replica)
+        with self.by_port(master_port).client() as master:
+            master.execute_command("CLIENT", "KILL", "TYPE", "replica")
+            wait_for(lambda: int(master.info("replication")["connected_slaves"]) == 0, 10,
+                     "the master to drop its replica")
 
     def takeover(self, replica: Node, timeout: float = 30) -> None:
         """Promote ``replica`` now, without its master's agreement (``CLUSTER FAILOVER

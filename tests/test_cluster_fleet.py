@@ -1,0 +1,167 @@
+"""A fleet on a Redis Cluster of its own while the cluster changes under it: real `celery -A
+workers.app worker` and beat processes with RabbitMQ as the broker, producers appending
+with ``DELTAFLUSH_APPEND_REPLICAS=1``, and (1) a master SIGKILLed mid-run while its replica
+is promoted, (2) a table's slot migrated to another master key by key. Every row whose
+append returned lands exactly once; no row is duplicated."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer import DeltaflushError, Producer, ReplicationTimeout, Settings, wire
+from tests.conftest import Fleet, id_batch, landed, read_ids, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = [f"t{i}" for i in range(6)]
+BATCH_ROWS = 20
+
+
+class Appender(threading.Thread):
+    """Appends batches of distinct ids to every table in turn until stopped; an append that
+    fails for replicas is retried with its batch ID (never added twice), others count as
+    unknown (they may or may not be in). ``acked`` holds the first id of every batch whose
+    append returned."""
+
+    def __init__(self, producer: Producer, batches: int) -> None:
+        super().__init__(daemon=True)
+        self.producer = producer
+        self.batches = batches
+        self.acked: dict[str, list[int]] = {t: [] for t in TABLES}
+        self.unknown: dict[str, list[int]] = {t: [] for t in TABLES}
+        self.done = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        for n in range(self.batches):
+            for table in TABLES:
+                start = n * BATCH_ROWS
+                data = id_batch(start, BATCH_ROWS)
+                batch_id: str | None = None
+                deadline = time.monotonic() + 90
+                while True:
+                    try:
+                        self.producer.append(table, data, batch_id=batch_id)
+                        self.acked[table].append(start)
+                        break
+                    except ReplicationTimeout as exc:  # the same batch again, with its ID
+                        batch_id = exc.batch_ids[0]
+                        if time.monotonic() > deadline:
+                            self.unknown[table].append(start)
+                            self.errors.append(str(exc))
+                            break
+                    except (redis.RedisError, DeltaflushError) as exc:
+                        self.unknown[table].append(start)
+                        self.errors.append(f"{type(exc).__name__}: {exc}")
+                        break
+            self.done = n + 1
+
+
+def fleet_env(cluster, broker: str, storage: Path) -> dict[str, str]:
+    return dict(os.environ, DELTAFLUSH_REDIS_URL=cluster.url, DELTAFLUSH_BROKER_URL=broker,
+                DELTAFLUSH_STORAGE_URI=str(storage), DELTAFLUSH_LEASE_S="3",
+                DELTAFLUSH_FLUSH_INTERVAL_S="0.5", DELTAFLUSH_MAX_FILE_BYTES="32768",
+                DELTAFLUSH_APPEND_REPLICAS="1", DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS="1000",
+                PYTHONPATH=str(ROOT))
+
+
+class Supervised(Fleet):
+    """A fleet whose beat, too, is started again when it exits, as a supervisor does
+    (beat exits on a lost connection to the Redis its schedule is in, RedBeat's)."""
+
+    def restart_dead(self) -> None:
+        self.restart_dead_workers()
+        beats = [proc for proc, log in self.procs if log.name.startswith("beat-")]
+        if beats and all(proc.poll() is not None for proc in beats):
+            self.beat()
+
+
+def check_landed(fleet: Supervised, client: redis.Redis, storage: Path,
+                 appender: Appender) -> None:
+    def drained() -> bool:
+        fleet.restart_dead()
+        try:
+            return all(client.xlen(wire.Keys("deltaflush", t).delta) == 0
+                       and landed(client, t, 0) for t in TABLES)
+        except redis.RedisError:
+            return False
+    wait_for(drained, 240, f"every table to drain; logs:\n{fleet.logs()}", interval=0.5)
+    for table in TABLES:
+        ids = read_ids(storage, table)
+        acked = {s + j for s in appender.acked[table] for j in range(BATCH_ROWS)}
+        maybe = {s + j for s in appender.unknown[table] for j in range(BATCH_ROWS)}
+        assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} rows duplicated " \
+                                          f"in {table}"
+        missing = acked - set(ids)
+        assert not missing, f"{len(missing)} acknowledged rows of {table} lost"
+        assert set(ids) <= acked | maybe
+
+
+@pytest.mark.timeout(420)
+def test_a_master_killed_mid_run_while_its_replica_is_promoted(own_cluster, rabbitmq_vhost,
+                                                               tmp_path):
+    cluster = own_cluster
+    storage = tmp_path / "lake"
+    env = fleet_env(cluster, rabbitmq_vhost, storage)
+    (tmp_path / "logs").mkdir()
+    fleet = Supervised(env, tmp_path / "logs")
+    producer = Producer(settings=Settings.from_env(env))
+    try:
+        fleet.worker(concurrency=2)
+        fleet.beat()
+        appender = Appender(producer, 60)
+        appender.start()
+        wait_for(lambda: appender.done >= 15, 120, "a third of the appends")
+        victim = cluster.master_of(wire.Keys("deltaflush", "t0").delta)
+        replica = cluster.replica_of(victim)
+        cluster.kill(victim)  # SIGKILL, mid-run
+        cluster.wait_promoted(replica)  # elected by the others (no takeover)
+        cluster.restart(victim)  # back as the new master's replica: appends can wait again
+        cluster.wait_healthy()
+        appender.join(300)
+        assert not appender.is_alive()
+        assert appender.done == 60
+        check_landed(fleet, producer.redis, storage, appender)
+        # the appends to the failed master's tables went on, and at most a few were unknown
+        assert sum(len(v) for v in appender.acked.values()) >= 60 * len(TABLES) - 10, \
+            appender.errors[:3]
+    finally:
+        producer.close()
+        fleet.stop()
+
+
+@pytest.mark.timeout(420)
+def test_a_slot_migrated_while_appends_and_flushes_go_on(own_cluster, rabbitmq_vhost,
+                                                         tmp_path):
+    cluster = own_cluster
+    storage = tmp_path / "lake"
+    env = fleet_env(cluster, rabbitmq_vhost, storage)
+    (tmp_path / "logs").mkdir()
+    fleet = Supervised(env, tmp_path / "logs")
+    producer = Producer(settings=Settings.from_env(env))
+    try:
+        fleet.worker(concurrency=2)
+        fleet.beat()
+        appender = Appender(producer, 60)
+        appender.start()
+        wait_for(lambda: appender.done >= 10, 120, "a sixth of the appends")
+        keys = wire.Keys("deltaflush", "t0")
+        source = cluster.master_of(keys.delta)
+        target = next(m for m in cluster.masters() if m.port != source.port)
+        from redis.cluster import key_slot
+        moved = cluster.migrate_slot(key_slot(keys.delta.encode()), target, pause_s=0.05)
+        assert moved >= 5  # the table's stream, schema, counters...
+        assert cluster.master_of(keys.delta).port == target.port
+        appender.join(300)
+        assert not appender.is_alive()
+        assert appender.done == 60
+        check_landed(fleet, producer.redis, storage, appender)
+        assert not any(appender.unknown.values()), appender.errors[:3]
+    finally:
+        producer.close()
+        fleet.stop()
