@@ -358,8 +358,8 @@ def merge(names: tuple[str, ...] | None, items: list[Any]) -> pa.Table:
     """Writes of one group as one table: dict rows with column ``names``, or Arrow tables
     (``names`` None). Raises ``InvalidInput`` if they cannot be (``halves`` then finds the
     writes at fault)."""
-    if names is None:
-        return items[0] if len(items) == 1 else pa.concat_tables(items)
+    if names is None:  # one record batch per merged batch, not one per write
+        return items[0] if len(items) == 1 else pa.concat_tables(items).combine_chunks()
     if len(items) == 1:
         return to_table(items)
     try:  # one array per column: the types pa.Table.from_pylist infers, 10x faster
