@@ -33,7 +33,6 @@ from redis.backoff import ExponentialBackoff
 
 from . import wire
 from .batcher import (
-    FIRST_ROW_BYTES,
     LINGER_MS,
     MAX_BUFFER_BYTES,
     MAX_BYTES,
@@ -250,8 +249,7 @@ class AsyncBatcher(Buffer):
             raise RuntimeError("this batcher is closed; make a new one with "
                                "AsyncProducer.batcher()")
         key, rows, nbytes, data = classify(table, data)
-        if type(data) is dict:
-            nbytes = int(self._row_bytes.get(table, FIRST_ROW_BYTES))
+        nbytes = nbytes or self.estimate(table, rows)
         if self._buffered and self._buffered + nbytes > self.max_buffer_bytes:
             self._send_all()
             raise BufferFull(self._buffered, self.max_buffer_bytes, 0.0)
