@@ -7,6 +7,7 @@
 >>> p.read("events").read_all()   # both tiers, one consistent snapshot
 """
 
+from .aio import AsyncProducer
 from .client import Producer
 from .errors import (
     ClaimMismatch,
@@ -28,6 +29,7 @@ from .settings import Settings
 from .tablecfg import TableConfig
 
 __all__ = [
+    "AsyncProducer",
     "ClaimMismatch",
     "ConfigError",
     "DeltaflushError",
