@@ -18,8 +18,7 @@
     ├── UpgradeRequired                    the table needs a later protocol: upgrade deltaflush
     ├── ReplicationTimeout                 fewer replicas than asked for hold a write: retry
     ├── ReadError                          a read of both tiers (``Producer.read``) failed
-    │   ├── NotYetVisible                  the entry asked for (``min_id``) is not there yet
-    │   └── SnapshotRace                   flushes kept committing while it was read: retry
+    │   └── NotYetVisible                  the entry asked for (``min_id``) is not there yet
     └── FlushError                         raised on the worker side
         ├── LeaseLost                      another flusher took the table over: stop, do not commit
         ├── CatalogUnavailable(OSError)    a lake table's catalog failed: retried with backoff
@@ -144,8 +143,7 @@ class UpgradeRequired(DeltaflushError):
 
 
 class ReadError(DeltaflushError):
-    """A read of both tiers (``Producer.read``) could not take a consistent snapshot.
-    Retryable."""
+    """A read of both tiers (``Producer.read``) could not give what was asked. Retryable."""
 
 
 class NotYetVisible(ReadError):
@@ -159,18 +157,6 @@ class NotYetVisible(ReadError):
             f"table {table!r}: entry {min_id} is not visible after {timeout_s:g} s (the "
             f"newest entry is {seen or 'none'}); pass an entry ID that append returned for "
             "this table on this Redis, or a longer timeout_s")
-
-
-class SnapshotRace(ReadError):
-    """Every attempt at a snapshot found entries trimmed under it: flushes committed
-    faster than the delta could be read. Retryable."""
-
-    def __init__(self, table: str, attempts: int) -> None:
-        self.table, self.attempts = table, attempts
-        super().__init__(
-            f"table {table!r}: flushes trimmed the delta under each of {attempts} attempts "
-            "to read it with the lake in one snapshot; retry the read (a very large pending "
-            "backlog takes longer to read than a flush to trim)")
 
 
 MISSING = "no such column"

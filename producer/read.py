@@ -3,43 +3,48 @@
 A table's rows are in two tiers: the lake (Parquet files, an Iceberg or a Delta table) and
 the delta (each stream's entries in Redis). A flush moves a range of entries from one to
 the other in order (``workers.protocol``): it commits the range to the lake (step 4), then
-trims it from the stream (step 5), recording the range's last entry ID in the stream's
-``stats`` hash (``last_id``: the stream is trimmed up to there, and only up to there).
-Ranges are taken from the stream's head one after the other, so for each stream:
+trims it from the stream (step 5), writing the range's last entry ID to the stream's
+``stats`` hash (``last_id``) in the same script. Ranges are taken from the stream's head
+one after the other, so for each stream:
 
 * a lake snapshot whose watermark is ``W`` (the last entry ID of the last range it holds)
   holds every row of every entry up to ``W``, and none after;
-* the stream holds every entry after its ``last_id``; every range up to ``last_id`` was
-  committed to the lake before that ``last_id`` was written.
+* once a stream's ``last_id`` is ``C``, every entry up to ``C`` is trimmed, every entry
+  after it is still there, and every range up to ``C`` that had rows is in the lake
+  (a range whose entries were all dead letters commits no data, and an Iceberg table's
+  watermark does not move for it).
 
-**The snapshot.** For each attempt: read each stream's ``last_id`` (``C0``); pin a lake
-snapshot with its watermarks ``W`` (``producer.lakes``); then, for each stream, read its
-entries after ``start = max(W, C0)`` up to its newest entry ``T``, chunk by chunk, each
-chunk in one ``MULTI`` with the stream's ``last_id`` (``C``). The rows are the lake
-snapshot's plus the entries read:
+**The snapshot**, for each stream of the table:
 
-* *no gap*: every entry after ``start`` up to ``T`` is read, unless a flush trimmed some of
-  them first; that shows as ``C`` past the last entry read (trimming is contiguous from the
-  head), and the attempt starts over with a newer lake snapshot. Entries from ``W`` to
-  ``C0`` were trimmed before the lake snapshot was pinned, so the lake holds every one of
-  them that had rows (a range whose entries were all dead letters commits no data, and an
-  Iceberg table's watermark does not move for it);
-* *no duplicate*: the lake holds nothing after ``W`` and the read starts after ``W``;
-* *read-your-writes*: an entry appended before the call is at most ``T``; after ``start``
-  it is read, and up to ``start`` it is in the lake (or a dead letter).
+1. read the stream's entries up to its newest one ``T``, ``XRANGE`` chunk by chunk, each
+   chunk in one ``MULTI`` with the stream's ``last_id``, the last of which is ``C``;
+2. then pin a lake snapshot with its watermarks ``W`` (``producer.lakes``);
+3. the rows are the lake snapshot's, and those of the entries read that are after ``W``.
+
+* *No gap.* An entry up to ``T`` is either read, or it was trimmed before it could be
+  (trimming is contiguous from the head), so it is at most ``C``: its range, if it had
+  rows, was committed before ``C`` was written, before the lake snapshot was pinned, so
+  it is at most ``W``.
+* *No duplicate.* The lake holds nothing after ``W``; the entries read up to ``W`` are
+  left out.
+* *Read-your-writes.* An entry appended before the call is at most ``T``, so it is in.
+
+Nothing is retried: a flush that commits during the read only moves the point where the
+lake ends and the delta begins. The snapshot is the stream up to ``max(T, W)``, a prefix.
 
 A ``parquet`` table's files carry their range in their names: its lake snapshot is the
-files of ranges up to the ``last_id`` read with the first chunk (published before that
-trim), listed after it (``producer.lakes.FolderSnapshot``).
+files of each stream's ranges up to its ``C`` (published before that trim), listed after
+it; files of later ranges are left out, since a partitioned range publishes its files one
+after the other (``producer.lakes.FolderSnapshot``).
 
-**Memory.** The entries are read first (the lake snapshot stays valid for as long as the
-table keeps its snapshots; the delta is trimmed within seconds), as raw payloads: in
+**Memory.** The entries are read first (the delta is trimmed within seconds, while a lake
+snapshot stays valid for as long as the table keeps its snapshots), as raw payloads: in
 memory up to ``SPILL_BYTES``, in an unlinked temporary file beyond. Then the lake's rows
 are streamed, then the entries are decoded, a chunk at a time, by the flusher's own
 ``producer.decoding.decode`` (a dead letter is left out, as a flush leaves it out).
 
-**Schema.** The table's schema as stored once the entries are read (any entry read, and
-any file of the lake, has it or an older one), in the types its files get
+**Schema.** The table's schema as stored once the lake snapshot is pinned (any entry read,
+and any file of the lake, has it or an older one), in the types its files get
 (``producer.typepolicy.write_schema``: e.g. microsecond timestamps for a
 ``spark_compatible`` table): older rows read null for columns added since, widened types
 are cast.
@@ -59,7 +64,7 @@ import pyarrow.dataset as ds
 
 from producer import admin, lakes, shards, wire
 from producer.decoding import decode
-from producer.errors import InvalidInput, NotYetVisible, SnapshotRace
+from producer.errors import InvalidInput, NotYetVisible
 from producer.settings import Settings
 from producer.storage import Storage
 from producer.tablecfg import TableConfig
@@ -69,8 +74,6 @@ from producer.typepolicy import spark_safe
 CHUNK_ENTRIES = 512
 #: Raw payloads held in memory before the rest go to a temporary file.
 SPILL_BYTES = 64 * 1024 * 1024
-#: Attempts at a snapshot before ``SnapshotRace``.
-ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -100,52 +103,52 @@ def _text(value: Any) -> str | None:
                                        str(value))
 
 
-class _Stale(Exception):
-    """Entries the attempt needed were trimmed while it read them."""
+#: A chunk of entries as the spool keeps them: their stream, IDs and payloads.
+Chunk = tuple[str, list[str], list[bytes]]
 
 
 class Spool:
-    """Raw payloads in chunks: in memory up to ``limit`` bytes, then in a temporary file."""
+    """Chunks of raw entries: in memory up to ``limit`` bytes, then in a temporary file."""
 
     def __init__(self, limit: int = SPILL_BYTES) -> None:
         self.limit = limit
         self.size = 0
         self.entries = 0
-        self._memory: list[list[bytes]] = []
-        self._lengths: list[list[int]] = []
+        self._memory: list[Chunk] = []
+        self._lengths: list[tuple[str, list[str], list[int]]] = []
         self._file: IO[bytes] | None = None
 
-    def add(self, payloads: list[bytes]) -> None:
+    def add(self, stream: str, ids: list[str], payloads: list[bytes]) -> None:
         size = sum(len(p) for p in payloads)
         if self._file is None and self.size + size > self.limit:
             self._file = tempfile.TemporaryFile(prefix="deltaflush-read-")
             for chunk in self._memory:
-                self._write(chunk)
+                self._write(*chunk)
             self._memory = []
         if self._file is not None:
-            self._write(payloads)
+            self._write(stream, ids, payloads)
         else:
-            self._memory.append(payloads)
+            self._memory.append((stream, ids, payloads))
         self.size += size
         self.entries += len(payloads)
 
-    def _write(self, payloads: list[bytes]) -> None:
+    def _write(self, stream: str, ids: list[str], payloads: list[bytes]) -> None:
         assert self._file is not None
         for p in payloads:
             self._file.write(p)
-        self._lengths.append([len(p) for p in payloads])
+        self._lengths.append((stream, ids, [len(p) for p in payloads]))
 
     @property
     def spilled(self) -> bool:
         return self._file is not None
 
-    def __iter__(self) -> Iterator[list[bytes]]:
+    def __iter__(self) -> Iterator[Chunk]:
         if self._file is None:
             yield from self._memory
             return
         self._file.seek(0)
-        for lengths in self._lengths:
-            yield [self._file.read(n) for n in lengths]
+        for stream, ids, lengths in self._lengths:
+            yield stream, ids, [self._file.read(n) for n in lengths]
 
     def close(self) -> None:
         self._memory = []
@@ -155,8 +158,9 @@ class Spool:
 
 @dataclass(frozen=True)
 class View:
-    """What a snapshot holds of one stream: the lake up to ``start``, the delta's entries
-    after it up to ``end`` (its newest entry when read; None if it had none)."""
+    """What a snapshot holds of one stream: the lake's rows up to ``start`` (its
+    watermark), the delta's entries after it up to ``end`` (the newest entry when the
+    stream was read; None if it had none)."""
 
     stream: str
     start: str | None
@@ -167,40 +171,29 @@ class View:
         return _latest(self.start, self.end)
 
 
-def capture(client: Any, stream: Stream, start: str | None, follow: bool,
-            spool: Spool) -> View:
-    """Read the entries of ``stream`` after ``start`` up to its newest one into ``spool``.
-
-    ``follow``: the lake's watermark is wherever the stream's trim is at the first chunk
-    (a ``parquet`` table), so start there. Raises ``_Stale`` if entries after ``start``
-    were trimmed before they were read (see the module doc)."""
+def capture(client: Any, stream: Stream, spool: Spool) -> tuple[str | None, str | None]:
+    """Read every entry of ``stream`` up to its newest one into ``spool``, chunk by chunk,
+    each chunk in one ``MULTI`` with the stream's ``last_id``. Returns ``(newest entry,
+    last_id read with the last chunk)``: every entry up to the newest is in the spool or
+    trimmed up to that ``last_id`` (see the module doc)."""
     keys = stream.keys
     pipe = client.pipeline(transaction=True)
     pipe.hget(keys.stats, "last_id")
     pipe.xrevrange(keys.delta, count=1)
-    pipe.xrange(keys.delta, "-" if start is None else "(" + start, "+", count=CHUNK_ENTRIES)
+    pipe.xrange(keys.delta, "-", "+", count=CHUNK_ENTRIES)
     committed, tail, chunk = pipe.execute()
-    trimmed = _text(committed)
-    if follow:
-        start = _latest(start, trimmed)
-    elif _id(trimmed) > _id(start):
-        raise _Stale()
     end = _text(tail[0][0]) if tail else None
-    seen = start
     while True:
-        chunk = [(_text(i), f) for i, f in chunk if _id(i) <= _id(end)]
-        if chunk:
-            spool.add([f.get(wire.FIELD_ARROW, b"") for _, f in chunk])
-            seen = chunk[-1][0]
-        if end is None or _id(seen) >= _id(end):
-            return View(stream.name, start, end)
+        taken = [(cast(str, _text(i)), f) for i, f in chunk if _id(i) <= _id(end)]
+        if taken:
+            spool.add(stream.name, [i for i, _ in taken],
+                      [f.get(wire.FIELD_ARROW, b"") for _, f in taken])
+        if len(chunk) < CHUNK_ENTRIES or not taken or _id(taken[-1][0]) >= _id(end):
+            return end, _text(committed)
         pipe = client.pipeline(transaction=True)
         pipe.hget(keys.stats, "last_id")
-        pipe.xrange(keys.delta, "(" + cast(str, seen) if seen else "-", end,
-                    count=CHUNK_ENTRIES)
+        pipe.xrange(keys.delta, "(" + taken[-1][0], end, count=CHUNK_ENTRIES)
         committed, chunk = pipe.execute()
-        if _id(_text(committed)) > _id(seen):
-            raise _Stale()
 
 
 @dataclass
@@ -210,7 +203,6 @@ class Snapshot:
     lake: lakes.LakeSnapshot
     views: list[View]
     spool: Spool
-    attempts: int = 1
     watermarks: dict[str, str | None] = field(default_factory=dict)
 
     def reaches(self, entry_id: str) -> bool:
@@ -222,33 +214,19 @@ class Snapshot:
 
 def take(client: Any, storage: Storage, settings: Settings, table: str, config: TableConfig,
          fmt: str, streams: list[Stream]) -> Snapshot:
-    """One consistent snapshot of the table (see the module doc); ``SnapshotRace`` if
-    flushes trimmed the delta under every one of ``ATTEMPTS`` attempts."""
-    for attempt in range(1, ATTEMPTS + 1):
-        pipe = client.pipeline(transaction=False)
-        for s in streams:
-            pipe.hget(s.keys.stats, "last_id")
-        before = [_text(c) for c in pipe.execute()]
+    """One consistent snapshot of the table (see the module doc)."""
+    spool = Spool()
+    try:
+        read = {s.name: capture(client, s, spool) for s in streams}
         lake = lakes.snapshot(fmt, storage, settings, table, config, [s.name for s in streams])
-        spool = Spool()
-        try:
-            views = []
-            for s, trimmed in zip(streams, before, strict=True):
-                if lake.pinned_by_redis:
-                    views.append(capture(client, s, trimmed, True, spool))
-                else:
-                    start = _latest(lake.watermarks.get(s.name), trimmed)
-                    views.append(capture(client, s, start, False, spool))
-        except _Stale:
-            spool.close()
-            continue
-        except BaseException:
-            spool.close()
-            raise
-        if lake.pinned_by_redis:
-            lake.pin({v.stream: v.start for v in views})
-        return Snapshot(lake, views, spool, attempt, {v.stream: v.start for v in views})
-    raise SnapshotRace(table, ATTEMPTS)
+    except BaseException:
+        spool.close()
+        raise
+    if lake.pinned_by_redis:
+        lake.pin({name: trimmed for name, (_, trimmed) in read.items()})
+    marks = dict(lake.watermarks)
+    views = [View(name, marks.get(name), end) for name, (end, _) in read.items()]
+    return Snapshot(lake, views, spool, marks)
 
 
 def _fit(data: pa.Table | pa.RecordBatch, schema: pa.Schema) -> pa.Table:
@@ -269,12 +247,16 @@ def _fit(data: pa.Table | pa.RecordBatch, schema: pa.Schema) -> pa.Table:
 def _delta_batches(snap: Snapshot, table: str, stored: pa.Schema, config: TableConfig,
                    full: pa.Schema, out: pa.Schema, filter: pc.Expression | None
                    ) -> Iterator[pa.RecordBatch]:
-    """The entries read, decoded as a flush decodes them, a chunk at a time, in ``full``
-    (the lake's types); ``out``'s columns of the rows matching ``filter``."""
+    """The entries read after their stream's watermark, decoded as a flush decodes them,
+    a chunk at a time, in ``full`` (the lake's types); ``out``'s columns of the rows
+    matching ``filter``."""
     written, cast_to_written = spark_safe(stored, config)
-    for payloads in snap.spool:
+    for stream, ids, payloads in snap.spool:
+        mark = _id(snap.watermarks.get(stream))
         rows = []
-        for payload in payloads:
+        for entry_id, payload in zip(ids, payloads, strict=True):
+            if _id(entry_id) <= mark:  # the lake holds it
+                continue
             try:
                 rows.append(decode(payload, stored, table, config.spark_compatible))
             except ValueError:  # a dead letter: no flush writes it either
