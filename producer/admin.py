@@ -188,6 +188,8 @@ def table_info(client: Any, keys: wire.Keys) -> TableInfo:
     pipe.get(keys.schema)
     pipe.hget(keys.stats, "files")
     raw_config, raw_schema, files = pipe.execute()
+    for shard in shards.table_shards(client, keys.prefix, keys.table)[1:]:
+        files = int(files or 0) + int(client.hget(shard.stats, "files") or 0)
     config = TableConfig.from_json(raw_config)
     schema = wire.stored_schema(raw_schema) if raw_schema else None
     findings = list(typepolicy.findings(schema, config.spark_compatible)) if schema else []

@@ -335,3 +335,49 @@ def test_an_append_retried_with_its_batch_id_adds_nothing_twice(any_redis, key):
     assert first == again
     assert sum(any_redis.xlen(k.delta) for k in shards.table_shards(
         any_redis, "deltaflush", TABLE)) == (4 if key else 1)
+
+
+def test_every_shard_writes_its_files_in_the_tables_latest_schema(any_redis, storage_dir):
+    """Shard 1's copy still has one column when shard 0 evolves the table: shard 1's file
+    has the table's columns all the same (its rows null in the new one)."""
+    p = producer(any_redis)
+    p.configure(TABLE, shards=2)
+    p._next_shard[TABLE] = 1
+    p.append(TABLE, pa.table({"id": [1]}))  # shard 1
+    p.append(TABLE, pa.table({"id": [2], "extra": ["x"]}))  # shard 0, evolves the table
+    k1 = wire.Keys("deltaflush", TABLE, 1)
+    assert wire.stored_schema(any_redis.get(k1.schema)).names == ["id"]
+    flush_all(any_redis, storage_dir)
+    [shard1] = (storage_dir / TABLE).glob("*-s1.parquet")
+    assert pq.read_table(shard1).to_pylist() == [{"id": 1, "extra": None}]
+
+
+def test_the_exporter_reports_tables_summed_and_each_shard(real_redis, storage_dir):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import free_port
+    from workers.metrics import serve
+
+    p = producer(real_redis)
+    p.configure(TABLE, shards=2)
+    p.append_many(TABLE, [keyed_batch(i * 10, 10) for i in range(4)])
+    Flusher(real_redis, Storage(str(storage_dir)), Settings.from_env({})).flush(TABLE, shard=1)
+    port = free_port()
+    server = serve(real_redis, "deltaflush", port, "127.0.0.1")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    m = {(s.name, s.labels.get("shard")): s.value
+         for family in text_string_to_metric_families(text) for s in family.samples
+         if s.labels.get("table") == TABLE}
+    assert m[("deltaflush_pending_rows", None)] == 20
+    assert m[("deltaflush_rows_flushed_total", None)] == 20
+    assert m[("deltaflush_shard_pending_rows", "0")] == 20
+    assert m[("deltaflush_shard_pending_rows", "1")] == 0
+    assert m[("deltaflush_shard_rows_flushed_total", "1")] == 20
+    assert m[("deltaflush_flush_duration_seconds_count", None)] >= 1

@@ -91,12 +91,11 @@ class RedisStream:
             return EntryReader(self.table, self.stream, chunks, start, schema, start.config,
                                max_bytes, lambda _: None, chunks.close)
         chunks = self._chunks("-" if start is None else "(" + start, "+")
-        if self.keys.shard:  # the configuration is shard 0's: another slot
-            stored, config = cast(bytes | None, self.client.get(self.keys.schema)), \
-                cast(bytes | None, self.client.get(self.keys.config))
-        else:
-            stored, config = cast(list[bytes | None],
-                                  self.client.mget(self.keys.schema, self.keys.config))
+        # The table's schema (shard 0's, the authority of every shard's copy: a shard's
+        # entries have it or an older one), so each file has the table's latest columns
+        # whichever shard wrote it; and its configuration (shard 0's slot, both).
+        stored, config = cast(list[bytes | None],
+                              self.client.mget(self.keys.authority, self.keys.config))
         schema = wire.stored_schema(stored) if stored else None
         return EntryReader(self.table, self.stream, chunks, None, schema,
                            config.decode() if config else "", max_bytes, self._evolved,
@@ -113,7 +112,7 @@ class RedisStream:
 
     def _evolved(self, schema: pa.Schema | None) -> pa.Schema | None:
         """The table's schema if it is no longer ``schema`` (it evolved during the read)."""
-        stored = cast(bytes | None, self.client.get(self.keys.schema))
+        stored = cast(bytes | None, self.client.get(self.keys.authority))
         if not stored:
             return None
         current = wire.stored_schema(stored)
