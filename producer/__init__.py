@@ -6,6 +6,7 @@
 >>> p.flush("events")
 """
 
+from .aio import AsyncProducer
 from .client import Producer
 from .errors import (
     ClaimMismatch,
@@ -25,6 +26,7 @@ from .settings import Settings
 from .tablecfg import TableConfig
 
 __all__ = [
+    "AsyncProducer",
     "ClaimMismatch",
     "ConfigError",
     "DeltaflushError",

@@ -125,47 +125,82 @@ class _Batch:
     deadline: float
     condition: threading.Condition = field(default_factory=threading.Condition)
     items: list[Any] = field(default_factory=list)  # dict rows, or pa.Tables
-    futures: list[WriteFuture] = field(default_factory=list)
+    futures: list[Any] = field(default_factory=list)  # WriteFutures (asyncio's: aio)
     rows: int = 0
     nbytes: int = 0
 
 
-class Batcher:
+class Buffer:
+    """What both batchers (this one and ``aio.AsyncBatcher``) hold and decide: the options,
+    the open batches by group, the batches ready to send, and the sizes; and the merging of
+    a batch's writes. The waiting and sending are each batcher's own."""
+
+    def __init__(self, *, linger_ms: float, max_rows: int, max_bytes: int,
+                 max_buffer_bytes: int, append_timeout_s: float | None) -> None:
+        for name, value in (("linger_ms", linger_ms), ("max_rows", max_rows),
+                            ("max_bytes", max_bytes), ("max_buffer_bytes", max_buffer_bytes)):
+            if value < 0 or (name != "linger_ms" and value == 0):
+                raise ValueError(f"batcher: {name}={value!r} must be positive, e.g. "
+                                 f"{name}={globals()[name.upper()]!r}")
+        self.linger_s = linger_ms / 1000
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.max_buffer_bytes = max_buffer_bytes
+        self.append_timeout_s = append_timeout_s
+        self._open: dict[Any, _Batch] = {}
+        self._ready: list[_Batch] = []
+        self._row_bytes: dict[str, float] = {}
+        self._tables: set[str] = set()
+        #: rows written and not yet resolved (buffered or on their way)
+        self.unacknowledged = 0
+        #: their estimated bytes
+        self._buffered = 0
+        self._closing = False
+        atexit.register(_report_at_exit, weakref.ref(self))
+
+    def _add(self, key: Any, batch: _Batch, data: Any, future: Any, rows: int,
+             nbytes: int) -> bool:
+        """Buffer one write in ``batch`` (the open batch of ``key``); True if that made the
+        batch full, and so ready to send."""
+        batch.items.append(data)
+        batch.futures.append(future)
+        batch.rows += rows
+        batch.nbytes += nbytes
+        self._buffered += nbytes
+        self.unacknowledged += rows
+        if batch.rows >= self.max_rows or batch.nbytes >= self.max_bytes:
+            del self._open[key]
+            self._ready.append(batch)
+            return True
+        return False
+
+    def _merge(self, batch: _Batch, picked: Sequence[int]) -> pa.Table:
+        table = merge(batch.names, [batch.items[n] for n in picked])
+        if batch.names is not None and table.num_rows:
+            self._row_bytes[batch.table] = max(1.0, table.nbytes / table.num_rows)
+        return table
+
+
+class Batcher(Buffer):
     """See the module doc. Made by ``Producer.batcher()``."""
 
     def __init__(self, producer: Producer, *, linger_ms: float = LINGER_MS,
                  max_rows: int = MAX_ROWS, max_bytes: int = MAX_BYTES,
                  max_buffer_bytes: int = MAX_BUFFER_BYTES, max_block_s: float = MAX_BLOCK_S,
                  append_timeout_s: float | None = None) -> None:
-        for name, value in (("linger_ms", linger_ms), ("max_rows", max_rows),
-                            ("max_bytes", max_bytes), ("max_buffer_bytes", max_buffer_bytes),
-                            ("max_block_s", max_block_s)):
-            if value < 0 or (name != "linger_ms" and name != "max_block_s" and value == 0):
-                raise ValueError(f"batcher: {name}={value!r} must be positive, e.g. "
-                                 f"{name}={globals()[name.upper()]!r}")
+        super().__init__(linger_ms=linger_ms, max_rows=max_rows, max_bytes=max_bytes,
+                         max_buffer_bytes=max_buffer_bytes, append_timeout_s=append_timeout_s)
+        if max_block_s < 0:
+            raise ValueError(f"batcher: max_block_s={max_block_s!r} must be >= 0, e.g. 30")
         self.producer = producer
-        self.linger_s = linger_ms / 1000
-        self.max_rows = max_rows
-        self.max_bytes = max_bytes
-        self.max_buffer_bytes = max_buffer_bytes
         self.max_block_s = max_block_s
-        self.append_timeout_s = append_timeout_s
-        #: guards everything below; ``_lock`` is a condition on it. ``write`` takes the
-        #: bare mutex (a C-level ``with``; a Condition's is Python code)
+        #: guards the state; ``_lock`` is a condition on it. ``write`` takes the bare
+        #: mutex (a C-level ``with``; a Condition's is Python code)
         self._mutex = threading.Lock()
         self._lock = threading.Condition(self._mutex)
-        self._open: dict[Any, _Batch] = {}
-        self._ready: list[_Batch] = []
-        self._row_bytes: dict[str, float] = {}
-        self._tables: set[str] = set()
-        #: rows and estimated bytes written and not yet resolved (buffered or on their way)
-        self.unacknowledged = 0
-        self._buffered = 0
-        self._closing = False
         self._thread = threading.Thread(target=self._run, name="deltaflush-batcher",
                                         daemon=True)
         self._thread.start()
-        atexit.register(_report_at_exit, weakref.ref(self))
 
     # --- the application's side ------------------------------------------------------
 
@@ -176,33 +211,22 @@ class Batcher:
         Raises at once, buffering nothing, for an invalid table name or data that cannot
         be converted to Arrow (a list of dicts, a DataFrame: converted here), and
         ``BufferFull`` when the buffer stayed full for ``max_block_s``."""
-        if type(data) is dict:
+        if type(data) is dict:  # the common case, inline: classify() does the same
             key: Any = (table, tuple(data), tuple(map(type, data.values())))
-            rows = 1
-            nbytes = 0  # estimated below, under the lock
+            rows = nbytes = 1
         else:
-            arrow = to_table(data)
-            key = (table, arrow.schema)
-            rows, nbytes, data = arrow.num_rows, arrow.nbytes, arrow
+            key, rows, nbytes, data = classify(table, data)
         with self._mutex:
             batch = self._open.get(key)
             if batch is None:
                 batch = self._start(key, table, data)
-            if rows == 1 and not nbytes:
+            if type(data) is dict:
                 nbytes = int(self._row_bytes.get(table, FIRST_ROW_BYTES))
             if self._buffered + nbytes > self.max_buffer_bytes and self._buffered:
                 self._wait_for_room(nbytes)
                 batch = self._open.get(key) or self._start(key, table, data)
             future = WriteFuture(batch.condition)
-            batch.items.append(data)
-            batch.futures.append(future)
-            batch.rows += rows
-            batch.nbytes += nbytes
-            self._buffered += nbytes
-            self.unacknowledged += rows
-            if batch.rows >= self.max_rows or batch.nbytes >= self.max_bytes:
-                del self._open[key]
-                self._ready.append(batch)
+            if self._add(key, batch, data, future, rows, nbytes):
                 self._lock.notify_all()
         return future
 
@@ -214,8 +238,7 @@ class Batcher:
             if not wire.valid_table_name(table):
                 raise InvalidTableName(table)
             self._tables.add(table)
-        names = key[1] if isinstance(key[1], tuple) else None
-        batch = _Batch(table, names, time.monotonic() + self.linger_s)
+        batch = _Batch(table, names_of(key), time.monotonic() + self.linger_s)
         self._open[key] = batch
         self._lock.notify_all()  # the background thread learns the new deadline
         return batch
@@ -305,9 +328,8 @@ class Batcher:
                                                  timeout_s=self.append_timeout_s)
         except InvalidInput as exc:
             if len(picked) > 1:
-                half = len(picked) // 2
-                self._append(batch, picked[:half], outcomes)
-                self._append(batch, picked[half:], outcomes)
+                for part in halves(picked):
+                    self._append(batch, part, outcomes)
                 return
             entry_id = exc
         except Exception as exc:  # Backpressure, SchemaRace, Redis down: the whole batch
@@ -315,26 +337,45 @@ class Batcher:
         for n in picked:
             outcomes[n] = entry_id
 
-    def _merge(self, batch: _Batch, picked: Sequence[int]) -> pa.Table:
-        """The writes ``picked`` as one table; raises ``InvalidInput`` if they cannot be."""
-        items = batch.items
-        if batch.names is None:
-            if len(picked) == 1:
-                return items[picked[0]]
-            return pa.concat_tables([items[n] for n in picked])
-        rows = [items[n] for n in picked]
-        if len(rows) == 1:
-            return to_table(rows)
-        try:  # one array per column: the types pa.Table.from_pylist infers, 10x faster
-            table = pa.Table.from_arrays([pa.array([r[k] for r in rows])
-                                          for k in batch.names], names=list(batch.names))
-        except (pa.ArrowException, ValueError, TypeError, KeyError, OverflowError):
-            return to_table(rows)  # its error names the problem (or halving isolates it)
-        self._row_bytes[batch.table] = max(1.0, table.nbytes / table.num_rows)
-        return table
+
+def classify(table: str, data: Any) -> tuple[Any, int, int, Any]:
+    """``(group key, rows, bytes, data)`` of one write: writes of one key are merged. A dict
+    row's key is its table, column names and Python value types (its bytes are estimated
+    later); anything else is converted to Arrow now (``to_table``'s errors raise) and keyed
+    by its table and schema."""
+    if type(data) is dict:
+        return (table, tuple(data), tuple(map(type, data.values()))), 1, 0, data
+    arrow = to_table(data)
+    return (table, arrow.schema), arrow.num_rows, arrow.nbytes, arrow
 
 
-def _report_at_exit(ref: weakref.ref[Batcher]) -> None:
+def names_of(key: Any) -> tuple[str, ...] | None:
+    """The column names of a group of dict rows (``classify``), or None for Arrow data."""
+    return key[1] if isinstance(key[1], tuple) else None
+
+
+def merge(names: tuple[str, ...] | None, items: list[Any]) -> pa.Table:
+    """Writes of one group as one table: dict rows with column ``names``, or Arrow tables
+    (``names`` None). Raises ``InvalidInput`` if they cannot be (``halves`` then finds the
+    writes at fault)."""
+    if names is None:
+        return items[0] if len(items) == 1 else pa.concat_tables(items)
+    if len(items) == 1:
+        return to_table(items)
+    try:  # one array per column: the types pa.Table.from_pylist infers, 10x faster
+        return pa.Table.from_arrays([pa.array([r[k] for r in items]) for k in names],
+                                    names=list(names))
+    except (pa.ArrowException, ValueError, TypeError, KeyError, OverflowError):
+        return to_table(items)  # its error names the problem (or halving isolates it)
+
+
+def halves(picked: Sequence[int]) -> tuple[Sequence[int], Sequence[int]]:
+    """A group refused as invalid is appended again as two halves, down to single writes."""
+    half = len(picked) // 2
+    return picked[:half], picked[half:]
+
+
+def _report_at_exit(ref: weakref.ref[Buffer]) -> None:
     batcher = ref()
     if batcher is not None and batcher.unacknowledged:
         log.warning("deltaflush: the process exits with %d rows written to a batcher not "

@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, cast
 
 import pyarrow as pa
@@ -21,15 +19,15 @@ from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 from . import admin, cluster, scripts, shards, wire
-from .append import BACKPRESSURE, CONFLICT, NO_MEMORY, PROTOCOL, queue_append
+from .append import BACKPRESSURE, PROTOCOL
 from .batcher import Batcher
-from .convert import conform, evolve, to_table
-from .due import DUE, due_args, due_keys, queue_flush, send_or_unmark
+from .convert import evolve, to_table
+from .core import SCHEMA_RACES as SCHEMA_RACES
+from .core import AppendCore, Next, Pending, partly_appended
+from .due import DUE, celery_app, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import (
     Backpressure,
-    BatchTooLarge,
     DeltaflushError,
-    InvalidTableName,
     ReplicationTimeout,
     SchemaRace,
     UnsupportedData,
@@ -37,15 +35,11 @@ from .errors import (
 )
 from .settings import Settings
 from .tablecfg import TableConfig
-from .typepolicy import AppendCheck
 
 log = logging.getLogger(__name__)
 
 #: ``append_many`` sends its batches in groups of about this many payload bytes.
 SEND_GROUP_BYTES = 8 * 1024 * 1024
-#: How many times one batch is reshaped and sent again because the table's schema changed
-#: between its shaping and its arrival (other producers evolving it at the same moment).
-SCHEMA_RACES = 3
 #: How long a producer uses a table's shard count before reading its configuration again.
 ROUTE_TTL_S = 5.0
 #: The compare-and-set of a sharded table's schema (``producer/lua/schema_evolve.lua``).
@@ -91,19 +85,8 @@ def _names_a_cluster(url: str, retry: Retry) -> bool:
         return False
 
 
-@dataclass
-class _Pending:
-    """One batch on its way: its Arrow table, payload and the schema move it makes."""
-
-    arrow: pa.Table
-    batch_id: str
-    #: the canonical form of the batch's schema (docs/spec.md), the check's ``schema``
-    schema_bytes: bytes = b""
-    #: the table's schema as stored, when this batch evolves it (compare-and-set), else b""
-    evolves_from: bytes = b""
-    dead_id: str = ""
-    payload: Any = None  # the Arrow IPC stream (a buffer), once encoded
-    size: int = 0  # the payload's size, known before it is encoded
+#: One batch on its way (``producer.core``).
+_Pending = Pending
 
 
 class Producer:
@@ -130,17 +113,16 @@ class Producer:
         self.redis = client if client is not None else connect(self.settings.redis_url, retries=8)
         if cluster.is_cluster(self.redis):
             cluster.require_broker(self.settings.redis_url, self.settings.broker_url)
-        #: the tables, and shards (by hash tag), whose schema this producer has read
-        self._registered: set[str] = set()
-        #: table or shard (hash tag) -> (its schema, the value of ``:schema`` it was read
-        #: from); a table's own entry is shard 0's schema, the authority of its shards
-        self._schemas: dict[str, tuple[pa.Schema, bytes]] = {}
-        self._pending: dict[str, int] = {}
+        #: what to send and what the replies mean (shared with ``AsyncProducer``); its
+        #: state: the tables and shards registered, their schemas and pending bytes
+        self._core = AppendCore(self.settings)
+        self._registered = self._core.registered
+        self._schemas = self._core.schemas
+        self._pending = self._core.pending
         #: table -> (when to read its configuration again, its shard count, shard key)
         self._routes: dict[str, tuple[float, int, str]] = {}
         self._next_shard: dict[str, int] = {}
         self._celery: Any = None
-        self._types = AppendCheck(self.redis)  # types some reader rejects (typepolicy)
 
     # --- appending --------------------------------------------------------------------
 
@@ -210,11 +192,7 @@ class Producer:
                     ids[n] = self._send(keys, item, timeout_s,
                                         verdicts[n] if n < len(verdicts) else None)
                 except DeltaflushError as exc:
-                    exc.appended = ids  # type: ignore[attr-defined]
-                    exc.add_note(
-                        f"append_many: {sum(i is not None for i in ids)} of the {len(ids)} "
-                        "batches of this call are appended; `.appended` has their entry "
-                        "IDs (None for the others), so retry only the others.")
+                    partly_appended(exc, ids)
                     raise
         self._maybe_trigger(keys)
         return [str(i) for i in ids]
@@ -399,17 +377,14 @@ class Producer:
         return replayed, still_dead
 
     def _keys(self, table: str) -> wire.Keys:
-        if not wire.valid_table_name(table):
-            raise InvalidTableName(table)
-        return wire.Keys(self.settings.key_prefix, table)
+        return self._core.keys(table)
 
     def _prepare(self, table: str, data: Any) -> _Pending:
         """Convert and check a batch on its own (before anything is written to Redis)."""
+        keys = self._keys(table)
         arrow = to_table(data)
-        self._types.check(self._keys(table), arrow.schema)  # types some reader rejects
-        item = _Pending(arrow, uuid.uuid4().hex, wire.canonical_schema(arrow.schema))
-        self._measure(table, item)
-        return item
+        config = self.redis.get(keys.config) if self._core.needs_config(keys, arrow) else None
+        return self._core.prepare(keys, arrow, config)
 
     def _register(self, keys: wire.Keys) -> None:
         """Before the first append of a table from this process: add it to
@@ -427,68 +402,20 @@ class Producer:
             pipe.sadd(wire.tables_key(self.settings.key_prefix), keys.table)
             pipe.get(keys.schema)
             _, stored = pipe.execute()
-        if stored:
-            self._remember(keys, stored)
-        self._registered.add(keys.tag)
+        self._core.registered_as(keys, stored)
 
     def _remember(self, keys: wire.Keys, stored: bytes) -> None:
-        """Keep the table's (or shard's) schema, as its ``:schema`` held it (``stored``)."""
-        table = keys.table
-        if not stored:
-            self._schemas.pop(keys.tag, None)
-            return
-        known = self._schemas.get(keys.tag)
-        if known is None or known[1] != stored:
-            try:
-                schema = wire.stored_schema(stored)
-            except ValueError as exc:  # never replaced (docs/spec.md 6.4): appended under it
-                raise ValueError(
-                    f"table {table!r}: its stored schema is not a protocol-{wire.PROTOCOL} "
-                    f"canonical schema, so no batch can be shaped to it; nothing was "
-                    f"appended (docs/spec.md 6.4; a later protocol, or a faulty writer, "
-                    f"stored it): {exc}") from exc
-            self._schemas[keys.tag] = (schema, stored)
+        self._core.remember(keys, stored)
 
     def _shape(self, keys: wire.Keys, item: _Pending) -> _Pending:
-        """Bring the batch to the table's schema as this producer last saw it: conformed to
-        it (column order, nulls for missing nullable columns, widened types), or evolving it
-        (``evolves_from`` is then the stored value: the check's compare-and-set). Raises
-        ``SchemaConflict`` naming the column when neither is possible."""
-        table = keys.table
-        item.evolves_from = b""
-        known = self._schemas.get(keys.tag)
-        if keys.shard == 0 and (known is None or known[1] == item.schema_bytes):
-            return item
-        if known is not None and known[1] == item.schema_bytes:
-            return item
-        raw = b"" if known is None else known[1]
-        target = None if known is None else evolve(known[0], item.arrow.schema, table)
-        if keys.shard and (target is None or wire.canonical_schema(target) != raw):
-            # a shard's copy moves only to a schema the table (shard 0) holds
-            target = self._evolve_authority(keys, item.arrow.schema)
-        assert target is not None
-        target_bytes = wire.canonical_schema(target)
-        if target_bytes != item.schema_bytes:
-            item.arrow = conform(item.arrow, target, table)
-            item.schema_bytes = target_bytes
-            self._measure(table, item)
-        if known is not None and target_bytes != raw:  # an evolution, or a stored value
-            item.evolves_from = raw                     # to bring to canonical form
-        return item
+        return self._core.shape(keys, item, self._evolve_authority)
 
     def _measure(self, table: str, item: _Pending) -> None:
-        """Size the batch's payload (and refuse it if too large) without encoding it yet."""
-        item.size = wire.payload_size(item.arrow)
-        item.payload = None
-        if item.size > self.settings.max_batch_bytes:
-            raise BatchTooLarge(table, item.size, self.settings.max_batch_bytes)
+        self._core.measure(table, item)
 
     @staticmethod
     def _encode(items: list[_Pending]) -> list[_Pending]:
-        for item in items:
-            if item.payload is None:
-                item.payload = wire.encode_table(item.arrow, item.size)
-        return items
+        return AppendCore.encode(items)
 
     def _transaction(self, keys: wire.Keys, items: list[_Pending]) -> list[list[Any]]:
         """Append ``items`` in one round trip, each in a ``MULTI``/``EXEC`` of its own (see
@@ -500,46 +427,27 @@ class Producer:
         replicas = self.settings.append_replicas
         timeout_ms = self.settings.append_replicas_timeout_ms
 
-        def send(master: redis.Redis) -> list[Any]:
+        def send(master: redis.Redis) -> tuple[list[list[Any]], int]:
             pipe = master.pipeline(transaction=False)
-            for item in items:
-                pipe.execute_command("MULTI")
-                queue_append(pipe, keys, item.payload, item.arrow.num_rows, item.batch_id,
-                             item.schema_bytes, item.evolves_from,
-                             self.settings.max_pending_bytes, item.dead_id)
-                pipe.execute_command("EXEC")
+            self._core.queue(pipe, keys, items)
             if replicas:  # on the same connection, right after the transactions
                 cluster.queue_wait(pipe, replicas, timeout_ms)
             replies = pipe.execute(raise_on_error=False)
-            for reply in replies:
-                # e.g. EXECABORT: Redis refused a command at queueing; nothing of it ran
-                for error in (reply if isinstance(reply, list) else [reply]):
-                    if isinstance(error, redis.OutOfMemoryError):
-                        raise _out_of_memory(keys.table, error) from error
-                    if isinstance(error, Exception):
-                        raise error
-            return replies
+            verdicts = self._core.verdicts(keys, replies)  # raises what Redis refused
+            return verdicts, replies[-1] if replicas else 0
 
         # On a cluster: on the master of the table's slot, again while the slot moves or
         # fails over (each batch's ID makes that harmless).
-        replies = cluster.on_master(self.redis, keys.delta, send)
+        verdicts, acked = cluster.on_master(self.redis, keys.delta, send)
         if replicas:
-            cluster.check_acked(replies.pop(), replicas, timeout_ms,
+            cluster.check_acked(acked, replicas, timeout_ms,
                                 f"table {keys.table!r}: {len(items)} batch(es) appended",
                                 tuple(item.batch_id for item in items))
-        # an EXEC's reply: the XADD's and the check's
-        return [reply[-1] for reply in replies if isinstance(reply, list)]
+        return verdicts
 
     def _accepted(self, keys: wire.Keys, item: _Pending, verdict: list[Any]) -> str | None:
         """The entry ID if Redis accepted ``item``, else None."""
-        code, value, *rest = verdict
-        if code == NO_MEMORY:  # refused inside the script (see producer.append)
-            raise _out_of_memory(keys.table, value.decode())
-        if code in (CONFLICT, BACKPRESSURE, PROTOCOL):
-            return None
-        self._remember(keys, item.schema_bytes)
-        self._pending[keys.tag] = int(rest[0])
-        return str(value.decode())
+        return self._core.accepted(keys, item, verdict)
 
     def _send(self, keys: wire.Keys, item: _Pending, timeout_s: float | None,
               verdict: list[Any] | None = None) -> str:
@@ -550,32 +458,18 @@ class Producer:
         schema changed (the batch is first reshaped to the schema the refusal returned; at
         most ``SCHEMA_RACES`` times, then ``SchemaRace``), or, with ``timeout_s``, the table
         has room again (polled without sending the payload)."""
-        table = keys.table
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        races = 0
+        item.races = 0
         while True:
             if verdict is None:
                 verdict = self._transaction(keys, self._encode([item]))[0]
             entry_id = self._accepted(keys, item, verdict)
             if entry_id is not None:
                 return entry_id
-            code, value = verdict[0], verdict[1]
-            verdict = None
-            if code == BACKPRESSURE:
+            if self._core.refused(keys, item, verdict, self._evolve_authority) is Next.WAIT:
                 if deadline is None or not self._wait_for_room(keys, deadline):
-                    raise Backpressure(table, int(value), self.settings.max_pending_bytes)
-            elif code == PROTOCOL:
-                raise UpgradeRequired(table, int(value), wire.PROTOCOL)
-            else:  # CONFLICT: the table's schema is not the one the batch was shaped for
-                races += 1
-                if bytes(value) in (item.schema_bytes, item.evolves_from):
-                    # the schema the batch was shaped for: shaping again would send the same
-                    # payload (docs/spec.md, section 8); no protocol-1 check replies so
-                    raise SchemaRace(table, races, same=True)
-                if races > SCHEMA_RACES:
-                    raise SchemaRace(table, races)
-                self._remember(keys, bytes(value))
-                self._shape(keys, item)  # raises SchemaConflict if it cannot fit
+                    raise self._core.backpressure(keys, verdict)
+            verdict = None
 
     def _wait_for_room(self, keys: wire.Keys, deadline: float) -> bool:
         """Wait, polling the pending counter (not resending the payload), until the table is
@@ -643,7 +537,7 @@ class Producer:
     def _maybe_trigger(self, keys: wire.Keys) -> None:
         """Size trigger: once a table's pending bytes pass ``flush_at_bytes``, queue a flush
         now instead of waiting for beat (unless one is queued or running already)."""
-        if self._pending.pop(keys.tag, 0) < self.settings.flush_at_bytes:
+        if not self._core.trigger_due(keys):
             return
         if DUE(self.redis, due_keys(keys), due_args(self.settings.lease_ms, 0, force=True)):
             send_or_unmark(self.redis, keys, self._send_flush)
@@ -674,12 +568,7 @@ class Producer:
 
     def _celery_app(self) -> Any:
         if self._celery is None:
-            from celery import Celery
-
-            app = Celery("deltaflush-producer", broker=self.settings.broker_url,
-                         set_as_current=False)
-            app.conf.update(task_serializer="json", accept_content=["json"])
-            self._celery = app
+            self._celery = celery_app(self.settings.broker_url)
         return self._celery
 
     def close(self) -> None:
@@ -692,10 +581,3 @@ class Producer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _out_of_memory(table: str, reason: object) -> redis.OutOfMemoryError:
-    return redis.OutOfMemoryError(
-        f"Redis is out of memory (over its maxmemory) and refused a batch for table "
-        f"{table!r}; nothing of that batch was appended. Let the workers flush, or give "
-        f"Redis more memory, then retry ({reason})")

@@ -52,3 +52,13 @@ def queue_flush(client: Any, keys: wire.Keys, ttl_ms: int,
         return False
     send_or_unmark(client, keys, send)
     return True
+
+
+def celery_app(broker_url: str) -> Any:
+    """The Celery app a producer sends ``flush_table`` with (JSON only; made on first use,
+    so a producer that never asks for a flush never connects to the broker)."""
+    from celery import Celery
+
+    app = Celery("deltaflush-producer", broker=broker_url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    return app

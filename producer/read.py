@@ -205,8 +205,12 @@ class Snapshot:
     spool: Spool
     watermarks: dict[str, str | None] = field(default_factory=dict)
 
-    def reaches(self, entry_id: str) -> bool:
-        return any(_id(v.high) >= _id(entry_id) for v in self.views)
+    def reaches(self, wanted: list[tuple[str | None, str]]) -> bool:
+        """Whether the snapshot holds every ``(stream, entry ID)`` of ``wanted`` (stream
+        None: the ID of an unsharded table's append, held by any stream)."""
+        highs = {v.stream: _id(v.high) for v in self.views}
+        return all(any(h >= _id(entry) for h in highs.values()) if stream is None
+                   else highs.get(stream, (-1, -1)) >= _id(entry) for stream, entry in wanted)
 
     def newest(self) -> str | None:
         return _latest(*(v.high for v in self.views))
@@ -313,17 +317,31 @@ class Opened:
         return ds.dataset(parts) if len(parts) > 1 else parts[0]
 
 
+def _entry_ids(keys: wire.Keys, min_id: str) -> list[tuple[str | None, str]]:
+    """``(stream, entry ID)`` of each ID in what ``append`` returned: ``<ms>-<seq>``, or
+    for a sharded table ``<shard>:<ms>-<seq>``, several separated by spaces."""
+    out: list[tuple[str | None, str]] = []
+    for part in str(min_id).split():
+        shard, sep, entry = part.rpartition(":")
+        try:
+            wire.parse_id(entry)
+            stream = keys.for_shard(int(shard)).stream if sep else None
+        except ValueError as exc:
+            raise InvalidInput(f"min_id={min_id!r} is not what append returns: a stream entry "
+                               "ID such as '1732480000000-0' (or '2:1732480000000-0' for "
+                               "shard 2 of a sharded table)") from exc
+        out.append((stream, entry))
+    if not out:
+        raise InvalidInput(f"min_id={min_id!r} is empty; pass what append returned")
+    return out
+
+
 def open_snapshot(client: Any, settings: Settings, table: str, min_id: str | None = None,
                   timeout_s: float = 10.0) -> Opened | None:
     """A snapshot of ``table`` holding ``min_id`` (if given); None if the table never had
     a batch (it has no schema)."""
     keys = admin.require_table(client, settings.key_prefix, table)
-    if min_id is not None:
-        try:
-            wire.parse_id(min_id)
-        except ValueError as exc:
-            raise InvalidInput(f"min_id={min_id!r} is not a stream entry ID such as "
-                               "'1732480000000-0' (what append returns)") from exc
+    wanted = [] if min_id is None else _entry_ids(keys, min_id)
     config = admin.table_config(client, keys)
     fmt = config.format or settings.table_format
     storage = Storage(settings.storage_uri)
@@ -332,11 +350,11 @@ def open_snapshot(client: Any, settings: Settings, table: str, min_id: str | Non
     delay = 0.01
     while True:
         snap = take(client, storage, settings, table, config, fmt, streams)
-        if min_id is None or snap.reaches(min_id):
+        if snap.reaches(wanted):
             break
         snap.spool.close()
         if time.monotonic() >= deadline:
-            raise NotYetVisible(table, min_id, snap.newest(), timeout_s)
+            raise NotYetVisible(table, str(min_id), snap.newest(), timeout_s)
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.5)
     raw = cast(bytes | None, client.get(keys.authority))

@@ -218,9 +218,10 @@ def refusal(schema: pa.Schema, spark_compatible: bool, table: str) -> Unsupporte
 class AppendCheck:
     """Refuses, at ``append``, a batch whose types the table cannot write (see above).
 
-    Nearly every schema needs no look-up: only one with a type Spark rejects costs one
-    ``GET`` of the table's configuration, and a table's last accepted schema is remembered
-    so the check runs once per schema, not per batch.
+    Nearly every schema needs no look-up: only one with a type Spark rejects needs the
+    table's configuration (``needs_config``; ``check`` does the ``GET`` with ``client``,
+    an asynchronous producer does it itself and calls ``decide``), and a table's last
+    accepted schema is remembered so the check runs once per schema, not per batch.
     """
 
     def __init__(self, client: Any) -> None:
@@ -228,13 +229,25 @@ class AppendCheck:
         self._accepted: dict[str, pa.Schema] = {}
 
     def check(self, keys: wire.Keys, schema: pa.Schema) -> None:
+        config = self._client.get(keys.config) if self.needs_config(keys, schema) else None
+        self.decide(keys, schema, config)
+
+    def needs_config(self, keys: wire.Keys, schema: pa.Schema) -> bool:
+        known = self._accepted.get(keys.table)
+        if known is not None and known.equals(schema):
+            return False
+        return refusal(schema, False, keys.table) is None and \
+            refusal(schema, True, keys.table) is not None
+
+    def decide(self, keys: wire.Keys, schema: pa.Schema, config: bytes | str | None) -> None:
+        """Raise the refusal of ``schema``, if any; ``config`` is the table's configuration
+        (JSON), read only when ``needs_config`` said so (else None)."""
         known = self._accepted.get(keys.table)
         if known is not None and known.equals(schema):
             return
         error = refusal(schema, False, keys.table)
-        if error is None and refusal(schema, True, keys.table) is not None:
-            config = TableConfig.from_json(self._client.get(keys.config))
-            error = refusal(schema, config.spark_compatible, keys.table)
+        if error is None and self.needs_config(keys, schema):
+            error = refusal(schema, TableConfig.from_json(config).spark_compatible, keys.table)
         if error is not None:
             raise error
         self._accepted[keys.table] = schema

@@ -246,7 +246,7 @@ def test_bad_input_is_refused_clearly(real_redis, storage_dir):
         p.read("events", columns=["id", "nope"])
     with pytest.raises(InvalidInput, match="pyarrow.compute.Expression"):
         p.read("events", filter="id > 3")  # type: ignore[arg-type]
-    with pytest.raises(InvalidInput, match="not a stream entry ID"):
+    with pytest.raises(InvalidInput, match="not what append returns"):
         p.read("events", min_id="yesterday")
 
 
@@ -278,3 +278,39 @@ def test_the_dataset_of_a_snapshot_scans_again_and_again(real_redis, storage_dir
     assert con.sql("select count(*) from events a join events b on a.id = b.id"
                    ).fetchone() == (10,)
     assert sorted(events.to_table(columns=["id"])["id"].to_pylist()) == list(range(10))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_sharded_table_reads_every_shard_each_with_its_watermark(real_redis, storage_dir,
+                                                                   fmt, monkeypatch):
+    p = producer(real_redis, storage_dir, fmt)
+    p.configure("events", shards=3)
+    for i in range(9):  # round-robin: three batches in each shard
+        p.append("events", id_batch(i * 4, 4))
+    flusher = Flusher(real_redis, Storage(str(storage_dir)),
+                      Settings(storage_uri=str(storage_dir)))
+    assert flusher.flush("events", shard=1).rows == 12  # one shard in the lake, two not
+    assert ids(p) == list(range(36))
+    for i in range(9, 12):
+        p.append("events", id_batch(i * 4, 4))
+
+    def dies(*args: Any, **kw: Any) -> int:
+        raise ConnectionError("died before the trim")
+
+    with monkeypatch.context() as m:  # shard 2 in the lake, not trimmed
+        m.setattr(RedisStream, "commit", dies)
+        with pytest.raises(ConnectionError):
+            flusher.flush("events", shard=2)
+    assert ids(p) == list(range(48))
+    real_redis.delete(wire.Keys("deltaflush", "events", 2).lease)
+    flusher.flush_shards("events")
+    assert all(real_redis.xlen(wire.Keys("deltaflush", "events", s).delta) == 0
+               for s in range(3))
+    assert ids(p) == list(range(48))
+    p.append("events", id_batch(48, 2))
+    entry = p.append("events", id_batch(50, 2))  # "<shard>:<ms>-<seq>"
+    assert ids(p, min_id=entry) == list(range(52))
+    shard, _, own = entry.partition(":")
+    ms, _ = wire.parse_id(own)
+    with pytest.raises(NotYetVisible):
+        p.read("events", min_id=f"{shard}:{ms + 3_600_000}-0", timeout_s=0.1)

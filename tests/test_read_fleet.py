@@ -30,7 +30,6 @@ from hypothesis import strategies as st
 from producer import Producer, wire
 from tests.conftest import Fleet, id_batch, wait_for
 from tests.reliability import SCALE
-from tests.test_fleet import drained
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -100,15 +99,28 @@ class Compactor(threading.Thread):
             h.get("operation") == "OPTIMIZE" for h in DeltaTable(str(path)).history())
 
 
-def check_prefix(p: Producer, table: str, acked_before: int, what: str) -> int:
+def check_prefix(p: Producer, table: str, acked_before: int, what: str,
+                 sharded: bool = False) -> int:
+    """The read holds ids ``0..k-1`` exactly once, ``k >= acked_before``. A sharded table's
+    snapshot is one per shard, taken one after the other: it holds every id acknowledged
+    before it started, exactly once, and maybe some appended while it ran."""
     got = p.read(table, columns=["id"]).read_all()["id"].to_pylist()
     dupes = len(got) - len(set(got))
     assert dupes == 0, f"{what}: {dupes} rows read twice"
+    if sharded:
+        missing = sorted(set(range(acked_before)) - set(got))
+        assert not missing, f"{what}: acknowledged ids missing, e.g. {missing[:5]}"
+        return len(got)
     missing = sorted(set(range(len(got))) - set(got))
     assert not missing, f"{what}: ids missing below {len(got)}, e.g. {missing[:5]}"
     assert len(got) >= acked_before, \
         f"{what}: read {len(got)} rows, but {acked_before} were acknowledged before the read"
     return len(got)
+
+
+def drained_shard(client: Any, keys: wire.Keys) -> bool:
+    return (client.xlen(keys.delta) == 0 and not client.exists(keys.claim)
+            and not client.exists(keys.lease))
 
 
 def kill_a_worker(fleet: Fleet) -> None:
@@ -120,9 +132,10 @@ def kill_a_worker(fleet: Fleet) -> None:
     fleet.restart_dead_workers()
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "iceberg", "delta"])
-def test_every_read_is_one_prefix_of_what_was_appended(fmt, fleet, fleet_env, producer_for,
-                                                       real_redis):
+@pytest.mark.parametrize("fmt,shards", [("parquet", 1), ("iceberg", 1), ("delta", 1),
+                                        ("parquet", 3), ("delta", 3)])
+def test_every_read_is_one_prefix_of_what_was_appended(fmt, shards, fleet, fleet_env,
+                                                       producer_for, real_redis):
     fleet.worker(pool="solo")
     fleet.worker(pool="solo")
     fleet.beat()
@@ -136,20 +149,25 @@ def test_every_read_is_one_prefix_of_what_was_appended(fmt, fleet, fleet_env, pr
     @given(STEPS)
     def schedule(steps: list[tuple[Any, ...]]) -> None:
         table = f"events{next(_tables)}"
-        p.configure(table, format=fmt, flush_interval_s=0.2, target_file_bytes=1 << 20)
+        p.configure(table, format=fmt, flush_interval_s=0.2, target_file_bytes=1 << 20,
+                    shards=shards)
         appender = Appender(p, table)
         appender.start()
         compactor = Compactor(fleet_env, table) if fmt != "parquet" else None
         keys = wire.Keys("deltaflush", table)
-        wait_for(lambda: real_redis.hget(keys.stats, "rows"), 30, "a first flush")
+        wait_for(lambda: any(real_redis.hget(keys.for_shard(i).stats, "rows")
+                             for i in range(shards)), 30, "a first flush")
         if compactor is not None:
             compactor.start()
         try:
             for step in steps:
                 if step[0] == "read":
-                    both = (int(real_redis.hget(keys.stats, "rows") or 0) > 0
-                            and real_redis.xlen(keys.delta) > 0)
-                    n = check_prefix(p, table, appender.acked, f"{fmt} read during flushes")
+                    both = (any(real_redis.hget(keys.for_shard(i).stats, "rows")
+                                for i in range(shards))
+                            and any(real_redis.xlen(keys.for_shard(i).delta)
+                                    for i in range(shards)))
+                    n = check_prefix(p, table, appender.acked, f"{fmt} read during flushes",
+                                     shards > 1)
                     stats["reads"] += 1
                     stats["both_tiers"] += both
                     stats["longest"] = max(stats["longest"], n)
@@ -165,7 +183,8 @@ def test_every_read_is_one_prefix_of_what_was_appended(fmt, fleet, fleet_env, pr
             deadline = time.monotonic() + 90
             while compactor is not None and not compactor.rewrites and \
                     time.monotonic() < deadline:
-                check_prefix(p, table, appender.acked, f"{fmt} read during compactions")
+                check_prefix(p, table, appender.acked, f"{fmt} read during compactions",
+                             shards > 1)
                 time.sleep(0.1)
         finally:
             appender.stop.set()
@@ -176,9 +195,9 @@ def test_every_read_is_one_prefix_of_what_was_appended(fmt, fleet, fleet_env, pr
         assert appender.error is None, appender.error
         total = appender.acked
         try:
-            wait_for(lambda: fleet.restart_dead_workers() >= 0 and drained(real_redis, total,
-                                                                          table),
-                     120, f"{table} to drain")
+            wait_for(lambda: fleet.restart_dead_workers() >= 0 and all(
+                drained_shard(real_redis, keys.for_shard(i)) for i in range(shards)),
+                120, f"{table} to drain")
         except BaseException:
             print(fleet.logs())
             raise

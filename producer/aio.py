@@ -1,0 +1,363 @@
+"""The asyncio producer: ``Producer``'s API on redis-py's asyncio client, for async services
+(FastAPI, aiohttp).
+
+>>> ap = AsyncProducer()
+>>> entry_id = await ap.append("events", [{"id": 1}])
+>>> async with ap.batcher(linger_ms=5) as b:
+...     entry_id = await b.write("events", {"id": 2})
+
+Everything but the I/O is ``producer.core``'s, shared with ``Producer``: conversion,
+validation, shaping to the table's schema, the append transaction and the reading of the
+check script's verdicts; and ``producer.batcher``'s grouping and merging of writes. So the
+guarantees are the same: a batch ID per append (a lost connection is retried, about 10 s in
+all, and never adds a batch twice), ``Backpressure`` (or a wait of up to ``timeout_s``),
+bad input refused before anything is written.
+
+The batcher's ``write`` is a plain (not ``async``) call that buffers the write at once and
+returns an ``asyncio.Future`` of its entry ID, so fire-and-forget costs no task; a write
+that would pass ``max_buffer_bytes`` raises ``BufferFull`` at once (an event loop cannot
+block: ``await b.flush()`` waits for room).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from . import wire
+from .batcher import (
+    FIRST_ROW_BYTES,
+    LINGER_MS,
+    MAX_BUFFER_BYTES,
+    MAX_BYTES,
+    MAX_ROWS,
+    Buffer,
+    _Batch,
+    classify,
+    halves,
+    names_of,
+)
+from .convert import to_table
+from .core import AppendCore, Next, Pending, partly_appended
+from .due import DUE, celery_app, due_args, due_keys
+from .errors import BufferFull, DeltaflushError, InvalidInput
+from .settings import Settings
+
+
+def connect(url: str, retries: int = 8) -> redis.asyncio.Redis:
+    """An asyncio Redis client for the delta tier that reconnects by itself (``retries`` >
+    0: a command on a lost connection is retried with exponential backoff, about
+    ``retries`` seconds in all; the appends are idempotent, a batch ID deduplicates them)."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retries else [],
+        health_check_interval=30,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+    )
+
+
+class AsyncProducer:
+    """``Producer`` for asyncio (see the module doc). ``AsyncProducer()`` reads its settings
+    from the environment; ``redis_url``, ``broker_url`` and ``key_prefix`` (or a whole
+    ``settings``, or an asyncio ``client``) override them. Safe to share between tasks."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        broker_url: str | None = None,
+        *,
+        key_prefix: str | None = None,
+        settings: Settings | None = None,
+        client: redis.asyncio.Redis | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env(
+            redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix)
+        self.redis = client if client is not None else connect(self.settings.redis_url)
+        self._core = AppendCore(self.settings)
+        self._celery: Any = None
+
+    # --- appending --------------------------------------------------------------------
+
+    async def append(self, table: str, data: Any, *, timeout_s: float | None = None) -> str:
+        """``Producer.append``: append one batch, return its entry ID once Redis has
+        accepted it."""
+        keys = self._core.keys(table)
+        item = await self._prepare(keys, data)
+        await self._register(keys)
+        entry_id = await self._send(keys, self._core.shape(keys, item), timeout_s)
+        await self._maybe_trigger(keys)
+        return entry_id
+
+    async def append_many(self, table: str, batches: Iterable[Any], *,
+                          timeout_s: float | None = None) -> list[str]:
+        """``Producer.append_many``: several batches in one pipelined round trip, each its
+        own transaction; every batch is checked before anything is sent, a refused one is
+        retried alone after the others (``.appended`` on the error if one fails)."""
+        keys = self._core.keys(table)
+        items = [await self._prepare(keys, data) for data in batches]
+        await self._register(keys)
+        for item in items:
+            self._core.shape(keys, item)
+        verdicts = await self._transaction(keys, items) if items else []
+        ids: list[str | None] = [self._core.accepted(keys, item, verdict)
+                                 for item, verdict in zip(items, verdicts, strict=True)]
+        for n, item in enumerate(items):
+            if ids[n] is None:
+                try:
+                    ids[n] = await self._send(keys, item, timeout_s, verdicts[n])
+                except DeltaflushError as exc:
+                    partly_appended(exc, ids)
+                    raise
+        await self._maybe_trigger(keys)
+        return [str(i) for i in ids]
+
+    def batcher(self, *, linger_ms: float = LINGER_MS, max_rows: int = MAX_ROWS,
+                max_bytes: int = MAX_BYTES, max_buffer_bytes: int = MAX_BUFFER_BYTES,
+                append_timeout_s: float | None = None) -> AsyncBatcher:
+        """``Producer.batcher`` for asyncio: ``write`` returns an awaitable (an
+        ``asyncio.Future``) of the entry ID (docs/batching.md)."""
+        return AsyncBatcher(self, linger_ms=linger_ms, max_rows=max_rows, max_bytes=max_bytes,
+                            max_buffer_bytes=max_buffer_bytes,
+                            append_timeout_s=append_timeout_s)
+
+    async def _prepare(self, keys: wire.Keys, data: Any) -> Pending:
+        arrow = to_table(data)
+        config = await self.redis.get(keys.config) \
+            if self._core.needs_config(keys, arrow) else None
+        return self._core.prepare(keys, arrow, config)
+
+    async def _register(self, keys: wire.Keys) -> None:
+        """``Producer._register``: the table in ``{prefix}:tables``, its schema learnt."""
+        if keys.tag in self._core.registered:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.sadd(wire.tables_key(self.settings.key_prefix), keys.table)
+        pipe.get(keys.schema)
+        _, stored = await pipe.execute()
+        self._core.registered_as(keys, stored)
+
+    async def _transaction(self, keys: wire.Keys, items: list[Pending]) -> list[list[Any]]:
+        pipe = self.redis.pipeline(transaction=False)
+        self._core.queue(pipe, keys, AppendCore.encode(items))
+        return self._core.verdicts(keys, await pipe.execute(raise_on_error=False))
+
+    async def _send(self, keys: wire.Keys, item: Pending, timeout_s: float | None,
+                    verdict: list[Any] | None = None) -> str:
+        """``Producer._send``: until Redis accepts ``item``, or the core says why not."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        item.races = 0
+        while True:
+            if verdict is None:
+                verdict = (await self._transaction(keys, [item]))[0]
+            entry_id = self._core.accepted(keys, item, verdict)
+            if entry_id is not None:
+                return entry_id
+            if self._core.refused(keys, item, verdict) is Next.WAIT:
+                if deadline is None or not await self._wait_for_room(keys, deadline):
+                    raise self._core.backpressure(keys, verdict)
+            verdict = None
+
+    async def _wait_for_room(self, keys: wire.Keys, deadline: float) -> bool:
+        delay = 0.05
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+            pipe = self.redis.pipeline()
+            pipe.hget(keys.pending, "bytes")
+            pipe.xlen(keys.delta)
+            pending, length = await pipe.execute()
+            if int(pending or 0) < self.settings.max_pending_bytes or not length:
+                return True
+        return False
+
+    # --- flushing ---------------------------------------------------------------------
+
+    async def _maybe_trigger(self, keys: wire.Keys) -> None:
+        """The size trigger of ``Producer._maybe_trigger``."""
+        if not self._core.trigger_due(keys):
+            return
+        key_list, arg_list = DUE.argv(due_keys(keys),
+                                      due_args(self.settings.lease_ms, 0, force=True))
+        if await self.redis.eval(DUE.source, len(key_list), *key_list, *arg_list):
+            await self._send_or_unmark(keys)
+
+    async def flush(self, table: str) -> bool:
+        """``Producer.flush``: enqueue ``flush_table(table)`` now, unless one is queued."""
+        keys = self._core.keys(table)
+        if not await self.redis.set(keys.queued, b"1", nx=True, px=self.settings.lease_ms):
+            return False
+        await self._send_or_unmark(keys)
+        return True
+
+    async def request_flush(self, table: str) -> None:
+        """``Producer.request_flush``: ask for a flush through Redis alone."""
+        keys = self._core.keys(table)
+        await self.redis.hset(keys.sched, wire.FIELD_FLUSH_REQUESTED, int(time.time() * 1000))
+
+    async def _send_or_unmark(self, keys: wire.Keys) -> None:
+        """Send ``flush_table`` (Celery's client blocks: in a thread); if that fails, remove
+        the ``{T}:queued`` mark so the next request can queue it (``due.send_or_unmark``)."""
+        if self._celery is None:
+            self._celery = celery_app(self.settings.broker_url)
+        try:
+            await asyncio.to_thread(self._celery.send_task, wire.FLUSH_TASK,
+                                    args=[keys.table], queue=wire.QUEUE)
+        except Exception:
+            await self.redis.delete(keys.queued)
+            raise
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        if self._celery is not None:
+            self._celery.close()
+
+    async def __aenter__(self) -> AsyncProducer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncBatcher(Buffer):
+    """``producer.batcher.Batcher`` for asyncio (see the module doc and docs/batching.md):
+    a task of the event loop merges the writes and appends them with
+    ``AsyncProducer.append``. ``await b.close()`` or ``async with`` drains it."""
+
+    def __init__(self, producer: AsyncProducer, *, linger_ms: float, max_rows: int,
+                 max_bytes: int, max_buffer_bytes: int,
+                 append_timeout_s: float | None) -> None:
+        super().__init__(linger_ms=linger_ms, max_rows=max_rows, max_bytes=max_bytes,
+                         max_buffer_bytes=max_buffer_bytes, append_timeout_s=append_timeout_s)
+        self.producer = producer
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def write(self, table: str, data: Any) -> asyncio.Future[str]:
+        """Buffer one row (a dict), a list of dicts, or anything ``append`` takes; return
+        a future of the entry ID of the merged batch that holds it. Raises at once for bad
+        input, and ``BufferFull`` if the buffer is full."""
+        if self._closing:
+            raise RuntimeError("this batcher is closed; make a new one with "
+                               "AsyncProducer.batcher()")
+        key, rows, nbytes, data = classify(table, data)
+        if type(data) is dict:
+            nbytes = int(self._row_bytes.get(table, FIRST_ROW_BYTES))
+        if self._buffered and self._buffered + nbytes > self.max_buffer_bytes:
+            self._send_all()
+            raise BufferFull(self._buffered, self.max_buffer_bytes, 0.0)
+        batch = self._open.get(key)
+        if batch is None:
+            if table not in self._tables:
+                self.producer._core.keys(table)  # raises InvalidTableName
+                self._tables.add(table)
+            batch = self._open[key] = _Batch(table, names_of(key),
+                                             time.monotonic() + self.linger_s)
+            self._start()
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._idle.clear()
+        if self._add(key, batch, data, future, rows, nbytes):
+            self._wake.set()
+        return future
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._wake.set()  # a new deadline
+
+    def _send_all(self) -> None:
+        self._ready.extend(self._open.values())
+        self._open.clear()
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Send everything buffered now and wait until every write so far is resolved."""
+        self._send_all()
+        if self.unacknowledged:
+            if self._task is None or self._task.done():
+                self._start()
+            await self._idle.wait()
+
+    async def close(self) -> None:
+        """Send everything buffered, wait for it, and stop the batcher's task."""
+        await self.flush()
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def __aenter__(self) -> AsyncBatcher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            for key, batch in list(self._open.items()):
+                if batch.deadline <= now:
+                    del self._open[key]
+                    self._ready.append(batch)
+            if self._ready:
+                batches, self._ready = self._ready, []
+                for batch in batches:
+                    await self._deliver(batch)
+                continue
+            if not self.unacknowledged:
+                self._idle.set()
+            if self._closing and not self._open:
+                return
+            nearest = min((b.deadline for b in self._open.values()), default=None)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(),
+                                       None if nearest is None else max(0.0, nearest - now))
+            except TimeoutError:
+                pass
+
+    async def _deliver(self, batch: _Batch) -> None:
+        outcomes: list[Any] = [None] * len(batch.items)
+        try:
+            await self._append(batch, list(range(len(batch.items))), outcomes)
+        except BaseException as exc:  # never leave a future unresolved
+            outcomes = [exc if o is None else o for o in outcomes]
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for future, outcome in zip(batch.futures, outcomes, strict=True):
+                if future.done() or outcome is None:
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+            self.unacknowledged -= batch.rows
+            self._buffered -= batch.nbytes
+
+    async def _append(self, batch: _Batch, picked: Sequence[int],
+                      outcomes: list[Any]) -> None:
+        """``Batcher._append``: halving on ``InvalidInput`` to the writes at fault."""
+        try:
+            arrow = self._merge(batch, picked)
+            entry_id: Any = await self.producer.append(batch.table, arrow,
+                                                       timeout_s=self.append_timeout_s)
+        except InvalidInput as exc:
+            if len(picked) > 1:
+                for part in halves(picked):
+                    await self._append(batch, part, outcomes)
+                return
+            entry_id = exc
+        except Exception as exc:
+            entry_id = exc
+        for n in picked:
+            outcomes[n] = entry_id
