@@ -119,6 +119,17 @@ def test_the_command_line_reads_every_master(redis_cluster, cluster_prefix, stor
     assert "DELTAFLUSH_BROKER_URL" in proc.stderr and "RabbitMQ" in proc.stderr
 
 
+def test_the_exporter_reports_tables_on_every_master(redis_cluster, cluster_prefix):
+    from workers.metrics import DeltaflushCollector
+
+    with Producer(settings=settings_for(redis_cluster, cluster_prefix)) as p:
+        for n, table in enumerate(TABLES):
+            p.append(table, id_batch(0, 10 + n))
+        families = {f.name: f for f in DeltaflushCollector(p.redis, cluster_prefix).collect()}
+    rows = {s.labels["table"]: s.value for s in families["deltaflush_pending_rows"].samples}
+    assert rows == {t: 10 + n for n, t in enumerate(TABLES)}
+
+
 def test_doctor_checks_every_master(redis_cluster, cluster_prefix, storage_dir):
     found = {c.name: c for c in run_checks(settings_for(
         redis_cluster, cluster_prefix, storage_dir, append_replicas=1))}

@@ -140,3 +140,85 @@ def test_compose_commands_parse_as_the_cli_and_celery_expect():
     result = CliRunner().invoke(main, [*exporter[1:], "--help"])
     assert result.exit_code == 0, result.output
     assert shlex.join(compose["services"]["worker"]["command"])
+
+
+# --- the Redis Cluster option (docs/cluster.md) ------------------------------------------
+
+
+def cluster_manifests():
+    for path in sorted((ROOT / "deploy" / "k8s" / "cluster").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                yield path.name, doc
+
+
+@pytest.mark.parametrize("name,doc", [m for m in cluster_manifests()
+                                      if not m[1]["apiVersion"].startswith("keda.sh/")],
+                         ids=lambda v: v if isinstance(v, str)
+                         else v.get("kind", "?") + "/" + v["metadata"]["name"])
+def test_cluster_manifests_are_valid_kubernetes(name, doc):
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+def test_the_cluster_option_runs_six_durable_nodes_joined_with_replicas_and_rabbitmq():
+    docs = [doc for _, doc in cluster_manifests()]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert config["metadata"]["name"] == "deltaflush"  # what the fleet's deployments read
+    env = config["data"]
+    assert set(env) <= KNOWN_ENV
+    assert int(env["DELTAFLUSH_APPEND_REPLICAS"]) >= 1
+    node = next(d for d in docs if d["kind"] == "StatefulSet"
+                and d["metadata"]["name"] == "deltaflush-redis-cluster")
+    assert node["spec"]["replicas"] == 6
+    args = " ".join(containers(node)[0]["args"])
+    for flag in ("--cluster-enabled yes", "--appendonly yes", "--appendfsync always",
+                 "--maxmemory-policy noeviction", "--cluster-announce-hostname"):
+        assert flag in args
+    service = node["spec"]["serviceName"]
+    assert env["DELTAFLUSH_REDIS_URL"].startswith(
+        f"redis://{node['metadata']['name']}-0.{service}:6379")
+    job = next(d for d in docs if d["kind"] == "Job")
+    script = " ".join(job["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert "redis-cli --cluster create" in script and "--cluster-replicas 1" in script
+    # the broker: RabbitMQ, its URL in the Secret every deployment of the fleet reads
+    broker = next(d for d in docs if d["kind"] == "Secret"
+                  and d["metadata"]["name"] == "deltaflush-broker")
+    url = broker["stringData"]["DELTAFLUSH_BROKER_URL"]
+    assert url.startswith("amqp://") and "@deltaflush-rabbitmq:5672/" in url
+    assert any(d["kind"] == "StatefulSet" and d["metadata"]["name"] == "deltaflush-rabbitmq"
+               for d in docs)
+    for _, doc in manifests():
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] != "deltaflush-redis":
+            refs = containers(doc)[0]["envFrom"]
+            assert {"secretRef": {"name": "deltaflush-broker", "optional": True}} in refs
+    keda = next(d for d in docs if d["apiVersion"].startswith("keda.sh/"))
+    triggers = {t["type"]: t["metadata"] for t in keda["spec"]["triggers"]}
+    assert triggers["rabbitmq"]["queueName"] == "deltaflush"  # the flush_table queue
+    assert triggers["rabbitmq"]["hostFromEnv"] == "DELTAFLUSH_BROKER_URL"
+
+
+def test_the_compose_cluster_file_puts_the_fleet_on_a_cluster_and_rabbitmq():
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    over = yaml.safe_load((ROOT / "docker-compose.cluster.yml").read_text())["services"]
+    nodes = ["redis"] + [f"redis-{i}" for i in range(1, 6)]
+    for name in nodes:
+        command = " ".join(over[name]["command"])
+        assert "--cluster-enabled yes" in command and "--appendfsync always" in command
+        assert "--maxmemory-policy noeviction" in command
+        assert f"--cluster-announce-hostname {name} " in command
+    create = " ".join(over["redis-cluster"]["command"])
+    assert "redis-cli --cluster create" in create and "--cluster-replicas 1" in create
+    assert set(over["redis-cluster"]["depends_on"]) == set(nodes)
+    assert over["rabbitmq"]["image"].startswith("rabbitmq:")
+    for name in ("worker", "beat", "flower", "exporter"):
+        assert name in base
+        env = over[name]["environment"]
+        assert set(env) <= KNOWN_ENV
+        assert env["DELTAFLUSH_BROKER_URL"].startswith("amqp://") and "@rabbitmq:" in \
+            env["DELTAFLUSH_BROKER_URL"]
+        assert env["DELTAFLUSH_REDIS_URL"].startswith("redis://redis:")
+        assert int(env["DELTAFLUSH_APPEND_REPLICAS"]) >= 1
+        assert over[name]["depends_on"]["redis-cluster"]["condition"] == \
+            "service_completed_successfully"
