@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from producer import admin, lakes, shards, wire
+from producer import admin, cluster, lakes, shards, wire
 from producer.decoding import decode
 from producer.errors import InvalidInput, NotYetVisible
 from producer.settings import Settings
@@ -177,7 +177,10 @@ def capture(client: Any, stream: Stream, spool: Spool) -> tuple[str | None, str 
     last_id read with the last chunk)``: every entry up to the newest is in the spool or
     trimmed up to that ``last_id`` (see the module doc)."""
     keys = stream.keys
-    pipe = client.pipeline(transaction=True)
+    # a MULTI of the stream's slot, on its master (a Redis Cluster's client would not
+    # decode the replies of a transaction)
+    master: Any = cluster.master_for(client, keys.delta)
+    pipe = master.pipeline(transaction=True)
     pipe.hget(keys.stats, "last_id")
     pipe.xrevrange(keys.delta, count=1)
     pipe.xrange(keys.delta, "-", "+", count=CHUNK_ENTRIES)
@@ -190,7 +193,7 @@ def capture(client: Any, stream: Stream, spool: Spool) -> tuple[str | None, str 
                       [f.get(wire.FIELD_ARROW, b"") for _, f in taken])
         if len(chunk) < CHUNK_ENTRIES or not taken or _id(taken[-1][0]) >= _id(end):
             return end, _text(committed)
-        pipe = client.pipeline(transaction=True)
+        pipe = master.pipeline(transaction=True)
         pipe.hget(keys.stats, "last_id")
         pipe.xrange(keys.delta, "(" + taken[-1][0], end, count=CHUNK_ENTRIES)
         committed, chunk = pipe.execute()
