@@ -53,7 +53,7 @@ def test_shards_live_on_several_masters_and_flush_exactly_once(redis_cluster, cl
     result = Flusher(p.redis, Storage(str(storage_dir)), settings).flush_shards(TABLE)
     assert result.rows == total
     assert drained(p.redis, cluster_prefix, total)
-    read_back(storage_dir, total)
+    read_back(storage_dir, total, "Redis Cluster: 4 shards on several masters, in process")
     p.close()
 
 
@@ -79,7 +79,8 @@ def test_two_workers_flush_four_shards_on_the_cluster(redis_cluster, cluster_pre
             total += 260
         wait_for(lambda: drained(p.redis, cluster_prefix, total), 180,
                  f"every shard to drain; logs:\n{fleet.logs()}")
-        per_shard = read_back(storage_dir, total)
+        per_shard = read_back(storage_dir, total, "Redis Cluster: 4 shards flushed by 2 "
+                              "workers (RabbitMQ)")
         assert sorted(per_shard) == [0, 1, 2, 3]
         for log in logs:
             assert b"flushed table=events" in log.read_bytes(), fleet.logs()

@@ -15,6 +15,7 @@ import pytest
 
 from producer import shards, wire
 from tests.conftest import Fleet, wait_for
+from tests.reliability import check_ids
 
 pytestmark = pytest.mark.integration
 
@@ -50,15 +51,16 @@ def wait_drained(fleet: Fleet, client, total: int, timeout: float = 120) -> None
 _NAME = re.compile(r"part-(\d{13})-(\d{6})_\d{13}-\d{6}(?:-s(\d+))?\.parquet$")
 
 
-def read_back(storage_dir: Path, total: int, key_order: bool = True) -> dict[int, int]:
-    """Check with DuckDB that ids ``0..total-1`` are there exactly once and (``key_order``)
-    that each user's rows are in one shard, in append order; return rows per shard."""
+def read_back(storage_dir: Path, total: int, fault: str, key_order: bool = True
+              ) -> dict[int, int]:
+    """Check with DuckDB that ids ``0..total-1`` are there exactly once (recorded for
+    docs/reliability.md as ``fault``) and (``key_order``) that each user's rows are in one
+    shard, in append order; return rows per shard."""
     rows = duckdb.sql(
         f"SELECT id, user, seq, filename FROM read_parquet('{storage_dir / TABLE}/*.parquet', "
         "filename=true)").fetchall()
-    ids = sorted(r[0] for r in rows)
-    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} rows duplicated"
-    assert ids == list(range(total)), f"{total - len(set(ids))} rows missing"
+    check_ids(f"sharded table: {fault}", [r[0] for r in rows], range(total), None,
+              lambda missing: f"missing ids: {sorted(missing)[:10]}")
     per_shard: dict[int, list[tuple[tuple[int, int], str, int]]] = defaultdict(list)
     for _id, user, seq, filename in rows:
         match = _NAME.search(filename)
@@ -88,7 +90,7 @@ def test_four_shards_flushed_by_two_workers_at_once(fleet, producer_for, real_re
         p.append(TABLE, batch(total, 260))
         total += 260
     wait_drained(fleet, real_redis, total)
-    per_shard = read_back(storage_dir, total)
+    per_shard = read_back(storage_dir, total, "4 shards flushed by 2 workers at once")
     assert sorted(per_shard) == [0, 1, 2, 3]
     for log in logs:  # both workers flushed shards of the table
         assert re.search(rb"flushed table=events", log.read_bytes()), fleet.logs()
@@ -104,12 +106,14 @@ def test_sigkill_mid_flush_of_one_shard(fleet, producer_for, real_redis, storage
         p.append(TABLE, batch(total, 260))
         total += 260
     fleet.worker(failpoints="flush.claimed=kill")
-    fleet.worker()
     fleet.beat()
+    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / "flush.claimed"
+    wait_for(marker.exists, 60, "a flush of a shard to be killed after its claim")
+    fleet.worker()  # a second worker from here on: the other shards flush on meanwhile
     wait_drained(fleet, real_redis, total)
-    assert (Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / "flush.claimed").exists()
-    assert fleet.logged("SIGKILL"), fleet.logs()
-    read_back(storage_dir, total)
+    # the killed worker's main process logs its pool process's death when it notices it
+    wait_for(lambda: fleet.logged("SIGKILL"), 30, f"the SIGKILL logged:\n{fleet.logs()}")
+    read_back(storage_dir, total, "worker SIGKILLed holding one shard's claim")
 
 
 def test_changing_the_shard_count_on_a_live_table(fleet, producer_for, real_redis,
@@ -145,7 +149,8 @@ def test_changing_the_shard_count_on_a_live_table(fleet, producer_for, real_redi
         producer_thread.join()
     total = appended[0]
     wait_drained(fleet, real_redis, total)
-    per_shard = read_back(storage_dir, total, key_order=False)
+    per_shard = read_back(storage_dir, total, "shard count changed 2 -> 4 -> 1 -> 3 while "
+                          "appending and flushing", key_order=False)
     assert sorted(per_shard) == [0, 1, 2, 3], "every shard that ever was got rows"
     assert shards.shards_ever(real_redis, "deltaflush", TABLE) == 4
 
