@@ -82,7 +82,10 @@ class AsyncProducer:
         self.settings = settings or Settings.from_env(
             redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix)
         self.redis = client if client is not None else connect(self.settings.redis_url)
-        self._core = AppendCore(self.settings)
+        # Protocol 1: this producer does not route batches to the shards of a sharded
+        # table (docs/shards.md), so such a table refuses it (``UpgradeRequired``) instead
+        # of taking every batch into shard 0, out of its shard key's order.
+        self._core = AppendCore(self.settings, protocol=1)
         self._celery: Any = None
 
     # --- appending --------------------------------------------------------------------
