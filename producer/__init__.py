@@ -4,6 +4,7 @@
 >>> p = Producer()
 >>> p.append("events", [{"id": 1, "kind": "click"}])
 >>> p.flush("events")
+>>> p.read("events").read_all()   # both tiers, one consistent snapshot
 """
 
 from .aio import AsyncProducer
@@ -16,6 +17,8 @@ from .errors import (
     InvalidInput,
     InvalidTableName,
     LeaseLost,
+    NotYetVisible,
+    ReadError,
     ReplicationTimeout,
     SchemaConflict,
     SchemaRace,
@@ -34,7 +37,9 @@ __all__ = [
     "InvalidInput",
     "InvalidTableName",
     "LeaseLost",
+    "NotYetVisible",
     "Producer",
+    "ReadError",
     "ReplicationTimeout",
     "SchemaConflict",
     "SchemaRace",

@@ -23,6 +23,8 @@ the lake's column types (``schema``).
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -32,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from producer import wire
+from producer.errors import ReadError
 from producer.settings import Settings
 from producer.storage import Storage
 from producer.tablecfg import TableConfig
@@ -160,6 +163,53 @@ def _fs_path(storage: Storage, uri: str) -> str:
     return parsed.netloc + parsed.path
 
 
+#: Catalogs by (catalog URI, namespace, storage URI): connecting one (an SQLAlchemy engine,
+#: the namespace checked) costs more than a read of a small table.
+_CATALOGS: dict[tuple[str, str, str], Any] = {}
+_CATALOGS_LOCK = threading.Lock()
+
+
+def _catalog(settings: Settings, storage: Storage) -> Any:
+    from producer import catalog
+
+    key = (settings.catalog_uri, settings.catalog_namespace, settings.storage_uri)
+    with _CATALOGS_LOCK:
+        if key not in _CATALOGS:
+            _CATALOGS[key] = catalog.load(settings, storage)
+        return _CATALOGS[key]
+
+
+#: The live data files each manifest lists, by its path (a manifest is never rewritten in
+#: place), so a read plans only the manifests committed since the last one.
+_MANIFESTS: OrderedDict[str, list[str]] = OrderedDict()
+MANIFESTS_REMEMBERED = 4096
+
+
+def _data_files(lake: Any, snapshot: Any) -> list[str]:
+    """The data files of an Iceberg snapshot: what ``scan().plan_files()`` finds for a
+    table without delete files, with each manifest read once per process."""
+    from pyiceberg.manifest import ManifestContent
+
+    out = []
+    for manifest in snapshot.manifests(lake.io):
+        if manifest.content != ManifestContent.DATA:
+            raise ReadError(f"Iceberg table {lake.name()} has delete files (written by another "
+                            "engine); deltaflush reads only tables without them")
+        with _CATALOGS_LOCK:
+            paths = _MANIFESTS.get(manifest.manifest_path)
+            if paths is not None:
+                _MANIFESTS.move_to_end(manifest.manifest_path)
+        if paths is None:
+            paths = [e.data_file.file_path
+                     for e in manifest.fetch_manifest_entry(lake.io, discard_deleted=True)]
+            with _CATALOGS_LOCK:
+                _MANIFESTS[manifest.manifest_path] = paths
+                while len(_MANIFESTS) > MANIFESTS_REMEMBERED:
+                    _MANIFESTS.popitem(last=False)
+        out += paths
+    return out
+
+
 class IcebergSnapshot:
     """The current snapshot of a table's Iceberg table and its watermarks."""
 
@@ -175,15 +225,14 @@ class IcebergSnapshot:
         self.files: list[str] = []
         self.watermarks: dict[str, str | None] = {s: None for s in streams}
         try:
-            lake = catalog.load(settings, storage).load_table(catalog.identifier(settings, table))
+            lake = _catalog(settings, storage).load_table(catalog.identifier(settings, table))
         except NoSuchTableError:  # no flush yet
             return
         props = lake.properties
         self.watermarks = {s: props.get(ICEBERG_WATERMARK + s) for s in streams}
         current = lake.current_snapshot()
         if current is not None:
-            scan = lake.scan(snapshot_id=current.snapshot_id)
-            self.files = [_fs_path(storage, task.file.file_path) for task in scan.plan_files()]
+            self.files = [_fs_path(storage, path) for path in _data_files(lake, current)]
 
     def pin(self, watermarks: dict[str, str | None]) -> None:
         raise AssertionError("an Iceberg snapshot carries its own watermarks")

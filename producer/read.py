@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from producer import admin, lakes, shards, wire
+from producer import admin, cluster, lakes, shards, wire
 from producer.decoding import decode
 from producer.errors import InvalidInput, NotYetVisible
 from producer.settings import Settings
@@ -177,11 +177,18 @@ def capture(client: Any, stream: Stream, spool: Spool) -> tuple[str | None, str 
     last_id read with the last chunk)``: every entry up to the newest is in the spool or
     trimmed up to that ``last_id`` (see the module doc)."""
     keys = stream.keys
-    pipe = client.pipeline(transaction=True)
-    pipe.hget(keys.stats, "last_id")
-    pipe.xrevrange(keys.delta, count=1)
-    pipe.xrange(keys.delta, "-", "+", count=CHUNK_ENTRIES)
-    committed, tail, chunk = pipe.execute()
+
+    def multi(queue: Callable[[Any], object]) -> list[Any]:
+        def run(master: Any) -> list[Any]:  # a Redis Cluster: on the slot's master
+            pipe = master.pipeline(transaction=True)
+            queue(pipe)
+            return cast(list[Any], pipe.execute())
+
+        return cluster.on_master(client, keys.delta, run)
+
+    committed, tail, chunk = multi(lambda pipe: (
+        pipe.hget(keys.stats, "last_id"), pipe.xrevrange(keys.delta, count=1),
+        pipe.xrange(keys.delta, "-", "+", count=CHUNK_ENTRIES)))
     end = _text(tail[0][0]) if tail else None
     while True:
         taken = [(cast(str, _text(i)), f) for i, f in chunk if _id(i) <= _id(end)]
@@ -190,10 +197,13 @@ def capture(client: Any, stream: Stream, spool: Spool) -> tuple[str | None, str 
                       [f.get(wire.FIELD_ARROW, b"") for _, f in taken])
         if len(chunk) < CHUNK_ENTRIES or not taken or _id(taken[-1][0]) >= _id(end):
             return end, _text(committed)
-        pipe = client.pipeline(transaction=True)
-        pipe.hget(keys.stats, "last_id")
-        pipe.xrange(keys.delta, "(" + taken[-1][0], end, count=CHUNK_ENTRIES)
-        committed, chunk = pipe.execute()
+        after = "(" + taken[-1][0]
+
+        def more(pipe: Any, after: str = after) -> None:
+            pipe.hget(keys.stats, "last_id")
+            pipe.xrange(keys.delta, after, end, count=CHUNK_ENTRIES)
+
+        committed, chunk = multi(more)
 
 
 @dataclass

@@ -314,3 +314,21 @@ def test_a_sharded_table_reads_every_shard_each_with_its_watermark(real_redis, s
     ms, _ = wire.parse_id(own)
     with pytest.raises(NotYetVisible):
         p.read("events", min_id=f"{shard}:{ms + 3_600_000}-0", timeout_s=0.1)
+
+
+def test_a_sharded_table_on_a_redis_cluster_reads_across_its_masters(redis_cluster,
+                                                                    cluster_prefix,
+                                                                    storage_dir):
+    settings = Settings(redis_url=redis_cluster.url, key_prefix=cluster_prefix,
+                        storage_uri=str(storage_dir), broker_url="memory://")
+    p = Producer(settings=settings)
+    p.configure("events", shards=4)
+    masters = {redis_cluster.master_of(wire.Keys(cluster_prefix, "events", i).delta).port
+               for i in range(4)}
+    assert len(masters) >= 2, "the 4 shards all hash to one master"
+    for i in range(8):
+        p.append("events", id_batch(i * 10, 10))
+    Flusher(p.redis, Storage(str(storage_dir)), settings).flush("events", shard=1)
+    p.append("events", id_batch(80, 10))
+    assert ids(p) == list(range(90))
+    p.close()
