@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.retry import Retry as SyncRetry
 
-from . import wire
+from . import cluster, wire
 from .batcher import (
     FIRST_ROW_BYTES,
     LINGER_MS,
@@ -50,18 +53,25 @@ from .due import DUE, celery_app, due_args, due_keys
 from .errors import BufferFull, DeltaflushError, InvalidInput
 from .settings import Settings
 
+T = TypeVar("T")
+
 
 def connect(url: str, retries: int = 8) -> redis.asyncio.Redis:
     """An asyncio Redis client for the delta tier that reconnects by itself (``retries`` >
     0: a command on a lost connection is retried with exponential backoff, about
-    ``retries`` seconds in all; the appends are idempotent, a batch ID deduplicates them)."""
+    ``retries`` seconds in all; the appends are idempotent, a batch ID deduplicates them).
+    A ``redis.asyncio.cluster.RedisCluster`` when ``url`` names a Redis Cluster node (asked
+    once, here, as ``producer.client.connect`` does)."""
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries)
+    common: dict[str, Any] = dict(health_check_interval=30, socket_keepalive=True,
+                                  socket_connect_timeout=5)
+    if cluster.names_a_cluster(url, SyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries)):
+        return cast(redis.asyncio.Redis, AsyncRedisCluster.from_url(url, retry=retry, **common))
     return redis.asyncio.Redis.from_url(
         url,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+        retry=retry,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retries else [],
-        health_check_interval=30,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
+        **common,
     )
 
 
@@ -82,19 +92,27 @@ class AsyncProducer:
         self.settings = settings or Settings.from_env(
             redis_url=redis_url, broker_url=broker_url, key_prefix=key_prefix)
         self.redis = client if client is not None else connect(self.settings.redis_url)
+        if isinstance(self.redis, AsyncRedisCluster):
+            cluster.require_broker(self.settings.redis_url, self.settings.broker_url)
         # Protocol 1: this producer does not route batches to the shards of a sharded
         # table (docs/shards.md), so such a table refuses it (``UpgradeRequired``) instead
         # of taking every batch into shard 0, out of its shard key's order.
         self._core = AppendCore(self.settings, protocol=1)
         self._celery: Any = None
+        #: plain clients of a Redis Cluster's masters, by address (``_on_master``)
+        self._masters: dict[str, redis.asyncio.Redis] = {}
 
     # --- appending --------------------------------------------------------------------
 
-    async def append(self, table: str, data: Any, *, timeout_s: float | None = None) -> str:
+    async def append(self, table: str, data: Any, *, timeout_s: float | None = None,
+                     batch_id: str | None = None) -> str:
         """``Producer.append``: append one batch, return its entry ID once Redis has
-        accepted it."""
+        accepted it (and ``append_replicas`` replicas hold it: ``ReplicationTimeout``
+        otherwise, retried with ``batch_id``)."""
         keys = self._core.keys(table)
         item = await self._prepare(keys, data)
+        if batch_id is not None:
+            item.batch_id = batch_id
         await self._register(keys)
         entry_id = await self._send(keys, self._core.shape(keys, item), timeout_s)
         await self._maybe_trigger(keys)
@@ -149,9 +167,57 @@ class AsyncProducer:
         self._core.registered_as(keys, stored)
 
     async def _transaction(self, keys: wire.Keys, items: list[Pending]) -> list[list[Any]]:
-        pipe = self.redis.pipeline(transaction=False)
-        self._core.queue(pipe, keys, AppendCore.encode(items))
-        return self._core.verdicts(keys, await pipe.execute(raise_on_error=False))
+        """``Producer._transaction``: on the master of the table's slot, then ``WAIT`` for
+        ``append_replicas`` replicas on the same connection."""
+        replicas = self.settings.append_replicas
+        timeout_ms = self.settings.append_replicas_timeout_ms
+        AppendCore.encode(items)
+
+        async def send(master: redis.asyncio.Redis) -> tuple[list[list[Any]], int]:
+            pipe = master.pipeline(transaction=False)
+            self._core.queue(pipe, keys, items)
+            if replicas:
+                cluster.queue_wait(pipe, replicas, timeout_ms)
+            replies = await pipe.execute(raise_on_error=False)
+            return self._core.verdicts(keys, replies), replies[-1] if replicas else 0
+
+        verdicts, acked = await self._on_master(keys.delta, send)
+        if replicas:
+            cluster.check_acked(acked, replicas, timeout_ms,
+                                f"table {keys.table!r}: {len(items)} batch(es) appended",
+                                tuple(item.batch_id for item in items))
+        return verdicts
+
+    async def _on_master(self, key: str, run: Callable[[redis.asyncio.Redis], Awaitable[T]]
+                         ) -> T:
+        """``producer.cluster.on_master`` for asyncio: ``run`` on a plain client of the
+        master of ``key``'s slot, again while the slot moves or fails over (up to
+        ``cluster.RETRY_S``); ``run(self.redis)`` once on a single Redis."""
+        if not isinstance(self.redis, AsyncRedisCluster):
+            return await run(self.redis)
+        deadline = time.monotonic() + cluster.RETRY_S
+        delay = 0.05
+        while True:
+            try:
+                return await run(self._master(self.redis.get_node_from_key(key)))
+            except (*cluster.REDIRECTS, redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            try:
+                await self.redis.nodes_manager.initialize()
+            except redis.RedisError:
+                pass  # still electing: the next try reads the slots again
+
+    def _master(self, node: Any) -> redis.asyncio.Redis:
+        if node.name not in self._masters:
+            options: dict[str, Any] = {**parse_url(self.settings.redis_url),
+                                       "host": node.host, "port": node.port,
+                                       "socket_connect_timeout": 5, "socket_keepalive": True}
+            self._masters[node.name] = redis.asyncio.Redis(
+                connection_pool=redis.asyncio.ConnectionPool(**options))
+        return self._masters[node.name]
 
     async def _send(self, keys: wire.Keys, item: Pending, timeout_s: float | None,
                     verdict: list[Any] | None = None) -> str:
@@ -220,6 +286,8 @@ class AsyncProducer:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        for master in self._masters.values():
+            await master.aclose(close_connection_pool=True)
         if self._celery is not None:
             self._celery.close()
 

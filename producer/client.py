@@ -59,7 +59,7 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
         Retry(NoBackoff(), 0)
     common: dict[str, Any] = dict(health_check_interval=30, socket_keepalive=True,
                                   socket_connect_timeout=5)
-    if _names_a_cluster(url, retry):
+    if cluster.names_a_cluster(url, retry):
         return cast(redis.Redis, RedisCluster.from_url(url, retry=retry, **common))
     # redis-py's own serializer sends a large payload as it is (one ``sendall`` of the
     # buffer); the hiredis one, its default once hiredis is installed, first copies every
@@ -72,17 +72,6 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
         retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retries else [],
         **common,
     )
-
-
-def _names_a_cluster(url: str, retry: Retry) -> bool:
-    """Whether ``url`` names a Redis Cluster node; a server that refuses ``INFO`` (an ACL
-    without ``+info``, an embedded Redis-compatible server) is taken for a standalone
-    Redis. Unreachable: Redis's error, after ``retry``'s attempts."""
-    try:
-        return bool(retry.call_with_retry(lambda: cluster.is_cluster_url(url),
-                                          lambda _: None))
-    except redis.ResponseError:
-        return False
 
 
 #: One batch on its way (``producer.core``).

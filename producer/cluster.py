@@ -38,6 +38,7 @@ from redis.exceptions import (
     SlotNotCoveredError,
     TryAgainError,
 )
+from redis.retry import Retry
 
 from .errors import ConfigError, ReplicationTimeout
 
@@ -61,7 +62,18 @@ def is_cluster_url(url: str) -> bool:
         probe.close()
 
 
+def names_a_cluster(url: str, retry: Retry) -> bool:
+    """Whether ``url`` names a Redis Cluster node; a server that refuses ``INFO`` (an ACL
+    without ``+info``, an embedded Redis-compatible server) is taken for a standalone
+    Redis. Unreachable: Redis's error, after ``retry``'s attempts."""
+    try:
+        return bool(retry.call_with_retry(lambda: is_cluster_url(url), lambda _: None))
+    except redis.ResponseError:
+        return False
+
+
 def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a Redis Cluster client (``redis.cluster.RedisCluster``)."""
     return isinstance(client, RedisCluster)
 
 

@@ -86,6 +86,57 @@ def test_tables_spread_over_the_masters_append_schedule_flush_and_report(
     p.close()
 
 
+def test_the_asyncio_producer_appends_on_every_master_and_waits_for_replicas(
+        redis_cluster, cluster_prefix):
+    import asyncio
+
+    from producer import AsyncProducer
+
+    settings = settings_for(redis_cluster, cluster_prefix, append_replicas=1,
+                            append_replicas_timeout_ms=300)
+
+    async def main() -> tuple[list[str], ReplicationTimeout]:
+        async with AsyncProducer(settings=settings) as ap:
+            ids = [await ap.append(t, id_batch(0, 10)) for t in TABLES]
+            ids += await ap.append_many("t0", [id_batch(10, 5), id_batch(15, 5)])
+            async with ap.batcher(linger_ms=1) as b:
+                await b.write("t1", {"id": 10, "ts": None, "name": "x", "value": 1.0})
+            replica = redis_cluster.replica_of(redis_cluster.master_of(
+                wire.Keys(cluster_prefix, "t2").delta))
+            redis_cluster.pause(replica)
+            try:
+                with pytest.raises(ReplicationTimeout) as caught:
+                    await ap.append("t2", id_batch(10, 3))
+            finally:
+                redis_cluster.resume(replica)
+            await ap.append("t2", id_batch(10, 3), batch_id=caught.value.batch_ids[0])
+            return ids, caught.value
+
+    ids, refused = asyncio.run(main())
+    assert len(ids) == len(TABLES) + 2 and refused.acked == 0
+    with Producer(settings=settings) as p:
+        lengths = {t: p.redis.xlen(wire.Keys(cluster_prefix, t).delta) for t in TABLES}
+    assert lengths == {**{t: 1 for t in TABLES}, "t0": 3, "t1": 2, "t2": 2}
+
+
+def test_configure_read_and_replay_on_the_cluster(redis_cluster, cluster_prefix,
+                                                  storage_dir):
+    settings = settings_for(redis_cluster, cluster_prefix, storage_dir)
+    with Producer(settings=settings) as p:
+        p.append("events", id_batch(0, 10))
+        config = p.configure("events", partition_by=["name"], flush_interval_s=5)
+        assert config.partition_by == ("name",) and p.table_config("events") == config
+        Flusher(p.redis, Storage(str(storage_dir)), settings).flush("events")
+        p.append("events", id_batch(10, 5))
+        both = p.read("events").read_all()  # the flushed rows and the delta's, once each
+        assert sorted(both["id"].to_pylist()) == list(range(15))
+        keys = wire.Keys(cluster_prefix, "events")
+        p.redis.xadd(keys.dead, {b"arrow": bytes(wire.encode_table(id_batch(15, 3))),
+                                 b"error": b"was broken", b"entry_id": b"1-0"})
+        assert p.replay_dead("events") == (1, 0)
+        assert p.redis.xlen(keys.delta) == 2 and p.redis.xlen(keys.dead) == 0
+
+
 def test_the_command_line_reads_every_master(redis_cluster, cluster_prefix, storage_dir,
                                               tmp_path):
     settings = settings_for(redis_cluster, cluster_prefix, storage_dir)
