@@ -36,7 +36,6 @@ from redis.retry import Retry as SyncRetry
 
 from . import cluster, wire
 from .batcher import (
-    FIRST_ROW_BYTES,
     LINGER_MS,
     MAX_BUFFER_BYTES,
     MAX_BYTES,
@@ -94,7 +93,10 @@ class AsyncProducer:
         self.redis = client if client is not None else connect(self.settings.redis_url)
         if isinstance(self.redis, AsyncRedisCluster):
             cluster.require_broker(self.settings.redis_url, self.settings.broker_url)
-        self._core = AppendCore(self.settings)
+        # Protocol 1: this producer does not route batches to the shards of a sharded
+        # table (docs/shards.md), so such a table refuses it (``UpgradeRequired``) instead
+        # of taking every batch into shard 0, out of its shard key's order.
+        self._core = AppendCore(self.settings, protocol=1)
         self._celery: Any = None
         #: plain clients of a Redis Cluster's masters, by address (``_on_master``)
         self._masters: dict[str, redis.asyncio.Redis] = {}
@@ -318,8 +320,7 @@ class AsyncBatcher(Buffer):
             raise RuntimeError("this batcher is closed; make a new one with "
                                "AsyncProducer.batcher()")
         key, rows, nbytes, data = classify(table, data)
-        if type(data) is dict:
-            nbytes = int(self._row_bytes.get(table, FIRST_ROW_BYTES))
+        nbytes = nbytes or self.estimate(table, rows)
         if self._buffered and self._buffered + nbytes > self.max_buffer_bytes:
             self._send_all()
             raise BufferFull(self._buffered, self.max_buffer_bytes, 0.0)
