@@ -93,7 +93,10 @@ class AsyncProducer:
         self.redis = client if client is not None else connect(self.settings.redis_url)
         if isinstance(self.redis, AsyncRedisCluster):
             cluster.require_broker(self.settings.redis_url, self.settings.broker_url)
-        self._core = AppendCore(self.settings)
+        # Protocol 1: this producer does not route batches to the shards of a sharded
+        # table (docs/shards.md), so such a table refuses it (``UpgradeRequired``) instead
+        # of taking every batch into shard 0, out of its shard key's order.
+        self._core = AppendCore(self.settings, protocol=1)
         self._celery: Any = None
         #: plain clients of a Redis Cluster's masters, by address (``_on_master``)
         self._masters: dict[str, redis.asyncio.Redis] = {}

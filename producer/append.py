@@ -48,9 +48,9 @@ CONFLICT, BACKPRESSURE, NO_MEMORY, PROTOCOL = 0, 2, 3, 4
 
 def queue_append(pipe: Any, keys: wire.Keys, payload: Any, rows: int, batch_id: str,
                  schema: bytes, evolves_from: bytes, max_pending_bytes: int,
-                 dead_id: str = "") -> None:
+                 dead_id: str = "", protocol: int = wire.PROTOCOL) -> None:
     """Queue the ``XADD`` and its check on a transaction ``pipe`` (two replies: the new
-    entry's ID and the check's verdict)."""
+    entry's ID and the check's verdict); ``protocol``: the version the producer speaks."""
     pipe.xadd(keys.delta, {wire.FIELD_ARROW: payload, wire.FIELD_ROWS: rows,
                            wire.FIELD_BATCH: batch_id})
     CHECK.queue(
@@ -61,4 +61,4 @@ def queue_append(pipe: Any, keys: wire.Keys, payload: Any, rows: int, batch_id: 
         args={"schema": schema, "payload_bytes": len(payload), "rows": rows,
               "evolves_from": evolves_from, "max_pending_bytes": max_pending_bytes,
               "dead_id": dead_id, "dedup_ttl_s": DEDUP_TTL_S, "id_group": ID_GROUP,
-              "protocol": wire.PROTOCOL})
+              "protocol": protocol})

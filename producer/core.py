@@ -67,8 +67,10 @@ class Next(Enum):
 class AppendCore:
     """The state and decisions of appending, for one producer (see the module doc)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, protocol: int = wire.PROTOCOL) -> None:
         self.settings = settings
+        #: the protocol version this producer speaks (ARGV 9 of the check)
+        self.protocol = protocol
         #: the tables, and shards (by hash tag), whose schema this producer has read
         self.registered: set[str] = set()
         #: table or shard (hash tag) -> (its schema, the value of ``:schema`` it was read
@@ -177,7 +179,7 @@ class AppendCore:
             pipe.execute_command("MULTI")
             queue_append(pipe, keys, item.payload, item.arrow.num_rows, item.batch_id,
                          item.schema_bytes, item.evolves_from,
-                         self.settings.max_pending_bytes, item.dead_id)
+                         self.settings.max_pending_bytes, item.dead_id, self.protocol)
             pipe.execute_command("EXEC")
 
     @staticmethod
@@ -219,7 +221,7 @@ class AppendCore:
         if code == BACKPRESSURE:
             return Next.WAIT
         if code == PROTOCOL:
-            raise UpgradeRequired(table, int(value), wire.PROTOCOL)
+            raise UpgradeRequired(table, int(value), self.protocol)
         # CONFLICT: the table's schema is not the one the batch was shaped for
         item.races += 1
         if bytes(value) in (item.schema_bytes, item.evolves_from):
