@@ -75,14 +75,23 @@ class WriteFuture(Future[Any]):
     sibling's result and finds its own missing). A write cannot be cancelled: it may be on
     its way already. Callbacks run on the batcher's thread; they must not block."""
 
+    _result: Any = None
+    _exception: BaseException | None = None
+
     def __init__(self, condition: threading.Condition) -> None:
-        # Future.__init__ would make a condition of its own; the rest is what it sets
+        # Future.__init__ would make a condition of its own, and two lists that few futures
+        # ever use (made on first use below): fewer objects for the garbage collector
         self._condition = condition
         self._state = PENDING
-        self._result = None
-        self._exception = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        """``concurrent.futures.wait``'s and ``as_completed``'s waiters (on first use)."""
+        return self.__dict__.setdefault("_waiting", [])
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
+        return self.__dict__.setdefault("_callbacks", [])
 
     def cancel(self) -> bool:
         return False
@@ -95,7 +104,7 @@ class WriteFuture(Future[Any]):
         else:
             self._result = outcome
         self._state = FINISHED
-        for waiter in self._waiters:
+        for waiter in self.__dict__.get("_waiting", ()):
             if isinstance(outcome, BaseException):
                 waiter.add_exception(self)
             else:
@@ -111,7 +120,7 @@ def resolve(condition: threading.Condition, futures: Sequence[WriteFuture],
             future._settle(outcome)
         condition.notify_all()
     for future in futures:
-        if future._done_callbacks:
+        if "_callbacks" in future.__dict__:
             future._invoke_callbacks()  # type: ignore[attr-defined]
 
 
