@@ -9,10 +9,10 @@ one process each, so a SIGKILL kills the flush it runs) and ``beat`` flush the t
 over. Hypothesis draws the schedule of the test thread: reads, SIGKILLs of a worker (a
 supervisor restarts it), SIGSTOPs of a worker for 3 s (past its 2 s lease: if it held a
 table, it wakes a zombie), flushes asked for, pauses. Each read must hold the ids
-``{0..k}`` exactly once, for some ``k`` at least the number of rows acknowledged before the
-read started (read-your-writes). A sharded table (3 shards, batches round-robin) is read one shard after
-the other: each read holds every id acknowledged before it, exactly once. At the end, once
-the table drained, a read holds every row appended, exactly once.
+``{0..k}`` exactly once, for some ``k`` at least the number of rows acknowledged before
+the read started (read-your-writes). A sharded table (3 shards, batches round-robin) is
+read one shard after the other: each read holds every id acknowledged before it, exactly
+once. At the end, once the table drained, a read holds every row appended, exactly once.
 """
 
 from __future__ import annotations
