@@ -25,7 +25,10 @@ not (the same as an ``append`` that had not returned).
   send, then raises ``BufferFull`` (nothing of that write is buffered).
 * ``close()`` (or leaving ``with``) sends everything buffered and waits for it. A process
   that exits with rows not yet acknowledged logs a warning with their count.
-* Thread-safe: any number of threads may ``write``; one background thread appends.
+* Thread-safe: any number of threads may ``write``; one background thread appends. A
+  process forked from one holding a batcher gets it empty (the parent sends what it had
+  buffered; the child sending its copies would append them twice) with a thread of its
+  own.
 
 Sizes of dict rows are estimated (from the Arrow size per row of the table's last merged
 batch), so ``max_bytes`` and ``max_buffer_bytes`` are approximate for them.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 import weakref
@@ -209,11 +213,26 @@ class Batcher(Buffer):
         self.max_block_s = max_block_s
         #: guards the state; ``_lock`` is a condition on it. ``write`` takes the bare
         #: mutex (a C-level ``with``; a Condition's is Python code)
+        self._start_thread()
+        _LIVE.add(self)
+
+    def _start_thread(self) -> None:
         self._mutex = threading.Lock()
         self._lock = threading.Condition(self._mutex)
         self._thread = threading.Thread(target=self._run, name="deltaflush-batcher",
                                         daemon=True)
         self._thread.start()
+
+    def _after_fork(self) -> None:
+        """In a child process (``os.fork``: a prefork server, multiprocessing's default on
+        Linux): the writes buffered belong to the parent, which sends them, and sending
+        the child's copies would append them twice; so the child starts empty, with a
+        background thread of its own (the parent's did not survive the fork)."""
+        self._open.clear()
+        self._ready.clear()
+        self.unacknowledged = self._buffered = 0
+        if not self._closing:
+            self._start_thread()
 
     # --- the application's side ------------------------------------------------------
 
@@ -390,6 +409,19 @@ def halves(picked: Sequence[int]) -> tuple[Sequence[int], Sequence[int]]:
     """A group refused as invalid is appended again as two halves, down to single writes."""
     half = len(picked) // 2
     return picked[:half], picked[half:]
+
+
+#: The batchers of this process, for the fork hook.
+_LIVE: weakref.WeakSet[Batcher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for batcher in list(_LIVE):
+        batcher._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _report_at_exit(ref: weakref.ref[Buffer]) -> None:

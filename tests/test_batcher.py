@@ -254,3 +254,22 @@ def test_write_futures_work_with_wait_as_completed_and_callbacks(producer, real_
             [futures[0].result()] * 10
         futures[2].add_done_callback(lambda f: called.append("late"))  # runs at once
     assert called == [futures[0].result(), "late"]
+
+
+def test_a_forked_child_starts_empty_and_sends_its_own_writes_once(producer, real_redis):
+    with producer.batcher(linger_ms=60_000) as b:
+        parents = [b.write(TABLE, row(i)) for i in range(10)]  # buffered, lingering
+        pid = os.fork()
+        if pid == 0:  # the child: its copy of the buffer must not be sent again
+            code = 1
+            try:
+                assert b.unacknowledged == 0
+                mine = [b.write(TABLE, row(i)) for i in range(100, 105)]
+                b.close()
+                code = 0 if all(f.result() for f in mine) else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    assert all(f.result() for f in parents)
+    assert sorted(delta_ids(real_redis)) == [*range(10), *range(100, 105)]
