@@ -36,7 +36,6 @@ from redis.retry import Retry as SyncRetry
 
 from . import cluster, wire
 from .batcher import (
-    FIRST_ROW_BYTES,
     LINGER_MS,
     MAX_BUFFER_BYTES,
     MAX_BYTES,
@@ -321,8 +320,7 @@ class AsyncBatcher(Buffer):
             raise RuntimeError("this batcher is closed; make a new one with "
                                "AsyncProducer.batcher()")
         key, rows, nbytes, data = classify(table, data)
-        if type(data) is dict:
-            nbytes = int(self._row_bytes.get(table, FIRST_ROW_BYTES))
+        nbytes = nbytes or self.estimate(table, rows)
         if self._buffered and self._buffered + nbytes > self.max_buffer_bytes:
             self._send_all()
             raise BufferFull(self._buffered, self.max_buffer_bytes, 0.0)

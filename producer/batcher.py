@@ -75,14 +75,23 @@ class WriteFuture(Future[Any]):
     sibling's result and finds its own missing). A write cannot be cancelled: it may be on
     its way already. Callbacks run on the batcher's thread; they must not block."""
 
+    _result: Any = None
+    _exception: BaseException | None = None
+
     def __init__(self, condition: threading.Condition) -> None:
-        # Future.__init__ would make a condition of its own; the rest is what it sets
+        # Future.__init__ would make a condition of its own, and two lists that few futures
+        # ever use (made on first use below): fewer objects for the garbage collector
         self._condition = condition
         self._state = PENDING
-        self._result = None
-        self._exception = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        """``concurrent.futures.wait``'s and ``as_completed``'s waiters (on first use)."""
+        return self.__dict__.setdefault("_waiting", [])
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
+        return self.__dict__.setdefault("_callbacks", [])
 
     def cancel(self) -> bool:
         return False
@@ -95,7 +104,7 @@ class WriteFuture(Future[Any]):
         else:
             self._result = outcome
         self._state = FINISHED
-        for waiter in self._waiters:
+        for waiter in self.__dict__.get("_waiting", ()):
             if isinstance(outcome, BaseException):
                 waiter.add_exception(self)
             else:
@@ -111,7 +120,7 @@ def resolve(condition: threading.Condition, futures: Sequence[WriteFuture],
             future._settle(outcome)
         condition.notify_all()
     for future in futures:
-        if future._done_callbacks:
+        if "_callbacks" in future.__dict__:
             future._invoke_callbacks()  # type: ignore[attr-defined]
 
 
@@ -174,9 +183,13 @@ class Buffer:
             return True
         return False
 
+    def estimate(self, table: str, rows: int) -> int:
+        """The bytes of ``rows`` rows of ``table``, from its last merged batch."""
+        return int(rows * self._row_bytes.get(table, FIRST_ROW_BYTES))
+
     def _merge(self, batch: _Batch, picked: Sequence[int]) -> pa.Table:
         table = merge(batch.names, [batch.items[n] for n in picked])
-        if batch.names is not None and table.num_rows:
+        if table.num_rows and len(picked) > 1:  # one chunk: measured cheaply
             self._row_bytes[batch.table] = max(1.0, table.nbytes / table.num_rows)
         return table
 
@@ -213,15 +226,15 @@ class Batcher(Buffer):
         ``BufferFull`` when the buffer stayed full for ``max_block_s``."""
         if type(data) is dict:  # the common case, inline: classify() does the same
             key: Any = (table, tuple(data), tuple(map(type, data.values())))
-            rows = nbytes = 1
+            rows, nbytes = 1, 0
         else:
             key, rows, nbytes, data = classify(table, data)
         with self._mutex:
             batch = self._open.get(key)
             if batch is None:
                 batch = self._start(key, table, data)
-            if type(data) is dict:
-                nbytes = int(self._row_bytes.get(table, FIRST_ROW_BYTES))
+            if not nbytes:
+                nbytes = self.estimate(table, rows)
             if self._buffered + nbytes > self.max_buffer_bytes and self._buffered:
                 self._wait_for_room(nbytes)
                 batch = self._open.get(key) or self._start(key, table, data)
@@ -340,13 +353,17 @@ class Batcher(Buffer):
 
 def classify(table: str, data: Any) -> tuple[Any, int, int, Any]:
     """``(group key, rows, bytes, data)`` of one write: writes of one key are merged. A dict
-    row's key is its table, column names and Python value types (its bytes are estimated
-    later); anything else is converted to Arrow now (``to_table``'s errors raise) and keyed
-    by its table and schema."""
+    row's key is its table, column names and Python value types; anything else is converted
+    to Arrow now (``to_table``'s errors raise) and keyed by its table and schema. Bytes 0:
+    to be estimated from the table's bytes per row (``Buffer.estimate``)."""
     if type(data) is dict:
         return (table, tuple(data), tuple(map(type, data.values()))), 1, 0, data
     arrow = to_table(data)
-    return (table, arrow.schema), arrow.num_rows, arrow.nbytes, arrow
+    rows = arrow.num_rows
+    # measuring a table costs per chunk and column (~10 us): only large ones are measured,
+    # small ones estimated like rows (0)
+    return (table, arrow.schema), rows, arrow.get_total_buffer_size() if rows >= 1000 else 0, \
+        arrow
 
 
 def names_of(key: Any) -> tuple[str, ...] | None:
@@ -358,8 +375,8 @@ def merge(names: tuple[str, ...] | None, items: list[Any]) -> pa.Table:
     """Writes of one group as one table: dict rows with column ``names``, or Arrow tables
     (``names`` None). Raises ``InvalidInput`` if they cannot be (``halves`` then finds the
     writes at fault)."""
-    if names is None:
-        return items[0] if len(items) == 1 else pa.concat_tables(items)
+    if names is None:  # one record batch per merged batch, not one per write
+        return items[0] if len(items) == 1 else pa.concat_tables(items).combine_chunks()
     if len(items) == 1:
         return to_table(items)
     try:  # one array per column: the types pa.Table.from_pylist infers, 10x faster

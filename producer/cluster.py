@@ -24,6 +24,7 @@ refreshing the map of slots in between; so what it runs must be idempotent, as t
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ from redis.retry import Retry
 from .errors import ConfigError, ReplicationTimeout
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Replies of a slot that is moving or failing over: nothing of the command ran; try again
 #: once the map of slots is refreshed. (``MovedError`` is an ``AskError``.)
@@ -137,9 +139,11 @@ def on_master(client: Any, key: str, run: Callable[[redis.Redis], T],
     while True:
         try:
             return run(master_for(client, key))
-        except retried:
+        except retried as exc:
             if time.monotonic() > deadline:
                 raise
+            log.info("the slot of %s is moving or failing over (%s: %s); trying again",
+                     key, type(exc).__name__, exc)
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
         try:

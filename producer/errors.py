@@ -99,11 +99,13 @@ class BufferFull(DeltaflushError):
 
     def __init__(self, buffered: int, limit: int, waited_s: float) -> None:
         self.buffered, self.limit, self.waited_s = buffered, limit, waited_s
+        waited = (f"did not drain within {waited_s} s (max_block_s)" if waited_s else
+                  "an asyncio batcher does not wait (await its flush() to make room)")
         super().__init__(
             f"the batcher's buffer holds {buffered} bytes, at its limit of {limit} "
-            f"(max_buffer_bytes), and did not drain within {waited_s} s (max_block_s); "
-            "nothing of this write was buffered. Retry later, give the batcher a larger "
-            "max_buffer_bytes or max_block_s, or add workers if the tables are behind."
+            f"(max_buffer_bytes), and {waited}; nothing of this write was buffered. Retry "
+            "later, give the batcher a larger max_buffer_bytes, or add workers if the "
+            "tables are behind."
         )
 
 

@@ -6,6 +6,7 @@ append returned lands exactly once; no row is duplicated."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -137,7 +138,7 @@ def test_a_master_killed_mid_run_while_its_replica_is_promoted(own_cluster, rabb
 
 @pytest.mark.timeout(420)
 def test_a_slot_migrated_while_appends_and_flushes_go_on(own_cluster, rabbitmq_vhost,
-                                                         tmp_path):
+                                                         tmp_path, caplog):
     cluster = own_cluster
     storage = tmp_path / "lake"
     env = fleet_env(cluster, rabbitmq_vhost, storage)
@@ -154,7 +155,8 @@ def test_a_slot_migrated_while_appends_and_flushes_go_on(own_cluster, rabbitmq_v
         source = cluster.master_of(keys.delta)
         target = next(m for m in cluster.masters() if m.port != source.port)
         from redis.cluster import key_slot
-        moved = cluster.migrate_slot(key_slot(keys.delta.encode()), target, pause_s=0.05)
+        caplog.set_level(logging.INFO, logger="producer.cluster")
+        moved = cluster.migrate_slot(key_slot(keys.delta.encode()), target, pause_s=0.2)
         assert moved >= 5  # the table's stream, schema, counters...
         assert cluster.master_of(keys.delta).port == target.port
         appender.join(300)
@@ -162,6 +164,9 @@ def test_a_slot_migrated_while_appends_and_flushes_go_on(own_cluster, rabbitmq_v
         assert appender.done == 60
         check_landed(fleet, producer.redis, storage, appender)
         assert not any(appender.unknown.values()), appender.errors[:3]
+        # the producer met the slot half moved (ASK/TRYAGAIN) or moved (MOVED), and went on
+        assert any("is moving or failing over" in r.getMessage() and "{t0}" in r.getMessage()
+                   for r in caplog.records)
     finally:
         producer.close()
         fleet.stop()
