@@ -25,7 +25,10 @@ not (the same as an ``append`` that had not returned).
   send, then raises ``BufferFull`` (nothing of that write is buffered).
 * ``close()`` (or leaving ``with``) sends everything buffered and waits for it. A process
   that exits with rows not yet acknowledged logs a warning with their count.
-* Thread-safe: any number of threads may ``write``; one background thread appends.
+* Thread-safe: any number of threads may ``write``; one background thread appends. A
+  process forked from one holding a batcher gets it empty (the parent sends what it had
+  buffered; the child sending its copies would append them twice) with a thread of its
+  own.
 
 Sizes of dict rows are estimated (from the Arrow size per row of the table's last merged
 batch), so ``max_bytes`` and ``max_buffer_bytes`` are approximate for them.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 import weakref
@@ -75,14 +79,23 @@ class WriteFuture(Future[Any]):
     sibling's result and finds its own missing). A write cannot be cancelled: it may be on
     its way already. Callbacks run on the batcher's thread; they must not block."""
 
+    _result: Any = None
+    _exception: BaseException | None = None
+
     def __init__(self, condition: threading.Condition) -> None:
-        # Future.__init__ would make a condition of its own; the rest is what it sets
+        # Future.__init__ would make a condition of its own, and two lists that few futures
+        # ever use (made on first use below): fewer objects for the garbage collector
         self._condition = condition
         self._state = PENDING
-        self._result = None
-        self._exception = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        """``concurrent.futures.wait``'s and ``as_completed``'s waiters (on first use)."""
+        return self.__dict__.setdefault("_waiting", [])
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[Any]], object]]:
+        return self.__dict__.setdefault("_callbacks", [])
 
     def cancel(self) -> bool:
         return False
@@ -95,7 +108,7 @@ class WriteFuture(Future[Any]):
         else:
             self._result = outcome
         self._state = FINISHED
-        for waiter in self._waiters:
+        for waiter in self.__dict__.get("_waiting", ()):
             if isinstance(outcome, BaseException):
                 waiter.add_exception(self)
             else:
@@ -111,7 +124,7 @@ def resolve(condition: threading.Condition, futures: Sequence[WriteFuture],
             future._settle(outcome)
         condition.notify_all()
     for future in futures:
-        if future._done_callbacks:
+        if "_callbacks" in future.__dict__:
             future._invoke_callbacks()  # type: ignore[attr-defined]
 
 
@@ -200,11 +213,26 @@ class Batcher(Buffer):
         self.max_block_s = max_block_s
         #: guards the state; ``_lock`` is a condition on it. ``write`` takes the bare
         #: mutex (a C-level ``with``; a Condition's is Python code)
+        self._start_thread()
+        _LIVE.add(self)
+
+    def _start_thread(self) -> None:
         self._mutex = threading.Lock()
         self._lock = threading.Condition(self._mutex)
         self._thread = threading.Thread(target=self._run, name="deltaflush-batcher",
                                         daemon=True)
         self._thread.start()
+
+    def _after_fork(self) -> None:
+        """In a child process (``os.fork``: a prefork server, multiprocessing's default on
+        Linux): the writes buffered belong to the parent, which sends them, and sending
+        the child's copies would append them twice; so the child starts empty, with a
+        background thread of its own (the parent's did not survive the fork)."""
+        self._open.clear()
+        self._ready.clear()
+        self.unacknowledged = self._buffered = 0
+        if not self._closing:
+            self._start_thread()
 
     # --- the application's side ------------------------------------------------------
 
@@ -381,6 +409,19 @@ def halves(picked: Sequence[int]) -> tuple[Sequence[int], Sequence[int]]:
     """A group refused as invalid is appended again as two halves, down to single writes."""
     half = len(picked) // 2
     return picked[:half], picked[half:]
+
+
+#: The batchers of this process, for the fork hook.
+_LIVE: weakref.WeakSet[Batcher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for batcher in list(_LIVE):
+        batcher._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _report_at_exit(ref: weakref.ref[Buffer]) -> None:

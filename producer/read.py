@@ -297,6 +297,11 @@ class Opened:
 
     def project(self, columns: Sequence[str] | None) -> pa.Schema:
         wanted = list(self.full.names if columns is None else columns)
+        if not wanted:
+            self.snap.spool.close()
+            raise InvalidInput(f"columns=[] selects nothing: name at least one column of "
+                               f"{self.table!r} ({', '.join(self.full.names)}), or pass None "
+                               "for all")
         missing = [c for c in wanted if c not in self.full.names]
         if missing:
             self.snap.spool.close()

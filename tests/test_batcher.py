@@ -236,3 +236,40 @@ def test_the_fleet_lands_a_batchers_rows_exactly_once(fleet, fleet_env, real_red
     wait_for(lambda: landed(real_redis, TABLE, 20_000), 120, "20,000 rows to land")
     assert_exactly_once(storage_dir, TABLE, 20_000)
     p.close()
+
+
+def test_write_futures_work_with_wait_as_completed_and_callbacks(producer, real_redis):
+    import concurrent.futures as cf
+
+    with producer.batcher(linger_ms=200) as b:
+        futures = [b.write(TABLE, row(i)) for i in range(10)]
+        called: list[str] = []
+        futures[0].add_done_callback(lambda f: called.append(f.result()))
+        with pytest.raises(cf.TimeoutError):
+            futures[1].result(timeout=0.01)  # still lingering
+        assert not futures[1].cancel() and not futures[1].done()
+        done, pending = cf.wait(futures, timeout=30)
+        assert len(done) == 10 and not pending
+        assert sorted(f.result() for f in cf.as_completed(futures)) == \
+            [futures[0].result()] * 10
+        futures[2].add_done_callback(lambda f: called.append("late"))  # runs at once
+    assert called == [futures[0].result(), "late"]
+
+
+def test_a_forked_child_starts_empty_and_sends_its_own_writes_once(producer, real_redis):
+    with producer.batcher(linger_ms=60_000) as b:
+        parents = [b.write(TABLE, row(i)) for i in range(10)]  # buffered, lingering
+        pid = os.fork()
+        if pid == 0:  # the child: its copy of the buffer must not be sent again
+            code = 1
+            try:
+                assert b.unacknowledged == 0
+                mine = [b.write(TABLE, row(i)) for i in range(100, 105)]
+                b.close()
+                code = 0 if all(f.result() for f in mine) else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    assert all(f.result() for f in parents)
+    assert sorted(delta_ids(real_redis)) == [*range(10), *range(100, 105)]

@@ -66,6 +66,9 @@ def test_fenced_flushes_are_logged_at_warning(monkeypatch, caplog):
         def exists(self, *keys):
             return 0
 
+        def hget(self, *args):  # the table's shard count: never sharded
+            return None
+
     monkeypatch.setattr(tasks, "runtime", lambda: (Client(), Fenced()))
     with caplog.at_level(logging.WARNING, logger="workers.tasks"):
         result = tasks.flush_table.apply(args=["events"]).get()

@@ -1,15 +1,18 @@
-"""The property of ``Producer.read`` under real fleets: whatever flushes, compactions and
-worker kills do meanwhile, every read is exactly one prefix of what was appended.
+"""The property of ``Producer.read`` under real fleets: whatever flushes, compactions,
+worker kills and frozen workers do meanwhile, every read is exactly one prefix of what was
+appended.
 
 One producer thread appends batches of a sequence column (``id``: 0, 1, 2, ... in append
 order) as fast as Redis takes them; ``celery -A workers.app worker`` processes (solo pool:
 one process each, so a SIGKILL kills the flush it runs) and ``beat`` flush the table every
 0.2 s in files of 64 KiB; for lake formats a thread runs ``deltaflush compact`` over and
 over. Hypothesis draws the schedule of the test thread: reads, SIGKILLs of a worker (a
-supervisor restarts it), flushes asked for, pauses. Each read must hold the ids
+supervisor restarts it), SIGSTOPs of a worker for 3 s (past its 2 s lease: if it held a
+table, it wakes a zombie), flushes asked for, pauses. Each read must hold the ids
 ``{0..k}`` exactly once, for some ``k`` at least the number of rows acknowledged before
-the read started (read-your-writes). At the end, once the table drained, a read holds
-every row appended, exactly once.
+the read started (read-your-writes). A sharded table (3 shards, batches round-robin) is
+read one shard after the other: each read holds every id acknowledged before it, exactly
+once. At the end, once the table drained, a read holds every row appended, exactly once.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ _tables = itertools.count()
 STEPS = st.lists(st.one_of(
     st.just(("read",)), st.just(("read",)), st.just(("read",)),
     st.just(("kill",)),
+    st.just(("freeze",)),
     st.just(("flush",)),
     st.tuples(st.just("pause"), st.floats(0.0, 0.3)),
 ), min_size=6, max_size=20)
@@ -123,6 +127,21 @@ def drained_shard(client: Any, keys: wire.Keys) -> bool:
             and not client.exists(keys.lease))
 
 
+def freeze_a_worker(fleet: Fleet, seconds: float) -> threading.Timer | None:
+    """SIGSTOP a worker for ``seconds`` (past its 2 s lease: another worker takes its table
+    over, and it wakes a zombie whose commits must change nothing)."""
+    alive = [proc for proc, concurrency, _ in fleet.workers if concurrency and
+             proc.poll() is None]
+    if not alive:
+        return None
+    proc = alive[-1]
+    proc.send_signal(signal.SIGSTOP)
+    timer = threading.Timer(seconds, lambda: proc.poll() is None and
+                            proc.send_signal(signal.SIGCONT))
+    timer.start()
+    return timer
+
+
 def kill_a_worker(fleet: Fleet) -> None:
     alive = [proc for proc, concurrency, _ in fleet.workers if concurrency and
              proc.poll() is None]
@@ -140,8 +159,8 @@ def test_every_read_is_one_prefix_of_what_was_appended(fmt, shards, fleet, fleet
     fleet.worker(pool="solo")
     fleet.beat()
     p = producer_for()
-    stats: dict[str, Any] = {"reads": 0, "both_tiers": 0, "kills": 0, "longest": 0,
-                             "compactions": 0}
+    stats: dict[str, Any] = {"reads": 0, "both_tiers": 0, "kills": 0, "freezes": 0,
+                             "longest": 0, "compactions": 0}
 
     @settings(max_examples=3 * SCALE, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -159,6 +178,7 @@ def test_every_read_is_one_prefix_of_what_was_appended(fmt, shards, fleet, fleet
                              for i in range(shards)), 30, "a first flush")
         if compactor is not None:
             compactor.start()
+        timers: list[threading.Timer] = []
         try:
             for step in steps:
                 if step[0] == "read":
@@ -174,6 +194,11 @@ def test_every_read_is_one_prefix_of_what_was_appended(fmt, shards, fleet, fleet
                 elif step[0] == "kill":
                     kill_a_worker(fleet)
                     stats["kills"] += 1
+                elif step[0] == "freeze":
+                    timer = freeze_a_worker(fleet, 3.0)
+                    if timer is not None:
+                        timers.append(timer)
+                        stats["freezes"] += 1
                 elif step[0] == "flush":
                     p.flush(table)
                 else:
@@ -187,6 +212,8 @@ def test_every_read_is_one_prefix_of_what_was_appended(fmt, shards, fleet, fleet
                              shards > 1)
                 time.sleep(0.1)
         finally:
+            for timer in timers:  # every frozen worker woken before the drain
+                timer.join()
             appender.stop.set()
             appender.join(30)
             if compactor is not None:

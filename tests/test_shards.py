@@ -404,3 +404,35 @@ def test_the_asyncio_producer_speaks_protocol_1_and_a_sharded_table_refuses_it(
     assert asyncio.run(main())
     assert all(real_redis.xlen(k.delta) == 0
                for k in shards.table_shards(real_redis, "deltaflush", TABLE))
+
+
+@pytest.mark.parametrize("fmt", ["iceberg", "delta"])
+def test_compacting_a_sharded_lake_table_keeps_every_shards_record(real_redis, storage_dir,
+                                                                   fmt):
+    """A compaction rewrites files of every shard in one commit and keeps each shard's
+    record of what it committed; flushes after it still commit each range once."""
+    from workers import maintenance
+
+    settings = Settings(max_file_bytes=8_000, table_format=fmt)
+    p = Producer(client=real_redis, settings=settings)
+    p.configure(TABLE, shards=3, format=fmt)
+    flusher = Flusher(real_redis, Storage(str(storage_dir)), settings)
+    for i in range(4):
+        p.append_many(TABLE, [keyed_batch(i * 60 + j * 20, 20) for j in range(3)])
+        flusher.flush_shards(TABLE)
+    sink = flusher.sink_for(p.table_config(TABLE))
+    streams = [k.stream for k in shards.table_shards(real_redis, "deltaflush", TABLE)]
+    before = {s: sink.last_committed(TABLE, s) for s in streams}
+    done = maintenance.maintain(real_redis, flusher, TABLE, compact=True)
+    compaction = done["compaction"]
+    assert compaction.get("compacted", compaction.get("files_removed", 0)) >= 6, done
+    assert {s: sink.last_committed(TABLE, s) for s in streams} == before
+    p.append_many(TABLE, [keyed_batch(240 + j * 20, 20) for j in range(3)])
+    assert flusher.flush_shards(TABLE).rows == 60
+    if fmt == "iceberg":
+        from tests.lake import duckdb_ids
+        ids = duckdb_ids(storage_dir, TABLE)
+    else:
+        from tests.delta_readers import duckdb_ids as delta_ids
+        ids = delta_ids(storage_dir / TABLE)
+    assert ids == list(range(300))
