@@ -211,12 +211,12 @@ class Batcher(Buffer):
             raise ValueError(f"batcher: max_block_s={max_block_s!r} must be >= 0, e.g. 30")
         self.producer = producer
         self.max_block_s = max_block_s
-        #: guards the state; ``_lock`` is a condition on it. ``write`` takes the bare
-        #: mutex (a C-level ``with``; a Condition's is Python code)
         self._start_thread()
         _LIVE.add(self)
 
     def _start_thread(self) -> None:
+        #: guards the state; ``_lock`` is a condition on it. ``write`` takes the bare
+        #: mutex (a C-level ``with``; a Condition's is Python code)
         self._mutex = threading.Lock()
         self._lock = threading.Condition(self._mutex)
         self._thread = threading.Thread(target=self._run, name="deltaflush-batcher",
@@ -342,7 +342,8 @@ class Batcher(Buffer):
         """Append one merged batch and resolve its futures, whatever happens."""
         outcomes: list[Any] = [None] * len(batch.items)
         try:
-            self._append(batch, list(range(len(batch.items))), outcomes)
+            if batch.items:  # (a batch opened by a write that then found no room is empty)
+                self._append(batch, list(range(len(batch.items))), outcomes)
         except BaseException as exc:  # never leave a future unresolved
             outcomes = [exc if o is None else o for o in outcomes]
         resolve(batch.condition, batch.futures, outcomes)  # all at once: see WriteFuture

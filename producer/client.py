@@ -60,7 +60,8 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
     common: dict[str, Any] = dict(health_check_interval=30, socket_keepalive=True,
                                   socket_connect_timeout=5)
     if cluster.names_a_cluster(url, retry):
-        return cast(redis.Redis, RedisCluster.from_url(url, retry=retry, **common))
+        return cast(redis.Redis, RedisCluster.from_url(
+            url, retry=retry, connection_class=_PayloadConnection, **common))
     # redis-py's own serializer sends a large payload as it is (one ``sendall`` of the
     # buffer); the hiredis one, its default once hiredis is installed, first copies every
     # command into one string, which halves append throughput. hiredis still parses replies.
@@ -72,6 +73,14 @@ def connect(url: str, retries: int = 0) -> redis.Redis:
         retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retries else [],
         **common,
     )
+
+
+class _PayloadConnection(redis.connection.Connection):
+    """A connection that sends large payloads as they are (``PythonRespSerializer``, as
+    ``connect`` gives a single Redis): for a cluster client, whose options take no packer."""
+
+    def _construct_command_packer(self, packer: Any) -> Any:
+        return packer or PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
 
 
 #: One batch on its way (``producer.core``).

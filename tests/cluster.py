@@ -31,10 +31,14 @@ from tests.conftest import wait_for
 NODE_TIMEOUT_MS = 2000
 
 
-def free_cluster_port() -> int:
-    """A free port P whose cluster bus port P + 10000 is free too (so P <= 55535)."""
+def free_cluster_port(taken: frozenset[int] | set[int] = frozenset()) -> int:
+    """A free port P whose cluster bus port P + 10000 is free too. Ports come from 20000-
+    29999, so no node's port is another node's bus port (30000-39999); ``taken``: the ports
+    of this cluster's other nodes."""
     for _ in range(200):
-        port = random.randint(20000, 45000)
+        port = random.randint(20000, 29999)
+        if port in taken:
+            continue
         try:
             for p in (port, port + 10000):
                 with socket.socket() as s:
@@ -93,17 +97,33 @@ class LocalCluster:
     def __init__(self, folder: Path, nodes: int = 6, replicas: int = 1) -> None:
         self.folder = folder
         self.replicas = replicas
-        self.nodes = [Node(free_cluster_port(), folder / f"node{i}") for i in range(nodes)]
+        self.nodes: list[Node] = []
+        for i in range(nodes):
+            port = free_cluster_port({n.port for n in self.nodes})
+            self.nodes.append(Node(port, folder / f"node{i}"))
 
     # --- life cycle --------------------------------------------------------------------
 
-    def start(self) -> LocalCluster:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+    def start(self, attempts: int = 3) -> LocalCluster:
+        """Start the nodes and join them; with fresh ports again if a node could not start
+        (another process took its port since it was chosen)."""
+        for attempt in range(attempts):
+            try:
+                self._start()
+                return self
+            except BaseException:
+                self.stop()
+                port_taken = any("Address already in use" in self.log_tail(n)
+                                 for n in self.nodes)
+                if attempt == attempts - 1 or not port_taken:
+                    raise
+                self._fresh_ports()
         return self
+
+    def _fresh_ports(self) -> None:
+        for i, node in enumerate(self.nodes):
+            shutil.rmtree(node.folder, ignore_errors=True)
+            node.port = free_cluster_port({n.port for n in self.nodes[:i]})
 
     def _start(self) -> None:
         for node in self.nodes:
