@@ -30,8 +30,9 @@ not (the same as an ``append`` that had not returned).
   buffered; the child sending its copies would append them twice) with a thread of its
   own.
 
-Sizes of dict rows are estimated (from the Arrow size per row of the table's last merged
-batch), so ``max_bytes`` and ``max_buffer_bytes`` are approximate for them.
+Sizes of dict rows and of Arrow writes under 1,000 rows are estimated (from the Arrow size
+per row of the table's last merged batch), so ``max_bytes`` and ``max_buffer_bytes`` are
+approximate for them.
 """
 
 from __future__ import annotations
