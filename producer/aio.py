@@ -397,7 +397,8 @@ class AsyncBatcher(Buffer):
     async def _deliver(self, batch: _Batch) -> None:
         outcomes: list[Any] = [None] * len(batch.items)
         try:
-            await self._append(batch, list(range(len(batch.items))), outcomes)
+            if batch.items:
+                await self._append(batch, list(range(len(batch.items))), outcomes)
         except BaseException as exc:  # never leave a future unresolved
             outcomes = [exc if o is None else o for o in outcomes]
             if not isinstance(exc, Exception):

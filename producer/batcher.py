@@ -30,8 +30,9 @@ not (the same as an ``append`` that had not returned).
   buffered; the child sending its copies would append them twice) with a thread of its
   own.
 
-Sizes of dict rows are estimated (from the Arrow size per row of the table's last merged
-batch), so ``max_bytes`` and ``max_buffer_bytes`` are approximate for them.
+Sizes of dict rows and of Arrow writes under 1,000 rows are estimated (from the Arrow size
+per row of the table's last merged batch), so ``max_bytes`` and ``max_buffer_bytes`` are
+approximate for them.
 """
 
 from __future__ import annotations
@@ -211,12 +212,12 @@ class Batcher(Buffer):
             raise ValueError(f"batcher: max_block_s={max_block_s!r} must be >= 0, e.g. 30")
         self.producer = producer
         self.max_block_s = max_block_s
-        #: guards the state; ``_lock`` is a condition on it. ``write`` takes the bare
-        #: mutex (a C-level ``with``; a Condition's is Python code)
         self._start_thread()
         _LIVE.add(self)
 
     def _start_thread(self) -> None:
+        #: guards the state; ``_lock`` is a condition on it. ``write`` takes the bare
+        #: mutex (a C-level ``with``; a Condition's is Python code)
         self._mutex = threading.Lock()
         self._lock = threading.Condition(self._mutex)
         self._thread = threading.Thread(target=self._run, name="deltaflush-batcher",
@@ -342,7 +343,8 @@ class Batcher(Buffer):
         """Append one merged batch and resolve its futures, whatever happens."""
         outcomes: list[Any] = [None] * len(batch.items)
         try:
-            self._append(batch, list(range(len(batch.items))), outcomes)
+            if batch.items:  # (a batch opened by a write that then found no room is empty)
+                self._append(batch, list(range(len(batch.items))), outcomes)
         except BaseException as exc:  # never leave a future unresolved
             outcomes = [exc if o is None else o for o in outcomes]
         resolve(batch.condition, batch.futures, outcomes)  # all at once: see WriteFuture

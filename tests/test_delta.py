@@ -335,7 +335,7 @@ def test_a_commit_that_failed_before_landing_leaves_its_files_to_vacuum(real_red
         os.utime(path, (old, old))
     sink = DeltaSink(storage, 8000)
     config = TableConfig(orphan_retention_s=3600, snapshot_retention_s=3600)
-    assert sink.remove_orphans("events", config)["files_removed"] == len(staged)
+    assert sink.remove_orphans("events", config)["removed"] == len(staged)
     check_delta("orphans of an ambiguous commit vacuumed", storage_dir / "events",
                 range(total))
 

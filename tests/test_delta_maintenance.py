@@ -72,7 +72,7 @@ def test_compaction_bin_packs_small_files_in_one_commit(any_redis, storage_dir):
     result = sink(storage_dir).compact("events", config)
     after = DeltaTable(str(uri))
     assert after.version() == before.version() + 1  # one atomic commit
-    assert result["files_removed"] > 1 and result["files_added"] >= 1
+    assert result["compacted"] > 1 and result["written"] >= 1
     assert sink(storage_dir).describe("events", config).small_files < small
     assert after.history(1)[0]["operation"] == "OPTIMIZE"
     assert after.transaction_version(APP) == before.transaction_version(APP)
@@ -102,7 +102,7 @@ def test_a_flush_based_on_a_version_before_a_compaction_is_rebased_over_it(real_
     flusher = Flusher(real_redis, Storage(str(storage_dir)), SETTINGS,
                       sink=sink(storage_dir, open_table=CompactedMeanwhile))
     assert flusher.flush("events").status == "ok"
-    assert compactions and compactions[0]["files_removed"] > 1
+    assert compactions and compactions[0]["compacted"] > 1
     check_delta("flush committed over a compaction it did not see", storage_dir / "events",
                 range(690))
 
@@ -125,7 +125,7 @@ def test_a_compaction_that_conflicts_is_planned_again(real_redis, storage_dir):
 
     result = sink(storage_dir, open_table=SchemaChangedMeanwhile).compact(
         "events", TableConfig(target_file_bytes=1 << 20))
-    assert result["attempts"] == 2 and result["files_removed"] > 1
+    assert result["attempts"] == 2 and result["compacted"] > 1
     check_delta("compaction refused by a schema change, planned again",
                 storage_dir / "events", range(605))
 
@@ -161,7 +161,7 @@ def test_compaction_alongside_flushes_never_shows_a_row_twice_or_loses_one(real_
     wait_for(lambda: loadable(uri) or done.is_set(), 60, "the first flush")
     compacted, seen = 0, 0
     while not done.is_set() or compacted == 0:
-        compacted += maintenance.compact("events", config)["files_removed"]
+        compacted += maintenance.compact("events", config)["compacted"]
         maintenance.expire_snapshots("events", config)
         maintenance.remove_orphans("events", config)
         ids = deltalake_ids(uri)
@@ -183,7 +183,7 @@ def test_log_expiry_keeps_the_app_transactions(any_redis, storage_dir):
     config = TableConfig(snapshot_retention_s=1)
     maintenance = sink(storage_dir)
     # log entries become expirable once older than the retention: poll until they go
-    wait_for(lambda: maintenance.expire_snapshots("events", config)["log_files_removed"], 30,
+    wait_for(lambda: maintenance.expire_snapshots("events", config)["expired"], 30,
              "old log entries to be cleaned up", interval=0.3)
     dt = DeltaTable(uri)
     assert dt.transaction_version(APP) == held
@@ -203,7 +203,7 @@ def test_vacuum_keeps_what_a_live_version_or_an_unfinished_flush_needs(any_redis
     maintenance = sink(storage_dir)
     config = TableConfig(target_file_bytes=1 << 20, orphan_retention_s=3600,
                          snapshot_retention_s=60)
-    assert maintenance.compact("events", config)["files_removed"] > 1
+    assert maintenance.compact("events", config)["compacted"] > 1
     # a flush that staged its files and has not committed yet
     unfinished = staged_range(maintenance, 99, "3000000000000-0", "3000000000000-0",
                               range(600, 620))
@@ -213,10 +213,34 @@ def test_vacuum_keeps_what_a_live_version_or_an_unfinished_flush_needs(any_redis
     old = time.time() - 2 * 3600
     os.utime(orphan, (old, old))
     result = maintenance.remove_orphans("events", config)
-    assert result["files_removed"] == 1 and not orphan.exists()
+    assert result["removed"] == 1 and not orphan.exists()
     # the version before the compaction is still readable whole...
     assert sorted(DeltaTable(str(uri), version=before).to_pyarrow_table()["id"].to_pylist()
                   ) == list(range(600))
     # ...and the unfinished flush commits its files
     assert not maintenance.commit(unfinished).already
     check_delta("vacuum beside an unfinished flush", uri, range(620))
+
+
+def test_cli_compact_reports_what_a_delta_compaction_did(real_redis, storage_dir, redis_server):
+    """``deltaflush compact`` reads the one shape of ``Maintainable.compact`` whatever the
+    format: a Delta table's compaction says how many files it rewrote, and is counted."""
+    from click.testing import CliRunner
+
+    from workers.cli import main
+
+    flush_ranges(real_redis, storage_dir, 0, 20)
+    before = len(DeltaTable(str(storage_dir / "events")).file_uris())
+    assert before > 1
+    env = {"DELTAFLUSH_REDIS_URL": redis_server.url, "DELTAFLUSH_STORAGE_URI": str(storage_dir),
+           "DELTAFLUSH_MAX_FILE_BYTES": "4000", "DELTAFLUSH_TABLE_FORMAT": "delta"}
+    out = CliRunner().invoke(main, ["table", "set", "events", "--target-file-bytes", "1048576"],
+                             env=env)
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(main, ["compact", "events"], env=env)
+    assert out.exit_code == 0, out.output
+    assert f"events: {before} files rewritten into 1; now 1 files" in out.output
+    stats = real_redis.hgetall(K.stats)
+    assert int(stats[b"lake_compactions"]) == 1
+    assert int(stats[b"lake_files_compacted"]) == before
+    check_delta("deltaflush compact of a delta table", storage_dir / "events", range(600))

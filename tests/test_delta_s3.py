@@ -63,8 +63,8 @@ def test_a_flush_to_s3_lands_a_delta_table(real_redis, delta_s3):
     assert polars_ids(loc.uri, loc.options) == list(range(1000))
     sink = DeltaSink(storage, settings.max_file_bytes)
     config = TableConfig(target_file_bytes=1 << 20)
-    assert sink.compact("events", config)["files_removed"] > 1
-    assert sink.remove_orphans("events", config)["files_removed"] == 0
+    assert sink.compact("events", config)["compacted"] > 1
+    assert sink.remove_orphans("events", config)["removed"] == 0
     assert deltalake_ids(loc.uri, loc.options) == list(range(1000))
     leftovers = storage.fs.get_file_info(pafs.FileSelector(
         f"lake/delta/{TMP_DIR}", recursive=True, allow_not_found=True))

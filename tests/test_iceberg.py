@@ -359,3 +359,25 @@ def test_s3_endpoint_and_region_become_file_io_properties():
     props = catalogs.file_io_properties(
         "s3://lake/p?endpoint_override=127.0.0.1:9000&scheme=http&region=eu-west-1")
     assert props == {"s3.endpoint": "http://127.0.0.1:9000", "s3.region": "eu-west-1"}
+
+
+def test_a_map_column_lands_with_required_keys_for_every_reader(setup):
+    """Arrow map keys are never null: the Iceberg map's key field is required, and so is
+    the key field of the files, which pyiceberg and DuckDB's iceberg_scan read back."""
+    client, root, p = setup
+    maps = pa.array([[("k", 1), ("j", None)], None, []], pa.map_(pa.string(), pa.int64()))
+    p.append(TABLE, pa.table({"id": [0, 1, 2], "m": maps}))
+    result = flusher(client, root).flush(TABLE)
+    assert result.status == "ok", result.error
+    table = IcebergSink(Storage(str(root)), SETTINGS).load(TABLE)
+    m = table.schema().find_field("m").field_type
+    assert str(m.key_type) == "string" and m.key_field.required and not m.value_required
+    (task,) = table.scan().plan_files()
+    written = pq.read_schema(task.file.file_path.removeprefix("file://")).field("m").type
+    assert not written.key_field.nullable and written.item_field.nullable
+    back = table.scan().to_arrow().sort_by("id")
+    assert back["m"].to_pylist() == maps.to_pylist()
+    con = connect()
+    rows = con.execute("SELECT id, m FROM iceberg_scan(?) ORDER BY id",
+                       [metadata_location(root, TABLE)]).fetchall()
+    assert rows == [(0, {"k": 1, "j": None}), (1, None), (2, {})]

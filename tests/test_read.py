@@ -339,7 +339,7 @@ def test_a_sharded_table_on_a_redis_cluster_reads_across_its_masters(redis_clust
 #: Columns of ``tests.test_layout.ALL_TYPES`` a format cannot hold (its flush refuses them).
 CANNOT_HOLD = {
     "parquet": set(),
-    "iceberg": {"dec256", "time64ns", "ts_ns", "tstz_ns", "map", "u64",
+    "iceberg": {"dec256", "time64ns", "ts_ns", "tstz_ns", "u64",
                 *(f"dur_{u}" for u in ("s", "ms", "us", "ns"))},
 }
 

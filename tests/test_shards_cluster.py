@@ -119,3 +119,57 @@ def test_a_replicated_evolution_reaches_the_authoritys_replica_first(redis_clust
         assert b"extra" in r.get(authority)
     assert sum(p.redis.xlen(k.delta) for k in keys) == 2
     p.close()
+
+
+@pytest.mark.timeout(300)
+def test_changing_the_shard_count_live_on_the_cluster(redis_cluster, cluster_prefix,
+                                                     rabbitmq_vhost, storage_dir, tmp_path):
+    """N goes 2 -> 4 -> 1 while a producer appends and two workers flush, on the cluster:
+    nothing lost or duplicated."""
+    import threading
+
+    env = dict(
+        os.environ,
+        DELTAFLUSH_REDIS_URL=redis_cluster.url, DELTAFLUSH_BROKER_URL=rabbitmq_vhost,
+        DELTAFLUSH_KEY_PREFIX=cluster_prefix, DELTAFLUSH_STORAGE_URI=str(storage_dir),
+        DELTAFLUSH_LEASE_S="2", DELTAFLUSH_FLUSH_INTERVAL_S="0.5",
+        DELTAFLUSH_MAX_FILE_BYTES="65536", PYTHONPATH=str(ROOT))
+    (tmp_path / "logs").mkdir()
+    fleet = Fleet(env, tmp_path / "logs")
+    try:
+        fleet.worker()
+        fleet.worker()
+        fleet.beat()
+        p = Producer(settings=Settings.from_env(env))
+        admin = Producer(settings=Settings.from_env(env))
+        admin.configure(TABLE, shards=2)
+        done = threading.Event()
+        appended = [0]
+
+        def produce() -> None:
+            while not done.is_set():
+                p.append(TABLE, batch(appended[0], 100))
+                appended[0] += 100
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        try:
+            for count in (4, 1):
+                admin.configure(TABLE, shards=count)
+                wait_for(lambda n=count: p._routes.get(TABLE, (0, 0))[1] == n, 30,
+                         f"the producer to use {count} shards")
+                start = appended[0]
+                wait_for(lambda start=start: appended[0] > start + 2000, 60, "appends")
+        finally:
+            done.set()
+            thread.join()
+        total = appended[0]
+        wait_for(lambda: drained(p.redis, cluster_prefix, total), 180,
+                 f"every shard to drain; logs:\n{fleet.logs()}")
+        per_shard = read_back(storage_dir, total, "Redis Cluster: shard count changed "
+                              "2 -> 4 -> 1 while appending and flushing", key_order=False)
+        assert sorted(per_shard) == [0, 1, 2, 3]
+        p.close()
+        admin.close()
+    finally:
+        fleet.stop()

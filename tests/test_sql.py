@@ -68,4 +68,4 @@ def test_without_duckdb_it_says_what_to_install(cli_env, two_tiers, monkeypatch)
     monkeypatch.setitem(sys.modules, "duckdb", None)  # import duckdb raises ImportError
     out = run(cli_env, "sql", "SELECT 1")
     assert out.exit_code == 2
-    assert "pip install 'deltaflush[sql]'" in out.output
+    assert "pip install duckdb" in out.output

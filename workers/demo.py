@@ -166,7 +166,7 @@ def _produce_and_check(settings: Settings, storage: Storage, seconds: float, n_t
 
 def reading_commands(storage: Storage) -> list[str]:
     """Commands that read the run's files back, each with a reader this environment has
-    (the package brings pyarrow; DuckDB and polars only if they are installed)."""
+    (the package brings pyarrow and DuckDB; polars only if it is installed)."""
     root = storage.display(storage.root)
     codes = [f'import pyarrow.dataset as ds; print(ds.dataset("{root}", '
              'partitioning="hive").count_rows())']

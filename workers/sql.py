@@ -9,8 +9,8 @@ binds the query and fails on ``JOIN ... USING``; a word that is a table's name b
 used as one only costs a snapshot. Other names are left to DuckDB (its own functions such
 as ``read_parquet``, or a clear "does not exist" error).
 
-DuckDB is an optional dependency (``pip install 'deltaflush[sql]'``): the workers never
-need it, so it is imported only here, when a query runs.
+DuckDB is a dependency of the package, imported only here, when a query runs (the workers
+never need it); an install without it (a trimmed image) gets a clear error.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from producer import Producer, wire
 from producer.errors import ConfigError, InvalidInput
 
 #: What to install when DuckDB is missing.
-INSTALL = "pip install 'deltaflush[sql]'"
+INSTALL = "pip install duckdb"
 
 
 def _duckdb() -> Any:
@@ -32,7 +32,7 @@ def _duckdb() -> Any:
         import duckdb
     except ImportError as exc:
         raise ConfigError(f"deltaflush sql runs queries with DuckDB, which is not installed: "
-                          f"{INSTALL} (or pip install duckdb)") from exc
+                          f"{INSTALL}") from exc
     return duckdb
 
 

@@ -14,7 +14,7 @@ broker).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict
 
 import pyarrow as pa
 
@@ -135,22 +135,54 @@ class TableInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class Compaction(TypedDict):
+    """What ``Maintainable.compact`` did, the same keys whatever the format."""
+
+    #: data files rewritten (removed from the table) and files written in their place
+    compacted: int
+    written: int
+    bytes_read: NotRequired[int]
+    bytes_written: NotRequired[int]
+    #: the table's snapshot (Iceberg) or version (Delta) after the compaction
+    snapshot: NotRequired[str | None]
+    #: commits tried (a conflicting commit is planned again)
+    attempts: NotRequired[int]
+    #: why a compaction gave up this round (nothing changed; the next run tries again)
+    error: NotRequired[str]
+
+
+class Expiry(TypedDict):
+    """What ``Maintainable.expire_snapshots`` did: ``expired`` old snapshots (Iceberg) or
+    log versions (Delta: log files cleaned up past the retention) no longer readable."""
+
+    expired: int
+    snapshot: NotRequired[str | None]
+
+
+class Orphans(TypedDict):
+    """What ``Maintainable.remove_orphans`` did: ``removed`` files deleted."""
+
+    removed: int
+    retention_hours: NotRequired[int]
+
+
 class Maintainable(Protocol):
     """A sink whose tables are maintained (lake formats). Each call is one atomic commit
     (or none) that readers see whole, runs while flushes go on (a conflict with a flush is
     retried by refreshing the table, never by writing data twice), and never removes a file
     that a live snapshot or an unfinished flush needs. Each returns a small JSON-ready
-    summary."""
+    summary of one shape for every format (``Compaction``, ``Expiry``, ``Orphans``), which
+    ``workers.maintenance``, its stats and the CLI read without knowing the format."""
 
     def describe(self, table: str, config: TableConfig) -> TableInfo: ...
 
-    def compact(self, table: str, config: TableConfig) -> dict[str, Any]:
+    def compact(self, table: str, config: TableConfig) -> Compaction:
         """Bin-pack small files up to the size target in one atomic rewrite."""
         ...
 
-    def expire_snapshots(self, table: str, config: TableConfig) -> dict[str, Any]: ...
+    def expire_snapshots(self, table: str, config: TableConfig) -> Expiry: ...
 
-    def remove_orphans(self, table: str, config: TableConfig) -> dict[str, Any]: ...
+    def remove_orphans(self, table: str, config: TableConfig) -> Orphans: ...
 
 
 def for_format(fmt: str, storage: Storage, settings: Settings) -> Sink:

@@ -38,7 +38,7 @@ from deltalake.transaction import CommitProperties
 from producer.tablecfg import TableConfig
 from workers.storage import Storage
 
-from . import TableInfo
+from . import Compaction, Expiry, Orphans, TableInfo
 from .delta_table import location
 
 #: Attempts of one maintenance operation that loses to conflicting commits.
@@ -85,15 +85,13 @@ class DeltaMaintenance:
                          details={"partition_columns": list(dt.metadata().partition_columns),
                                   "uri": location(self.storage, table).uri})
 
-    def compact(self, table: str, config: TableConfig) -> dict[str, Any]:
+    def compact(self, table: str, config: TableConfig) -> Compaction:
         """Bin-pack small files up to the size target in one commit (see the module doc)."""
         target = self.target_bytes(config)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             dt = self._open(table)
             if dt is None:
-                return {"format": self.format, "table": table, "files_removed": 0,
-                        "files_added": 0}
-            before = dt.version()
+                return {"compacted": 0, "written": 0}
             try:
                 metrics = dt.optimize.compact(
                     target_size=target, writer_properties=_writer_properties(config),
@@ -103,21 +101,21 @@ class DeltaMaintenance:
                 if attempt == MAX_ATTEMPTS:
                     raise
                 continue  # what it wrote is unreferenced: vacuum removes it
-            return {"format": self.format, "table": table, "read_version": before,
-                    "files_removed": metrics["numFilesRemoved"],
-                    "files_added": metrics["numFilesAdded"],
-                    "bytes_removed": _total_size(metrics.get("filesRemoved")),
-                    "bytes_added": _total_size(metrics.get("filesAdded")),
+            return {"compacted": int(metrics["numFilesRemoved"]),
+                    "written": int(metrics["numFilesAdded"]),
+                    "bytes_read": _total_size(metrics.get("filesRemoved")),
+                    "bytes_written": _total_size(metrics.get("filesAdded")),
+                    "snapshot": str(dt.version()),
                     "attempts": attempt}
         raise AssertionError("unreachable")
 
-    def expire_snapshots(self, table: str, config: TableConfig) -> dict[str, Any]:
+    def expire_snapshots(self, table: str, config: TableConfig) -> Expiry:
         """Make versions past ``snapshot_retention_s`` unreadable and clean up their log."""
         want = self.table_properties(config)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             dt = self._open(table)
             if dt is None:
-                return {"format": self.format, "table": table, "log_files_removed": 0}
+                return {"expired": 0}
             have = dt.metadata().configuration
             if all(have.get(k) == v for k, v in want.items()):
                 break
@@ -133,22 +131,20 @@ class DeltaMaintenance:
         dt.create_checkpoint()
         dt.cleanup_metadata()
         after = self._log_files(table)
-        return {"format": self.format, "table": table, "version": dt.version(),
-                "log_files_removed": max(0, before - after)}
+        return {"expired": max(0, before - after), "snapshot": str(dt.version())}
 
-    def remove_orphans(self, table: str, config: TableConfig) -> dict[str, Any]:
+    def remove_orphans(self, table: str, config: TableConfig) -> Orphans:
         """Vacuum, in full mode, what no version within the retention references."""
         dt = self._open(table)
         if dt is None:
-            return {"format": self.format, "table": table, "files_removed": 0}
+            return {"removed": 0}
         keep_s = max(config.orphan_retention_s, config.snapshot_retention_s)
         hours = math.ceil(keep_s / 3600)
         removed = dt.vacuum(retention_hours=hours, dry_run=False, full=True,
                             enforce_retention_duration=False,
                             commit_properties=CommitProperties(custom_metadata={
                                 "deltaflush.operation": "remove orphans"}))
-        return {"format": self.format, "table": table, "files_removed": len(removed),
-                "retention_hours": hours}
+        return {"removed": len(removed), "retention_hours": hours}
 
     def _log_files(self, table: str) -> int:
         selector = pafs.FileSelector(posixpath.join(self.storage.table_dir(table),

@@ -73,7 +73,7 @@ from workers.sources import Range
 from workers.storage import Storage
 from workers.writer import FileSet
 
-from . import Committed, Staged, StagedFile, StageStart, TableInfo
+from . import Committed, Compaction, Expiry, Orphans, Staged, StagedFile, StageStart, TableInfo
 from .folder import ROW_GROUP_BYTES, file_metadata
 from .iceberg_commit import append
 from .iceberg_types import conform, lake_schema, with_field_ids
@@ -485,17 +485,17 @@ class IcebergSink:
 
         return describe(self, table, config)
 
-    def compact(self, table: str, config: TableConfig) -> dict[str, Any]:
+    def compact(self, table: str, config: TableConfig) -> Compaction:
         from .iceberg_maintenance import compact
 
         return compact(self, table, config)
 
-    def expire_snapshots(self, table: str, config: TableConfig) -> dict[str, Any]:
+    def expire_snapshots(self, table: str, config: TableConfig) -> Expiry:
         from .iceberg_maintenance import expire_snapshots
 
         return expire_snapshots(self, table, config)
 
-    def remove_orphans(self, table: str, config: TableConfig) -> dict[str, Any]:
+    def remove_orphans(self, table: str, config: TableConfig) -> Orphans:
         from .iceberg_maintenance import remove_orphans
 
         return remove_orphans(self, table, config)

@@ -40,7 +40,7 @@ from producer.tablecfg import TableConfig
 from workers.failpoints import failpoint
 from workers.writer import Encoder, ParquetFile
 
-from . import TableInfo
+from . import Compaction, Expiry, Orphans, TableInfo
 from .iceberg import COMMIT_TRIES, WATERMARK, catalog_errors, data_file, fs_path
 from .iceberg_types import conform, lake_schema, with_field_ids
 
@@ -121,7 +121,7 @@ def plan(table: Table, target: int) -> list[list[DataFile]]:
     return [g for g in groups if len(g) > 1][:MAX_GROUPS]
 
 
-def compact(sink: IcebergSink, name: str, config: TableConfig) -> dict[str, Any]:
+def compact(sink: IcebergSink, name: str, config: TableConfig) -> Compaction:
     """Rewrite small files into files near the target, in one snapshot (see the module
     doc). Returns the files read and written, and the new snapshot."""
     from pyiceberg.exceptions import CommitFailedException, ValidationException
@@ -173,10 +173,11 @@ def compact(sink: IcebergSink, name: str, config: TableConfig) -> dict[str, Any]
             sink.storage.discard(fs_path(f.file_path))
         raise
     snapshot = new.current_snapshot()
-    result = {"compacted": len(old), "written": len(written),
-              "bytes_read": sum(f.file_size_in_bytes for f in old),
-              "bytes_written": sum(f.file_size_in_bytes for f in written),
-              "snapshot": str(snapshot.snapshot_id) if snapshot else None}
+    result: Compaction = {
+        "compacted": len(old), "written": len(written),
+        "bytes_read": sum(f.file_size_in_bytes for f in old),
+        "bytes_written": sum(f.file_size_in_bytes for f in written),
+        "snapshot": str(snapshot.snapshot_id) if snapshot else None, "attempts": attempt + 1}
     log.info("compacted %s: %d files into %d", name, len(old), len(written))
     return result
 
@@ -221,7 +222,7 @@ def _rewrite(sink: IcebergSink, table: Table, group: list[DataFile],
     return data_file(metadata, spec, sink.uri(path), size, footer)
 
 
-def expire_snapshots(sink: IcebergSink, name: str, config: TableConfig) -> dict[str, Any]:
+def expire_snapshots(sink: IcebergSink, name: str, config: TableConfig) -> Expiry:
     """Drop snapshots older than the retention from the metadata (files stay)."""
     from pyiceberg.exceptions import CommitFailedException
 
@@ -267,7 +268,7 @@ def referenced(table: Table) -> set[str]:
     return {fs_path(p) for p in paths}
 
 
-def remove_orphans(sink: IcebergSink, name: str, config: TableConfig) -> dict[str, Any]:
+def remove_orphans(sink: IcebergSink, name: str, config: TableConfig) -> Orphans:
     """Delete files under the table's location that nothing references and that are older
     than the orphan retention (see the module doc)."""
     try:

@@ -26,7 +26,8 @@ list, large_list, fixed list     list; struct; map: their children as above
 Anything else (durations, intervals, unions, decimals over 38 digits) has no Iceberg type:
 ``LakeSchemaError`` says which column, and the flusher marks the table stuck (a value
 that fails its cast does the same) rather than changing data silently. Every column is
-optional in Iceberg, so that later schema changes stay legal.
+optional in Iceberg, so that later schema changes stay legal; but a map's key, which Arrow
+never lets be null, is required in the Iceberg schema and in the files alike.
 
 Each field of the file schema carries its Iceberg field ID (``PARQUET:field_id`` in the
 Arrow field metadata, which pyarrow writes into the Parquet schema): Iceberg readers
@@ -107,7 +108,9 @@ def with_field_ids(schema: pa.Schema, iceberg: Schema, table: str) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _with_id(f: pa.Field, nested: NestedField, table: str) -> pa.Field:
+def _with_id(f: pa.Field, nested: NestedField, table: str, nullable: bool = True) -> pa.Field:
+    """``f`` with the field ID of ``nested`` (its children's too), nullable but for a map's
+    key: Arrow map keys are never null (and Iceberg map keys are required)."""
     t, it = f.type, nested.field_type
     if isinstance(it, StructType) and pa.types.is_struct(t):
         by_name = {n.name: n for n in it.fields}
@@ -117,11 +120,11 @@ def _with_id(f: pa.Field, nested: NestedField, table: str) -> pa.Field:
         element = _with_id(t.value_field, it.element_field, table)
         t = pa.large_list(element) if pa.types.is_large_list(t) else pa.list_(element)
     elif isinstance(it, MapType) and pa.types.is_map(t):
-        t = pa.map_(_with_id(t.key_field, it.key_field, table),
+        t = pa.map_(_with_id(t.key_field, it.key_field, table, nullable=False),
                     _with_id(t.item_field, it.value_field, table))
     else:
         t = _promoted(t, str(it))
-    return pa.field(f.name, t, nullable=True,
+    return pa.field(f.name, t, nullable=nullable,
                     metadata={FIELD_ID: str(nested.field_id).encode()})
 
 
