@@ -68,7 +68,7 @@ def fleet_env(cluster, broker: str, storage: Path) -> dict[str, str]:
     return dict(os.environ, DELTAFLUSH_REDIS_URL=cluster.url, DELTAFLUSH_BROKER_URL=broker,
                 DELTAFLUSH_STORAGE_URI=str(storage), DELTAFLUSH_LEASE_S="3",
                 DELTAFLUSH_FLUSH_INTERVAL_S="0.5", DELTAFLUSH_MAX_FILE_BYTES="32768",
-                DELTAFLUSH_APPEND_REPLICAS="1", DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS="1000",
+                DELTAFLUSH_APPEND_REPLICAS="1", DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS="2000",
                 PYTHONPATH=str(ROOT))
 
 
