@@ -33,7 +33,8 @@ from .convert import conform, evolve
 from .errors import Backpressure as Backpressure
 from .errors import BatchTooLarge, InvalidTableName, SchemaRace, UpgradeRequired
 from .settings import Settings
-from .typepolicy import AppendCheck
+from .tablecfg import TableConfig
+from .typepolicy import AppendCheck, over_long, values_refusal
 
 #: How many times one batch is reshaped and sent again because the table's schema changed
 #: between its shaping and its arrival (other producers evolving it at the same moment).
@@ -91,14 +92,22 @@ class AppendCore:
         """Check a batch (``to_table``'s result) on its own, before anything is written to
         Redis. ``config``: the table's configuration, read only if ``needs_config``."""
         self.types.decide(keys, arrow.schema, config)
+        if config is not None or over_long(arrow) is not None:
+            # a uint64 over 2**63-1, which a lake table cannot hold (typepolicy): refused
+            # up front rather than set aside as a dead letter by the flush
+            fmt = TableConfig.from_json(config).format or self.settings.table_format
+            refused = values_refusal(arrow, fmt, keys.table)
+            if refused is not None:
+                raise refused
         item = Pending(arrow, uuid.uuid4().hex, wire.canonical_schema(arrow.schema))
         self.measure(keys.table, item)
         return item
 
     def needs_config(self, keys: wire.Keys, arrow: pa.Table) -> bool:
         """Whether ``prepare`` needs the table's configuration (rare: a column of a type
-        only some readers reject, whose fate the table's ``spark_compatible`` decides)."""
-        return self.types.needs_config(keys, arrow.schema)
+        only some readers reject, whose fate the table's ``spark_compatible`` decides, or a
+        uint64 over 2**63-1, which the table's format decides)."""
+        return self.types.needs_config(keys, arrow.schema) or over_long(arrow) is not None
 
     def registered_as(self, keys: wire.Keys, stored: bytes | None) -> None:
         """The table's (or shard's) registration came back with its stored schema."""

@@ -26,6 +26,14 @@ Types Parquet cannot store at all (intervals, unions) are refused whatever the s
 Without ``spark_compatible`` every other type is written as it is, and ``deltaflush table
 show`` lists the columns some readers reject.
 
+**Lake tables and unsigned 64-bit integers.** Neither Iceberg nor Delta Lake has unsigned
+integers: their tables write a ``uint64`` column as ``long`` (signed 64-bit), which holds
+every value up to 2**63-1. A batch with a larger value cannot go into an ``iceberg`` or
+``delta`` table without changing it, so ``append`` refuses it (``values_refusal``: the
+value, the column and the fix), and a flush sets such an entry aside as a dead letter with
+that message (a producer in another language). Columns whose values fit are written as
+they are; a ``parquet`` table keeps ``uint64`` whole.
+
 A refusal happens at ``configure`` and ``append`` (``AppendCheck``), before anything is
 written. A batch that reaches a flush anyway (a producer in another language, or a race
 with ``configure``) is set aside as a dead letter with the same message, never lost:
@@ -40,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import wire
@@ -213,6 +222,84 @@ def refusal(schema: pa.Schema, spark_compatible: bool, table: str) -> Unsupporte
             fix = f.fix + (", " + _SPARK_OFF.format(table=table) if spark else "")
             return UnsupportedType(table, f.column, f.type, f.reason, fix)
     return None
+
+
+#: The formats whose tables have no unsigned 64-bit integers (see the module doc).
+LAKE_FORMATS = ("iceberg", "delta")
+#: The largest value of the signed 64-bit ``long`` a lake table writes ``uint64`` as.
+LONG_MAX = 2**63 - 1
+
+
+@functools.lru_cache(maxsize=512)
+def has_uint64(schema: pa.Schema) -> bool:
+    """Whether ``schema`` has a ``uint64`` anywhere (nested too)."""
+    return any(_uint64_in(f.type) for f in schema)
+
+
+def _uint64_in(t: pa.DataType) -> bool:
+    if pa.types.is_uint64(t):
+        return True
+    if pa.types.is_dictionary(t):
+        return _uint64_in(t.value_type)
+    if pa.types.is_map(t):
+        return _uint64_in(t.key_type) or _uint64_in(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _uint64_in(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_uint64_in(f.type) for f in t)
+    return False
+
+
+def over_long(data: pa.Table) -> tuple[str, int] | None:
+    """The first ``uint64`` column (a nested one as ``col.field``, ``col[]``) holding a
+    value over ``LONG_MAX``, and its largest value; None if every value fits."""
+    if not has_uint64(data.schema):
+        return None
+    for f in data.schema:
+        for chunk in data.column(f.name).chunks:
+            hit = _over_long(chunk, f.name)
+            if hit is not None:
+                return hit
+    return None
+
+
+def _over_long(array: pa.Array, path: str) -> tuple[str, int] | None:
+    t = array.type
+    if pa.types.is_uint64(t):
+        top = pc.max(array).as_py()
+        return (path, top) if top is not None and top > LONG_MAX else None
+    if pa.types.is_dictionary(t):
+        return _over_long(array.dictionary, path) if _uint64_in(t.value_type) else None
+    if pa.types.is_map(t):
+        return _over_long(array.keys, f"{path}.key") or _over_long(array.items,
+                                                                    f"{path}.value")
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _over_long(array.flatten(), f"{path}[]") if _uint64_in(t.value_type) else None
+    if pa.types.is_struct(t):
+        for i, child in enumerate(t):
+            if _uint64_in(child.type):
+                hit = _over_long(array.field(i), f"{path}.{child.name}")
+                if hit is not None:
+                    return hit
+    return None
+
+
+def values_refusal(data: pa.Table, fmt: str | None, table: str) -> UnsupportedType | None:
+    """The error that refuses ``data`` for a table of format ``fmt`` because of its values
+    (a ``uint64`` over 2**63-1 in a lake table, see the module doc), or None."""
+    if fmt not in LAKE_FORMATS:
+        return None
+    hit = over_long(data)
+    if hit is None:
+        return None
+    column, value = hit
+    return UnsupportedType(
+        table, column, "uint64",
+        f"it holds {value}, over {LONG_MAX}, the largest value of the long a {fmt} table "
+        f"writes uint64 as ({'Iceberg' if fmt == 'iceberg' else 'Delta Lake'} has no "
+        "unsigned integers)",
+        "append such values as decimal128(20, 0) or as strings, in a column of that type, "
+        "or keep them in a table of format parquet, which holds uint64 whole")
 
 
 class AppendCheck:

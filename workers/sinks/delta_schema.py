@@ -112,13 +112,21 @@ def file_schema(schema: pa.Schema) -> pa.Schema:
 
 def conform(data: pa.Table, target: pa.Schema) -> pa.Table:
     """``data`` in ``target`` (a ``file_schema``): columns left out dropped, types cast.
-    Timestamps may lose digits below the microsecond (Delta's unit); an integer that does
-    not fit 64 bits raises."""
+    Timestamps may lose digits below the microsecond (Delta's unit). A value that does not
+    fit (a uint64 over 2**63-1, which the flush's decoding sets aside as a dead letter
+    before it gets here) raises ``NotStorable``: the table is stuck, never a flush failing
+    in a loop."""
     columns = []
     for f in target:
         column = data.column(f.name)
         if not column.type.equals(f.type):
-            column = pc.cast(column, f.type, safe=not pa.types.is_timestamp(f.type))
+            try:
+                column = pc.cast(column, f.type, safe=not pa.types.is_timestamp(f.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise NotStorable(
+                    f"a value of column {f.name!r} ({column.type}) does not fit the Delta "
+                    f"table's type {f.type}: {exc}. The range is left in Redis; append such "
+                    "values as another type, or use the parquet format") from exc
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=target)
 

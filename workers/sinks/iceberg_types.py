@@ -10,7 +10,9 @@ Arrow                            written as (Iceberg)
 int8, int16, int32, uint8,       int32 (int)
 uint16
 int64, uint32                    int64 (long)
-uint64                           int64 (long); a value over 2**63-1 fails the cast
+uint64                           int64 (long); a value over 2**63-1 is refused at
+                                 append, a dead letter at a flush
+                                 (``producer.typepolicy``)
 float16                          float32 (float)
 timestamp s/ms/us, any zone      timestamp us (timestamp, or timestamptz with a zone)
 timestamp ns                     timestamp us; a value with nanoseconds fails the cast
