@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import redis
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -47,6 +48,7 @@ from .batcher import (
     halves,
     names_of,
 )
+from .client import Producer
 from .convert import to_table
 from .core import SCHEMA_RACES, AppendCore, EvolveScript, Next, Pending, partly_appended
 from .due import DUE, celery_app, due_args, due_keys
@@ -58,6 +60,7 @@ from .errors import (
     SchemaRace,
 )
 from .settings import Settings
+from .tablecfg import TableConfig
 
 T = TypeVar("T")
 
@@ -113,6 +116,7 @@ class AsyncProducer:
         # by the core as ``Producer`` routes them.
         self._core = AppendCore(self.settings)
         self._celery: Any = None
+        self._sync: Producer | None = None  # ``_blocking``
         #: plain clients of a Redis Cluster's masters, by address (``_on_master``)
         self._masters: dict[str, redis.asyncio.Redis] = {}
 
@@ -356,6 +360,50 @@ class AsyncProducer:
                 return True
         return False
 
+    # --- reading, configuration, dead letters: ``Producer``'s, in a thread -------------
+
+    async def read(self, table: str, columns: Sequence[str] | None = None,
+                   filter: pc.Expression | None = None, *, min_id: str | None = None,
+                   timeout_s: float = 10.0) -> pa.RecordBatchReader:
+        """``Producer.read``: every row of ``table``, flushed or not, as one consistent
+        snapshot (``columns``, ``filter``, ``min_id`` and ``timeout_s`` as there; ``min_id``
+        takes the IDs this producer's ``append`` returns, ``<shard>:<id>`` ones too).
+
+        Runs ``Producer.read`` in a thread (``asyncio.to_thread``) on a blocking producer
+        made from this one's settings (``_blocking``): one read algorithm for both. The
+        snapshot is taken before this returns; the lake's files are read as the reader is
+        iterated, so iterate a large one in a thread too
+        (``await asyncio.to_thread(reader.read_all)``)."""
+        return await asyncio.to_thread(self._blocking().read, table, columns, filter,
+                                       min_id=min_id, timeout_s=timeout_s)
+
+    async def table_config(self, table: str) -> TableConfig:
+        """``Producer.table_config``, in a thread (see ``read``)."""
+        return await asyncio.to_thread(self._blocking().table_config, table)
+
+    async def configure(self, table: str, **changes: Any) -> TableConfig:
+        """``Producer.configure``: change the table's configuration (shards, shard key,
+        format, partitioning...), return the new one; in a thread (see ``read``). This
+        producer routes by the new shard count within ``ROUTE_TTL_S`` (5 s), as any
+        producer does; its own change takes effect for it at once."""
+        config = await asyncio.to_thread(self._blocking().configure, table, **changes)
+        self._core.routes.pop(table, None)
+        return config
+
+    async def replay_dead(self, table: str) -> tuple[int, int]:
+        """``Producer.replay_dead``: re-append the dead letters of ``table`` (each to its
+        shard) that now decode and fit; ``(replayed, still_dead)``. In a thread (see
+        ``read``)."""
+        return await asyncio.to_thread(self._blocking().replay_dead, table)
+
+    def _blocking(self) -> Producer:
+        """A blocking ``Producer`` with this one's settings, made on first use, for the
+        calls that run ``Producer``'s code in a thread. It has connections of its own,
+        to ``settings.redis_url`` (not to a ``client`` this producer was given)."""
+        if self._sync is None:
+            self._sync = Producer(settings=self.settings)
+        return self._sync
+
     # --- flushing ---------------------------------------------------------------------
 
     async def _maybe_trigger(self, keys: wire.Keys) -> None:
@@ -409,6 +457,8 @@ class AsyncProducer:
             await master.aclose(close_connection_pool=True)
         if self._celery is not None:
             self._celery.close()
+        if self._sync is not None:
+            self._sync.close()
 
     async def __aenter__(self) -> AsyncProducer:
         return self

@@ -11,13 +11,16 @@ import contextlib
 import re
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from producer import AsyncProducer, Producer, Settings, shards, wire
-from producer.errors import SchemaConflict, UnsupportedData
+from producer.errors import ConfigError, SchemaConflict, UnsupportedData
 from tests.test_shards import flush_all, keyed_batch, read
 from tests.test_shards_fleet import batch, read_back, wait_drained
+from workers.flusher import Flusher
+from workers.storage import Storage
 
 TABLE = "events"
 #: an entry ID of a sharded table: ``<shard>:<ms>-<seq>``, one per shard a batch went to
@@ -143,3 +146,40 @@ def test_the_fleet_lands_async_sharded_appends_and_batcher_writes_exactly_once(
                           key_order=bool(key), count=3)
     assert sorted(per_shard) == [0, 1, 2]
 
+
+def test_async_read_configure_and_replay_dead_are_the_blocking_ones(redis_server, real_redis,
+                                                                   storage_dir):
+    """``configure`` shards the table (and refuses bad settings clearly); ``read`` sees every
+    row once, flushed or not, with columns, filter and ``min_id`` (an ID ``append`` returned);
+    ``replay_dead`` sends a shard's dead letter back to that shard."""
+    settings = Settings(redis_url=redis_server.url, storage_uri=str(storage_dir))
+
+    async def main() -> None:
+        async with AsyncProducer(settings=settings) as ap:
+            await ap.append(TABLE, keyed_batch(0, 20))  # unsharded so far
+            config = await ap.configure(TABLE, shards=3, shard_key="user")
+            assert (config.shards, config.shard_key) == (3, "user")
+            assert (await ap.table_config(TABLE)).shards == 3
+            with pytest.raises(ConfigError, match="has no column 'nope'"):
+                await ap.configure(TABLE, shard_key="nope")
+            last = await ap.append(TABLE, keyed_batch(20, 20))  # routed at once
+            assert len(last.split()) > 1, last
+            reader = await ap.read(TABLE, min_id=last)
+            assert sorted(reader.read_all()["id"].to_pylist()) == list(range(40))
+            Flusher(real_redis, Storage(str(storage_dir)), settings).flush(TABLE, shard=2)
+            more = await ap.append_many(TABLE, [keyed_batch(40, 20)])
+            reader = await ap.read(TABLE, columns=["id"], filter=pc.field("user") == "u3",
+                                   min_id=more[0])
+            table = await asyncio.to_thread(reader.read_all)
+            assert table.schema.names == ["id"]
+            assert sorted(table["id"].to_pylist()) == [i for i in range(60) if i % 7 == 3]
+            # a dead letter of shard 2 goes back to shard 2 (7 users: shards 0 and 2)
+            k2 = wire.Keys("deltaflush", TABLE, 2)
+            await ap.append(TABLE, keyed_batch(60, 20))
+            good = real_redis.xrange(k2.delta)[-1][1]
+            real_redis.xadd(k2.dead, {**good, b"error": b"test", b"entry_id": b"1-1"})
+            before = real_redis.xlen(k2.delta)
+            assert await ap.replay_dead(TABLE) == (1, 0)
+            assert real_redis.xlen(k2.dead) == 0 and real_redis.xlen(k2.delta) == before + 1
+
+    asyncio.run(main())
