@@ -110,6 +110,43 @@ def test_an_async_evolution_on_a_shard_moves_the_authority_first(redis_server, r
     assert table["more"].to_pylist() == [None, None, None, 1, 2, 2]
 
 
+def test_async_evolutions_racing_across_shards_never_give_two_types(redis_server,
+                                                                    real_redis, storage_dir):
+    """``test_evolution_racing_across_shards_never_gives_two_types`` with two
+    ``AsyncProducer``s on one event loop (their awaits interleave at Redis): each round
+    exactly one type of the new column wins in every shard; the other gets SchemaConflict."""
+    setup = Producer(client=real_redis, settings=Settings.from_env({}))
+    setup.configure(TABLE, shards=2)
+    setup.append(TABLE, pa.table({"id": [-1]}))
+    setup.append(TABLE, pa.table({"id": [-2]}))
+    won: list[str] = []
+
+    async def race(ap: AsyncProducer, shard: int, value: object, round_: int) -> None:
+        ap._core.next_shard[TABLE] = shard  # this producer's next batch goes to `shard`
+        try:
+            await ap.append(TABLE, pa.table({"id": [round_ * 2 + shard],
+                                             f"c{round_}": [value]}))
+            won.append(f"c{round_}")
+        except SchemaConflict:
+            pass
+
+    async def main() -> None:
+        settings = Settings(redis_url=redis_server.url)
+        async with AsyncProducer(settings=settings) as a, \
+                AsyncProducer(settings=settings) as b:
+            for round_ in range(15):
+                await asyncio.gather(race(a, 0, 1, round_), race(b, 1, "one", round_))
+                assert won.count(f"c{round_}") == 1, round_
+
+    asyncio.run(main())
+    types = {}
+    for k in shards.table_shards(real_redis, "deltaflush", TABLE):
+        for f in wire.stored_schema(real_redis.get(k.schema)):
+            assert types.setdefault(f.name, f.type) == f.type, f"{f.name} in two types"
+    flush_all(real_redis, storage_dir)
+    assert len(read(storage_dir)) == 2 + 15
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("key", ["", "user"])
 def test_the_fleet_lands_async_sharded_appends_and_batcher_writes_exactly_once(
