@@ -395,3 +395,50 @@ def test_stats_of_a_file_with_nulls_and_timestamps(tmp_path):
     assert stats["nullCount"] == {"id": 1, "ts": 1, "f": 0}
     assert (stats["minValues"]["id"], stats["maxValues"]["id"]) == (1, 3)
     assert stats["minValues"]["ts"] == "1970-01-01T00:00:00.000001Z"
+
+
+def test_infinite_floats_beside_other_columns_flush_and_read_back(any_redis, storage_dir):
+    """JSON has no infinities: a float column holding one gets no bounds in the file's
+    stats (Python's ``Infinity`` made delta-rs fail every commit of the table, as with the
+    every-type table of tests/test_read.py), and its values read back exactly."""
+    import math
+
+    p = Producer(client=any_redis, settings=SETTINGS)
+    data = pa.table({"id": [0, 1, 2], "f": [1.5, float("inf"), -float("inf")],
+                     "ok": [True, None, False]})
+    p.append("events", data)
+    result = flusher(any_redis, storage_dir).flush("events")
+    assert result.status == "ok" and result.rows == 3, result
+    uri = str(storage_dir / "events")
+    rows = duckdb_delta().execute(
+        f"SELECT id, f, ok FROM delta_scan('{uri}') ORDER BY id").fetchall()
+    assert rows == [(0, 1.5, True), (1, math.inf, None), (2, -math.inf, False)]
+    back = DeltaTable(uri).to_pyarrow_table().sort_by("id")
+    assert back["f"].to_pylist() == data["f"].to_pylist()
+    p.append("events", data)  # the table takes further commits
+    assert flusher(any_redis, storage_dir).flush("events").rows == 3
+    assert sorted(deltalake_ids(uri)) == [0, 0, 1, 1, 2, 2]
+
+
+def test_decimals_up_to_38_digits_are_stored_wider_ones_make_the_table_stuck(any_redis,
+                                                                           storage_dir):
+    """Delta's decimals have at most 38 digits: a decimal256 that fits is a decimal128; a
+    wider one stops the flush with the reason (delta-rs raised a bare error, retried in a
+    loop)."""
+    from decimal import Decimal
+
+    p = Producer(client=any_redis, settings=SETTINGS)
+    p.configure("events", spark_compatible=False)  # which refuses decimals over 38 digits
+    p.append("events", pa.table({"id": [0], "d": pa.array([Decimal("1.25")],
+                                                          pa.decimal256(20, 2))}))
+    assert flusher(any_redis, storage_dir).flush("events").status == "ok"
+    uri = str(storage_dir / "events")
+    assert pa.schema(DeltaTable(uri).schema().to_arrow()).field("d").type == \
+        pa.decimal128(20, 2)
+    assert DeltaTable(uri).to_pyarrow_table()["d"].to_pylist() == [Decimal("1.25")]
+    p.configure("other", spark_compatible=False)
+    p.append("other", pa.table({"id": [0], "d": pa.array([Decimal("1.25")],
+                                                         pa.decimal256(40, 2))}))
+    result = flusher(any_redis, storage_dir).flush("other")
+    assert result.status == "stuck" and "at most 38 digits" in result.error
+    assert any_redis.xlen(wire.Keys("deltaflush", "other").delta) == 1  # nothing trimmed

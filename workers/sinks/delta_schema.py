@@ -5,7 +5,9 @@ the app-transaction version that records it. Pure functions; no I/O.
 support), while a deltaflush table's schema may widen (``int32`` -> ``int64``, ``float32`` ->
 ``float64``). So every column is stored in the widest type of its family from the start:
 integers as ``long``, floats as ``double``, timestamps in microseconds (Delta's unit; finer
-units are truncated), large strings and binaries as plain ones, dictionaries as their values.
+units are truncated), large strings and binaries (fixed-size ones too) as plain ones,
+dictionaries as their values,
+a ``decimal256`` of up to 38 digits as ``decimal128`` (Delta has no wider decimal).
 A widening within a family then changes nothing in the Delta table; one across families (an
 integer column becoming a float) cannot be stored and marks the table stuck, with the reason.
 A column that is still all-null (Arrow ``null``) is left out until it gets a type; an added
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from typing import Any
 
@@ -90,10 +93,18 @@ def storage_type(t: pa.DataType, column: str) -> pa.DataType | None:
         return pa.date32()
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return pa.string()
-    if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+    if (pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+            or pa.types.is_fixed_size_binary(t)):
         return pa.binary()
+    if pa.types.is_decimal(t) and t.precision <= 38:
+        return pa.decimal128(t.precision, t.scale)
+    if pa.types.is_decimal(t):
+        raise NotStorable(
+            f"column {column!r} has type {t}: Delta Lake's decimals have at most 38 digits; "
+            "cast it to decimal128(38, scale) if its values fit, or to a string, before "
+            "appending, or use the parquet format")
     if (pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_boolean(t)
-            or pa.types.is_decimal(t) or pa.types.is_nested(t)):
+            or pa.types.is_nested(t)):
         return t
     raise NotStorable(
         f"column {column!r} has type {t}, which Delta Lake cannot store; cast it before "
@@ -219,7 +230,7 @@ def stats_json(metadata: Any, schema: pa.Schema, partition_columns: list[str]) -
             if lo_json is not None and hi_json is not None:
                 mins[field.name], maxs[field.name] = lo_json, hi_json
     stats.update(minValues=mins, maxValues=maxs, nullCount=nulls)
-    return json.dumps(stats, separators=(",", ":"))
+    return json.dumps(stats, separators=(",", ":"), allow_nan=False)
 
 
 _NO_BOUNDS = object()
@@ -232,7 +243,9 @@ def _boundable(t: pa.DataType) -> bool:
 
 def _json_value(value: Any, t: pa.DataType) -> Any:
     """A statistic as Delta's JSON has it (None: leave the bound out)."""
-    if isinstance(value, float) and value != value:  # NaN bounds prune nothing safely
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN bounds prune nothing safely; JSON has no infinities (Python would write
+        # ``Infinity``, which delta-rs refuses to parse, failing every later commit)
         return None
     if pa.types.is_timestamp(t):
         if not isinstance(value, dt.datetime):
