@@ -442,3 +442,42 @@ def test_decimals_up_to_38_digits_are_stored_wider_ones_make_the_table_stuck(any
     result = flusher(any_redis, storage_dir).flush("other")
     assert result.status == "stuck" and "at most 38 digits" in result.error
     assert any_redis.xlen(wire.Keys("deltaflush", "other").delta) == 1  # nothing trimmed
+
+
+def test_nested_children_are_stored_in_types_delta_holds_or_refused_by_name(any_redis,
+                                                                          storage_dir):
+    """Inside lists, structs and maps: unsigned integers become wider signed ones (delta-rs
+    stored uint8 as byte and failed on 200, in a loop), timestamps microseconds (s failed;
+    ns made a table deltalake would not read), decimal256 a decimal; a nested time makes
+    the table stuck naming the field, never a bare delta-rs error."""
+    import datetime as dt
+    from decimal import Decimal
+
+    p = Producer(client=any_redis, settings=SETTINGS)
+    p.configure("events", spark_compatible=False)
+    data = pa.table({
+        "id": [0],
+        "u8s": pa.array([[1, 200]], pa.list_(pa.uint8())),
+        "m": pa.array([[("a", 60000)]], pa.map_(pa.string(), pa.uint16())),
+        "tsns": pa.array([[1_000_001_000]], pa.list_(pa.timestamp("ns"))),
+        "s": pa.array([{"at": 1, "d": Decimal("1.25")}],
+                      pa.struct([("at", pa.timestamp("s")), ("d", pa.decimal256(20, 2))])),
+    })
+    p.append("events", data)
+    result = flusher(any_redis, storage_dir).flush("events")
+    assert result.status == "ok", result.error
+    uri = str(storage_dir / "events")
+    schema = pa.schema(DeltaTable(uri).schema().to_arrow())
+    assert schema.field("u8s").type.value_type == pa.int16()
+    back = DeltaTable(uri).to_pyarrow_table()
+    assert back["u8s"].to_pylist() == [[1, 200]] and back["m"].to_pylist() == [[("a", 60000)]]
+    assert back["tsns"].to_pylist() == [[dt.datetime(1970, 1, 1, 0, 0, 1, 1)]]
+    assert back["s"].to_pylist() == [{"at": dt.datetime(1970, 1, 1, 0, 0, 1),
+                                      "d": Decimal("1.25")}]
+    rows = duckdb_delta().execute(f"SELECT u8s, s.d FROM delta_scan('{uri}')").fetchall()
+    assert rows == [([1, 200], Decimal("1.25"))]
+    p.configure("other", spark_compatible=False)
+    p.append("other", pa.table({"id": [0], "c": pa.array([{"x": 1}],
+                                                         pa.struct([("x", pa.time32("s"))]))}))
+    result = flusher(any_redis, storage_dir).flush("other")
+    assert result.status == "stuck" and "column 'c.x' has type time32[s]" in result.error
