@@ -4,10 +4,11 @@ Shared by every range source: it sees chunks of entries (``entries.Chunk``, or l
 ``(id, fields)``) and does not know where they come from. Each entry is decoded and fully
 validated (``producer.wire.decode_payload``) and cast to the range's schema; an entry that
 cannot be (garbage, truncated, no ``arrow`` field, a schema that cannot be cast) is set
-aside as a dead letter with the reason, never failing the flush. Runs of small entries that share their schema message are decoded
-together first (``runs``: the same rows, or the run is decoded entry by entry after all),
-when they are in the range's schema already (so that they count the same bytes towards
-``max_bytes`` as one by one, and the range ends at the same entry).
+aside as a dead letter with the reason, never failing the flush. Runs of small entries
+that share their schema message are decoded together first (``runs``: the same rows, or
+the run is decoded entry by entry after all), when they are in the range's schema already
+(then they count the same bytes towards ``max_bytes`` as one by one, and the range ends at
+the same entry).
 
 A new range is written in the table's current schema. If an entry does not fit because
 the table's schema evolved while the range was being read, the range switches to the new
