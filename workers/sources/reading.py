@@ -6,9 +6,7 @@ validated (``producer.wire.decode_payload``) and cast to the range's schema; an 
 cannot be (garbage, truncated, no ``arrow`` field, a schema that cannot be cast) is set
 aside as a dead letter with the reason, never failing the flush. Runs of small entries
 that share their schema message are decoded together first (``runs``: the same rows, or
-the run is decoded entry by entry after all), when they are in the range's schema already
-(then they count the same bytes towards ``max_bytes`` as one by one, and the range ends at
-the same entry).
+the run is decoded entry by entry after all).
 
 A new range is written in the table's current schema. If an entry does not fit because
 the table's schema evolved while the range was being read, the range switches to the new
@@ -130,11 +128,7 @@ class EntryReader:
         schema, or would cross the range's size limit (where the range ends is decided
         entry by entry)."""
         table = decode_run(prefix, payloads, rows)  # type: ignore[arg-type]
-        # Only in the range's schema as it is: each chunk of ``table`` is then exactly what
-        # the entry alone decodes to, so ``table.nbytes`` is what the entries add up to one
-        # by one, and the range ends where it would (``max_bytes``). Casting would change
-        # the sizes.
-        if table is None or (self.schema is not None and not table.schema.equals(self.schema)):
+        if table is None:
             return None
         try:
             table = fit(table, self.schema, self.table, self._spark)
@@ -145,9 +139,7 @@ class EntryReader:
         if self.schema is None:
             self.schema = table.schema
         self._bytes += table.nbytes
-        # one chunk per column, not one per entry: what comes next (sizing, Parquet
-        # encoding) costs per chunk
-        return table.combine_chunks()
+        return table
 
     def _decode(self, payload: bytes | None
                 ) -> tuple[pa.Table | None, str | None, pa.Schema | None]:

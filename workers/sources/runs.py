@@ -99,7 +99,9 @@ def decode_run(prefix: bytes, payloads: Sequence[bytes], rows: Sequence[bytes]
         raise
     except (pa.ArrowException, OSError, ValueError):
         return None
-    return table  # a chunk per record batch, as decoded: the caller combines them
+    # one chunk per column, not one per entry: what comes next (sizing, casting, Parquet
+    # encoding) costs per chunk
+    return table.combine_chunks()
 
 
 def dictionary_free(schema: pa.Schema) -> bool:
