@@ -26,6 +26,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import redis
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -34,7 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry as SyncRetry
 
-from . import cluster, wire
+from . import cluster, shards, wire
 from .batcher import (
     LINGER_MS,
     MAX_BUFFER_BYTES,
@@ -46,11 +48,19 @@ from .batcher import (
     halves,
     names_of,
 )
+from .client import Producer
 from .convert import to_table
-from .core import AppendCore, Next, Pending, partly_appended
+from .core import SCHEMA_RACES, AppendCore, EvolveScript, Next, Pending, partly_appended
 from .due import DUE, celery_app, due_args, due_keys
-from .errors import BufferFull, DeltaflushError, InvalidInput
+from .errors import (
+    BufferFull,
+    DeltaflushError,
+    InvalidInput,
+    ReplicationTimeout,
+    SchemaRace,
+)
 from .settings import Settings
+from .tablecfg import TableConfig
 
 T = TypeVar("T")
 
@@ -74,6 +84,15 @@ def connect(url: str, retries: int = 8) -> redis.asyncio.Redis:
     )
 
 
+class _AuthorityMoves(Exception):
+    """Shaping a batch for a shard needs shard 0's schema to move first (an awaited
+    compare-and-set): raised through ``AppendCore.shape`` to ``AsyncProducer._shape``."""
+
+    def __init__(self, batch: pa.Schema) -> None:
+        super().__init__("the authority must move first")
+        self.batch = batch
+
+
 class AsyncProducer:
     """``Producer`` for asyncio (see the module doc). ``AsyncProducer()`` reads its settings
     from the environment; ``redis_url``, ``broker_url`` and ``key_prefix`` (or a whole
@@ -93,11 +112,11 @@ class AsyncProducer:
         self.redis = client if client is not None else connect(self.settings.redis_url)
         if isinstance(self.redis, AsyncRedisCluster):
             cluster.require_broker(self.settings.redis_url, self.settings.broker_url)
-        # Protocol 1: this producer does not route batches to the shards of a sharded
-        # table (docs/shards.md), so such a table refuses it (``UpgradeRequired``) instead
-        # of taking every batch into shard 0, out of its shard key's order.
-        self._core = AppendCore(self.settings, protocol=1)
+        # Protocol 2: batches of a sharded table go to its shards (docs/shards.md), routed
+        # by the core as ``Producer`` routes them.
+        self._core = AppendCore(self.settings)
         self._celery: Any = None
+        self._sync: Producer | None = None  # ``_blocking``
         #: plain clients of a Redis Cluster's masters, by address (``_on_master``)
         self._masters: dict[str, redis.asyncio.Redis] = {}
 
@@ -107,26 +126,37 @@ class AsyncProducer:
                      batch_id: str | None = None) -> str:
         """``Producer.append``: append one batch, return its entry ID once Redis has
         accepted it (and ``append_replicas`` replicas hold it: ``ReplicationTimeout``
-        otherwise, retried with ``batch_id``)."""
+        otherwise, retried with ``batch_id``). A sharded table's batch goes to its shard
+        (or is split by its shard key): IDs as ``<shard>:<id>``, space-separated."""
         keys = self._core.keys(table)
         item = await self._prepare(keys, data)
         if batch_id is not None:
             item.batch_id = batch_id
         await self._register(keys)
-        entry_id = await self._send(keys, self._core.shape(keys, item), timeout_s)
-        await self._maybe_trigger(keys)
-        return entry_id
+        parts = await self._route(keys, item, pinned=batch_id is not None)
+        if parts is None:
+            entry_id = await self._send(keys, await self._shape(keys, item), timeout_s)
+            await self._maybe_trigger(keys)
+            return entry_id
+        try:
+            return await self._append_parts(parts, timeout_s)
+        except ReplicationTimeout as exc:  # retried whole: the parts' IDs follow from it
+            exc.batch_ids = (item.batch_id,)
+            raise
 
     async def append_many(self, table: str, batches: Iterable[Any], *,
                           timeout_s: float | None = None) -> list[str]:
         """``Producer.append_many``: several batches in one pipelined round trip, each its
         own transaction; every batch is checked before anything is sent, a refused one is
-        retried alone after the others (``.appended`` on the error if one fails)."""
+        retried alone after the others (``.appended`` on the error if one fails). A
+        sharded table's batches go to their shards batch by batch."""
         keys = self._core.keys(table)
         items = [await self._prepare(keys, data) for data in batches]
         await self._register(keys)
+        if await self._shard_count(keys) > 1:
+            return await self._append_many_sharded(keys, items, timeout_s)
         for item in items:
-            self._core.shape(keys, item)
+            await self._shape(keys, item)
         verdicts = await self._transaction(keys, items) if items else []
         ids: list[str | None] = [self._core.accepted(keys, item, verdict)
                                  for item, verdict in zip(items, verdicts, strict=True)]
@@ -139,6 +169,84 @@ class AsyncProducer:
                     raise
         await self._maybe_trigger(keys)
         return [str(i) for i in ids]
+
+    async def _append_many_sharded(self, keys: wire.Keys, items: list[Pending],
+                                   timeout_s: float | None) -> list[str]:
+        """``Producer._append_many_sharded``: batch by batch, each to its shard(s)."""
+        ids: list[str | None] = [None] * len(items)
+        for n, item in enumerate(items):
+            try:
+                ids[n] = await self._append_parts(
+                    await self._route(keys, item) or [(keys, item)], timeout_s)
+            except DeltaflushError as exc:
+                partly_appended(exc, ids)
+                raise
+        return [str(i) for i in ids]
+
+    async def _append_parts(self, parts: list[tuple[wire.Keys, Pending]],
+                            timeout_s: float | None) -> str:
+        """Each part of a batch to its shard, in turn: ``<shard>:<id>`` of each."""
+        found = []
+        for shard, part in parts:
+            await self._register(shard)
+            sent = await self._send(shard, await self._shape(shard, part), timeout_s)
+            found.append(f"{shard.shard}:{sent}")
+            await self._maybe_trigger(shard)
+        return " ".join(found)
+
+    # --- shards (protocol 2, docs/shards.md: the decisions are ``AppendCore``'s) --------
+
+    async def _shard_count(self, keys: wire.Keys) -> int:
+        """The table's shard count, its configuration read at most ``ROUTE_TTL_S`` ago."""
+        if self._core.route_stale(keys):
+            return self._core.learn_route(keys, cast(bytes | None,
+                                                       await self.redis.get(keys.config)))
+        return self._core.shard_count(keys)
+
+    async def _route(self, keys: wire.Keys, item: Pending, pinned: bool = False
+                     ) -> list[tuple[wire.Keys, Pending]] | None:
+        await self._shard_count(keys)
+        return self._core.route(keys, item, pinned)
+
+    async def _shape(self, keys: wire.Keys, item: Pending) -> Pending:
+        """``AppendCore.shape``, with shard 0's authority: the core asks for it
+        synchronously (``_authority_known``), so when it must move first this runs the
+        compare-and-set (``_evolve_authority``), then shapes again (the authority now holds
+        the target)."""
+        for _ in range(SCHEMA_RACES + 1):
+            try:
+                return self._core.shape(keys, item, self._authority_known)
+            except _AuthorityMoves as moves:
+                await self._evolve_authority(keys, moves.batch)
+        raise SchemaRace(keys.table, SCHEMA_RACES + 1)
+
+    def _authority_known(self, keys: wire.Keys, batch: pa.Schema) -> pa.Schema:
+        """The target if the authority, as this producer knows it, holds it already;
+        ``_AuthorityMoves`` if the compare-and-set must run first."""
+        try:
+            next(self._core.evolve_authority(keys, batch))
+        except StopIteration as done:
+            return cast(pa.Schema, done.value)
+        raise _AuthorityMoves(batch)
+
+    async def _evolve_authority(self, keys: wire.Keys, batch: pa.Schema) -> pa.Schema:
+        """``Producer._evolve_authority``: the core's steps, each script awaited."""
+        steps = self._core.evolve_authority(keys, batch)
+        try:
+            script = next(steps)
+            while True:
+                script = steps.send(await self._evolve_script(keys, script))
+        except StopIteration as done:
+            return cast(pa.Schema, done.value)
+
+    async def _evolve_script(self, keys: wire.Keys, script: EvolveScript) -> list[Any]:
+        async def run(master: redis.asyncio.Redis) -> list[Any]:
+            pipe = master.pipeline(transaction=False)
+            self._core.queue_evolve(pipe, script)
+            return cast(list[Any], await pipe.execute())
+
+        return self._core.evolve_reply(
+            keys, await self._on_master(keys.for_shard(0).authority, run))
 
     def batcher(self, *, linger_ms: float = LINGER_MS, max_rows: int = MAX_ROWS,
                 max_bytes: int = MAX_BYTES, max_buffer_bytes: int = MAX_BUFFER_BYTES,
@@ -156,13 +264,17 @@ class AsyncProducer:
         return self._core.prepare(keys, arrow, config)
 
     async def _register(self, keys: wire.Keys) -> None:
-        """``Producer._register``: the table in ``{prefix}:tables``, its schema learnt."""
+        """``Producer._register``: the table in ``{prefix}:tables``, its schema (or a
+        shard's copy of it) learnt."""
         if keys.tag in self._core.registered:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(wire.tables_key(self.settings.key_prefix), keys.table)
-        pipe.get(keys.schema)
-        _, stored = await pipe.execute()
+        if keys.shard:  # a shard of a registered table: only its schema copy to learn
+            stored = cast(bytes | None, await self.redis.get(keys.schema))
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.sadd(wire.tables_key(self.settings.key_prefix), keys.table)
+            pipe.get(keys.schema)
+            _, stored = await pipe.execute()
         self._core.registered_as(keys, stored)
 
     async def _transaction(self, keys: wire.Keys, items: list[Pending]) -> list[list[Any]]:
@@ -229,9 +341,10 @@ class AsyncProducer:
             entry_id = self._core.accepted(keys, item, verdict)
             if entry_id is not None:
                 return entry_id
-            if self._core.refused(keys, item, verdict) is Next.WAIT:
-                if deadline is None or not await self._wait_for_room(keys, deadline):
-                    raise self._core.backpressure(keys, verdict)
+            if self._core.refused(keys, item, verdict) is Next.RESEND:
+                await self._shape(keys, item)  # raises SchemaConflict if it cannot fit
+            elif deadline is None or not await self._wait_for_room(keys, deadline):
+                raise self._core.backpressure(keys, verdict)
             verdict = None
 
     async def _wait_for_room(self, keys: wire.Keys, deadline: float) -> bool:
@@ -247,6 +360,50 @@ class AsyncProducer:
                 return True
         return False
 
+    # --- reading, configuration, dead letters: ``Producer``'s, in a thread -------------
+
+    async def read(self, table: str, columns: Sequence[str] | None = None,
+                   filter: pc.Expression | None = None, *, min_id: str | None = None,
+                   timeout_s: float = 10.0) -> pa.RecordBatchReader:
+        """``Producer.read``: every row of ``table``, flushed or not, as one consistent
+        snapshot (``columns``, ``filter``, ``min_id`` and ``timeout_s`` as there; ``min_id``
+        takes the IDs this producer's ``append`` returns, ``<shard>:<id>`` ones too).
+
+        Runs ``Producer.read`` in a thread (``asyncio.to_thread``) on a blocking producer
+        made from this one's settings (``_blocking``): one read algorithm for both. The
+        snapshot is taken before this returns; the lake's files are read as the reader is
+        iterated, so iterate a large one in a thread too
+        (``await asyncio.to_thread(reader.read_all)``)."""
+        return await asyncio.to_thread(self._blocking().read, table, columns, filter,
+                                       min_id=min_id, timeout_s=timeout_s)
+
+    async def table_config(self, table: str) -> TableConfig:
+        """``Producer.table_config``, in a thread (see ``read``)."""
+        return await asyncio.to_thread(self._blocking().table_config, table)
+
+    async def configure(self, table: str, **changes: Any) -> TableConfig:
+        """``Producer.configure``: change the table's configuration (shards, shard key,
+        format, partitioning...), return the new one; in a thread (see ``read``). This
+        producer routes by the new shard count within ``ROUTE_TTL_S`` (5 s), as any
+        producer does; its own change takes effect for it at once."""
+        config = await asyncio.to_thread(self._blocking().configure, table, **changes)
+        self._core.routes.pop(table, None)
+        return config
+
+    async def replay_dead(self, table: str) -> tuple[int, int]:
+        """``Producer.replay_dead``: re-append the dead letters of ``table`` (each to its
+        shard) that now decode and fit; ``(replayed, still_dead)``. In a thread (see
+        ``read``)."""
+        return await asyncio.to_thread(self._blocking().replay_dead, table)
+
+    def _blocking(self) -> Producer:
+        """A blocking ``Producer`` with this one's settings, made on first use, for the
+        calls that run ``Producer``'s code in a thread. It has connections of its own,
+        to ``settings.redis_url`` (not to a ``client`` this producer was given)."""
+        if self._sync is None:
+            self._sync = Producer(settings=self.settings)
+        return self._sync
+
     # --- flushing ---------------------------------------------------------------------
 
     async def _maybe_trigger(self, keys: wire.Keys) -> None:
@@ -259,17 +416,28 @@ class AsyncProducer:
             await self._send_or_unmark(keys)
 
     async def flush(self, table: str) -> bool:
-        """``Producer.flush``: enqueue ``flush_table(table)`` now, unless one is queued."""
-        keys = self._core.keys(table)
-        if not await self.redis.set(keys.queued, b"1", nx=True, px=self.settings.lease_ms):
-            return False
-        await self._send_or_unmark(keys)
-        return True
+        """``Producer.flush``: enqueue ``flush_table(table)`` now, unless one is queued;
+        for a sharded table, one per shard (each takes its shard's mark)."""
+        sent = False
+        for keys in await self._table_shards(table):
+            if await self.redis.set(keys.queued, b"1", nx=True, px=self.settings.lease_ms):
+                await self._send_or_unmark(keys)
+                sent = True
+        return sent
 
     async def request_flush(self, table: str) -> None:
-        """``Producer.request_flush``: ask for a flush through Redis alone."""
-        keys = self._core.keys(table)
-        await self.redis.hset(keys.sched, wire.FIELD_FLUSH_REQUESTED, int(time.time() * 1000))
+        """``Producer.request_flush``: ask for a flush (of every shard) through Redis
+        alone."""
+        for keys in await self._table_shards(table):
+            await self.redis.hset(keys.sched, wire.FIELD_FLUSH_REQUESTED,
+                                  int(time.time() * 1000))
+
+    async def _table_shards(self, table: str) -> list[wire.Keys]:
+        """``shards.table_shards``: every shard of ``table`` that may hold data."""
+        self._core.keys(table)  # raises InvalidTableName
+        ever = await self.redis.hget(wire.sharded_key(self.settings.key_prefix), table)
+        return shards.all_shards(self.settings.key_prefix, table,
+                                 {table: shards.count_of(ever)})
 
     async def _send_or_unmark(self, keys: wire.Keys) -> None:
         """Send ``flush_table`` (Celery's client blocks: in a thread); if that fails, remove
@@ -289,6 +457,8 @@ class AsyncProducer:
             await master.aclose(close_connection_pool=True)
         if self._celery is not None:
             self._celery.close()
+        if self._sync is not None:
+            self._sync.close()
 
     async def __aenter__(self) -> AsyncProducer:
         return self

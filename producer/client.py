@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,20 +17,19 @@ from redis.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
-from . import admin, cluster, scripts, shards, wire
-from .append import BACKPRESSURE, PROTOCOL
+from . import admin, cluster, shards, wire
+from .append import BACKPRESSURE
 from .batcher import Batcher
-from .convert import evolve, to_table
+from .convert import to_table
+from .core import ROUTE_TTL_S as ROUTE_TTL_S
 from .core import SCHEMA_RACES as SCHEMA_RACES
-from .core import AppendCore, Next, Pending, partly_appended
+from .core import AppendCore, EvolveScript, Next, Pending, partly_appended
 from .due import DUE, celery_app, due_args, due_keys, queue_flush, send_or_unmark
 from .errors import (
     Backpressure,
     DeltaflushError,
     ReplicationTimeout,
     SchemaRace,
-    UnsupportedData,
-    UpgradeRequired,
 )
 from .settings import Settings
 from .tablecfg import TableConfig
@@ -40,10 +38,6 @@ log = logging.getLogger(__name__)
 
 #: ``append_many`` sends its batches in groups of about this many payload bytes.
 SEND_GROUP_BYTES = 8 * 1024 * 1024
-#: How long a producer uses a table's shard count before reading its configuration again.
-ROUTE_TTL_S = 5.0
-#: The compare-and-set of a sharded table's schema (``producer/lua/schema_evolve.lua``).
-EVOLVE = scripts.load("schema_evolve")
 
 
 def connect(url: str, retries: int = 0) -> redis.Redis:
@@ -117,9 +111,10 @@ class Producer:
         self._registered = self._core.registered
         self._schemas = self._core.schemas
         self._pending = self._core.pending
-        #: table -> (when to read its configuration again, its shard count, shard key)
-        self._routes: dict[str, tuple[float, int, str]] = {}
-        self._next_shard: dict[str, int] = {}
+        #: table -> (when to read its configuration again, its shard count, shard key),
+        #: and the next shard of each round-robin table (``AppendCore.route``)
+        self._routes = self._core.routes
+        self._next_shard = self._core.next_shard
         self._celery: Any = None
 
     # --- appending --------------------------------------------------------------------
@@ -222,92 +217,39 @@ class Producer:
 
     def _shard_count(self, keys: wire.Keys) -> int:
         """The table's shard count, from its configuration read at most ``ROUTE_TTL_S``
-        ago (a producer that still uses the old count after a change writes to shards the
-        workers flush all the same: they flush every shard the table ever had)."""
-        route = self._routes.get(keys.table)
-        if route is None or route[0] < time.monotonic():
-            config = TableConfig.from_json(self.redis.get(keys.config))
-            route = (time.monotonic() + ROUTE_TTL_S, config.shards, config.shard_key)
-            self._routes[keys.table] = route
-        return route[1]
+        ago (``AppendCore.route_stale``)."""
+        if self._core.route_stale(keys):
+            return self._core.learn_route(keys, cast(bytes | None, self.redis.get(keys.config)))
+        return self._core.shard_count(keys)
 
     def _route(self, keys: wire.Keys, item: _Pending, pinned: bool = False
                ) -> list[tuple[wire.Keys, _Pending]] | None:
         """The shards ``item`` goes to, with its part for each; None for an unsharded
-        table. By its shard key's values (``crc32`` of their canonical bytes, mod N), else
-        the next shard in turn; or, for a batch ID the caller gave (``pinned``: a retry of
-        an append must reach the shard that remembers the ID), the ``crc32`` of the ID."""
-        count = self._shard_count(keys)
-        if count == 1:
-            return None
-        key = self._routes[keys.table][2]
-        if not key:
-            if pinned:
-                return [(keys.for_shard(shards.shard_of(item.batch_id, count)), item)]
-            shard = self._next_shard.get(keys.table, random.randrange(count)) % count
-            self._next_shard[keys.table] = shard + 1
-            return [(keys.for_shard(shard), item)]
-        if item.arrow.schema.get_field_index(key) < 0:
-            raise UnsupportedData(
-                f"table {keys.table!r} is sharded by column {key!r} (its shard_key), which "
-                f"this batch lacks; its columns are {item.arrow.schema.names}. Add the column, "
-                "or change the table's shard_key (`deltaflush table set`)")
-        parts = shards.split(item.arrow, key, count)
-        if len(parts) == 1:
-            return [(keys.for_shard(parts[0][0]), item)]
-        out = []
-        for shard, rows in parts:
-            part = _Pending(rows, f"{item.batch_id}-s{shard}", item.schema_bytes)
-            self._measure(keys.table, part)
-            out.append((keys.for_shard(shard), part))
-        return out
+        table (``AppendCore.route``)."""
+        self._shard_count(keys)
+        return self._core.route(keys, item, pinned)
 
     def _evolve_authority(self, keys: wire.Keys, batch: pa.Schema) -> pa.Schema:
-        """The schema a batch for shard ``keys`` (>= 1) evolves the shard's copy to: the
-        table's schema (shard 0's, the authority) evolved by ``batch``, moved there first
-        with a compare-and-set in shard 0's slot; so every shard's copy is a schema the
-        table had, and two shards never evolve a column two ways (the second producer gets
-        the first one's schema back, and a ``SchemaConflict`` if its batch cannot fit)."""
-        table = keys.for_shard(0)
-        for _race in range(SCHEMA_RACES + 1):
-            known = self._schemas.get(table.tag)
-            target = batch if known is None else evolve(known[0], batch, keys.table)
-            target_bytes = wire.canonical_schema(target)
-            if known is not None and known[1] == target_bytes:
-                return target
-            code, value = self._evolve_script(table, b"" if known is None else known[1],
-                                              target_bytes)
-            if code == PROTOCOL:
-                raise UpgradeRequired(keys.table, int(value), wire.PROTOCOL)
-            self._remember(table, bytes(value))
-            if code == 1:
-                return target
-        raise SchemaRace(keys.table, SCHEMA_RACES + 1)
+        """The schema shard ``keys`` (>= 1) evolves its copy to, once shard 0's (the
+        authority) holds it: ``AppendCore.evolve_authority``'s steps, each run of
+        ``schema_evolve.lua`` on shard 0's master (again while its slot moves or fails
+        over: a compare-and-set, so a repeat is harmless)."""
+        steps = self._core.evolve_authority(keys, batch)
+        try:
+            script = next(steps)
+            while True:
+                script = steps.send(self._evolve_script(keys, script))
+        except StopIteration as done:
+            return cast(pa.Schema, done.value)
 
-    def _evolve_script(self, table: wire.Keys, expected: bytes, target: bytes) -> list[Any]:
-        """Run ``schema_evolve.lua`` on shard 0's master (again while its slot moves or fails
-        over: a compare-and-set, so a repeat is harmless), then, with ``append_replicas``,
-        wait for the replicas: an authority lost in a failover could let another shard
-        evolve a column a second way. ``EVAL``, as the check: protocol 2 needs no
-        permission beyond protocol 1's."""
-        key_list, arg_list = EVOLVE.argv(
-            {"schema": table.authority, "protocol": table.protocol},
-            {"expected": expected, "schema": target, "protocol": wire.PROTOCOL})
-        replicas = self.settings.append_replicas
-        timeout_ms = self.settings.append_replicas_timeout_ms
-
+    def _evolve_script(self, keys: wire.Keys, script: EvolveScript) -> list[Any]:
         def run(master: redis.Redis) -> list[Any]:
             pipe = master.pipeline(transaction=False)
-            pipe.eval(EVOLVE.source, len(key_list), *key_list, *arg_list)
-            if replicas:
-                cluster.queue_wait(pipe, replicas, timeout_ms)
+            self._core.queue_evolve(pipe, script)
             return cast(list[Any], pipe.execute())
 
-        replies = cluster.on_master(self.redis, table.authority, run)
-        if replicas:
-            cluster.check_acked(replies[-1], replicas, timeout_ms,
-                                f"table {table.table!r}: its schema evolved")
-        return cast(list[Any], replies[0])
+        return self._core.evolve_reply(
+            keys, cluster.on_master(self.redis, keys.for_shard(0).authority, run))
 
     def _send_groups(self, keys: wire.Keys, items: list[_Pending]) -> list[list[Any]]:
         """Send ``items`` in groups of about ``SEND_GROUP_BYTES``, encoding the next group
@@ -464,9 +406,10 @@ class Producer:
             entry_id = self._accepted(keys, item, verdict)
             if entry_id is not None:
                 return entry_id
-            if self._core.refused(keys, item, verdict, self._evolve_authority) is Next.WAIT:
-                if deadline is None or not self._wait_for_room(keys, deadline):
-                    raise self._core.backpressure(keys, verdict)
+            if self._core.refused(keys, item, verdict) is Next.RESEND:
+                self._shape(keys, item)  # raises SchemaConflict if it cannot fit
+            elif deadline is None or not self._wait_for_room(keys, deadline):
+                raise self._core.backpressure(keys, verdict)
             verdict = None
 
     def _wait_for_room(self, keys: wire.Keys, deadline: float) -> bool:

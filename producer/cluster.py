@@ -5,8 +5,9 @@ that node (``INFO cluster``) and ``producer.client.connect`` then returns a
 ``redis.cluster.RedisCluster``, which routes each command to the master of its key's slot
 and follows ``MOVED``/``ASK`` by itself. Every key of one table shares one slot (the hash tag
 ``{<table>}``), so every transaction and script of deltaflush touches one slot; what spans
-tables (the registry ``{prefix}:tables``, scheduling rounds, ``status``) is plain commands,
-pipelined per node by the cluster client.
+tables is plain commands (the registry ``{prefix}:tables``, ``status``: the cluster
+client's pipelines, split by node) or one script per table, pipelined per master
+(:func:`by_master`: scheduling rounds).
 
 Two things the cluster client cannot do, done here on a plain client of the slot's master
 (:func:`on_master`):
@@ -18,8 +19,9 @@ Two things the cluster client cannot do, done here on a plain client of the slot
 
 :func:`on_master` retries on the replies a slot gives while it moves or fails over
 (``MOVED``, ``ASK``, ``TRYAGAIN``, ``CLUSTERDOWN``, a dead master's connection errors),
-refreshing the map of slots in between; so what it runs must be idempotent, as the append is
-(its batch ID) and the flusher's fenced scripts are.
+refreshing the map of slots in between. After a redirect nothing ran; after a lost
+connection it may have, so only what is idempotent is tried again then: the append (its
+batch ID), not the flusher's lease and claim scripts (a new flush resumes instead).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ RETRY_S = 30.0
 
 
 def is_cluster_url(url: str) -> bool:
-    """Whether the Redis ``url`` names is a node of a Redis Cluster (``cluster_enabled:1``).
+    """Whether the Redis that ``url`` names is a node of a Redis Cluster (``cluster_enabled:1``).
     Raises Redis's error if it cannot be reached."""
     probe = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
     try:

@@ -272,7 +272,8 @@ def _delta_batches(snap: Snapshot, table: str, stored: pa.Schema, config: TableC
             if _id(entry_id) <= mark:  # the lake holds it
                 continue
             try:
-                rows.append(decode(payload, stored, table, config.spark_compatible))
+                rows.append(decode(payload, stored, table, config.spark_compatible,
+                                   config.format))
             except ValueError:  # a dead letter: no flush writes it either
                 continue
         if not rows:
@@ -378,7 +379,8 @@ def open_snapshot(client: Any, settings: Settings, table: str, min_id: str | Non
         return None
     stored = wire.stored_schema(raw)
     written, _ = spark_safe(stored, config)
-    return Opened(table, snap, config, stored, snap.lake.schema(written))
+    # the format as the first flush pins it: a flush and a read leave out the same entries
+    return Opened(table, snap, config.with_format(fmt), stored, snap.lake.schema(written))
 
 
 def read(client: Any, settings: Settings, table: str, columns: Sequence[str] | None = None,

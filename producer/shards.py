@@ -41,7 +41,12 @@ RECORD = scripts.load("shards_record")
 
 def shards_ever(client: Any, prefix: str, table: str) -> int:
     """The largest number of shards ``table`` ever had (1 if it was never sharded)."""
-    raw = client.hget(wire.sharded_key(prefix), table)
+    return count_of(client.hget(wire.sharded_key(prefix), table))
+
+
+def count_of(raw: bytes | str | None) -> int:
+    """The shard count that ``{prefix}:sharded`` holds for a table (``raw``, as read; an
+    asyncio client reads it itself): 1 for a table never sharded."""
     return max(1, int(raw)) if raw else 1
 
 

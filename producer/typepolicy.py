@@ -26,6 +26,19 @@ Types Parquet cannot store at all (intervals, unions) are refused whatever the s
 Without ``spark_compatible`` every other type is written as it is, and ``deltaflush table
 show`` lists the columns some readers reject.
 
+**Lake tables and unsigned 64-bit integers.** Neither Iceberg nor Delta Lake has unsigned
+integers: their tables write a ``uint64`` column as ``long`` (signed 64-bit), which holds
+every value up to 2**63-1. A batch with a larger value cannot go into an ``iceberg`` or
+``delta`` table without changing it, so ``append`` refuses it (``values_refusal``: the
+value, the column and the fix), and a flush sets such an entry aside as a dead letter with
+that message (a producer in another language). Columns whose values fit are written as
+they are; a ``parquet`` table keeps ``uint64`` whole.
+
+**Types a lake table has none for.** Iceberg and Delta Lake have no durations and no
+decimals over 38 digits, and Delta Lake no times (nested ones included): a batch with such
+a column is refused by ``append`` to a table of that format (``format_refusal``), whatever
+``spark_compatible`` says, and set aside as a dead letter by a flush if it gets in anyway.
+
 A refusal happens at ``configure`` and ``append`` (``AppendCheck``), before anything is
 written. A batch that reaches a flush anyway (a producer in another language, or a race
 with ``configure``) is set aside as a dead letter with the same message, never lost:
@@ -40,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import wire
@@ -215,6 +229,136 @@ def refusal(schema: pa.Schema, spark_compatible: bool, table: str) -> Unsupporte
     return None
 
 
+#: The formats whose tables have no unsigned 64-bit integers (see the module doc).
+LAKE_FORMATS = ("iceberg", "delta")
+#: The largest value of the signed 64-bit ``long`` a lake table writes ``uint64`` as.
+LONG_MAX = 2**63 - 1
+
+
+@functools.lru_cache(maxsize=512)
+def has_uint64(schema: pa.Schema) -> bool:
+    """Whether ``schema`` has a ``uint64`` anywhere (nested too)."""
+    return any(_uint64_in(f.type) for f in schema)
+
+
+def _uint64_in(t: pa.DataType) -> bool:
+    if pa.types.is_uint64(t):
+        return True
+    if pa.types.is_dictionary(t):
+        return _uint64_in(t.value_type)
+    if pa.types.is_map(t):
+        return _uint64_in(t.key_type) or _uint64_in(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _uint64_in(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_uint64_in(f.type) for f in t)
+    return False
+
+
+def over_long(data: pa.Table) -> tuple[str, int] | None:
+    """The first ``uint64`` column (a nested one as ``col.field``, ``col[]``) holding a
+    value over ``LONG_MAX``, and its largest value; None if every value fits."""
+    if not has_uint64(data.schema):
+        return None
+    for f in data.schema:
+        for chunk in data.column(f.name).chunks:
+            hit = _over_long(chunk, f.name)
+            if hit is not None:
+                return hit
+    return None
+
+
+def _over_long(array: pa.Array, path: str) -> tuple[str, int] | None:
+    t = array.type
+    if pa.types.is_uint64(t):
+        top = pc.max(array).as_py()
+        return (path, top) if top is not None and top > LONG_MAX else None
+    if pa.types.is_dictionary(t):
+        return _over_long(array.dictionary, path) if _uint64_in(t.value_type) else None
+    if pa.types.is_map(t):
+        return _over_long(array.keys, f"{path}.key") or _over_long(array.items,
+                                                                    f"{path}.value")
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _over_long(array.flatten(), f"{path}[]") if _uint64_in(t.value_type) else None
+    if pa.types.is_struct(t):
+        for i, child in enumerate(t):
+            if _uint64_in(child.type):
+                hit = _over_long(array.field(i), f"{path}.{child.name}")
+                if hit is not None:
+                    return hit
+    return None
+
+
+def values_refusal(data: pa.Table, fmt: str | None, table: str) -> UnsupportedType | None:
+    """The error that refuses ``data`` for a table of format ``fmt`` because of its values
+    (a ``uint64`` over 2**63-1 in a lake table, see the module doc), or None."""
+    if fmt not in LAKE_FORMATS:
+        return None
+    hit = over_long(data)
+    if hit is None:
+        return None
+    column, value = hit
+    return UnsupportedType(
+        table, column, "uint64",
+        f"it holds {value}, over {LONG_MAX}, the largest value of the long a {fmt} table "
+        f"writes uint64 as ({'Iceberg' if fmt == 'iceberg' else 'Delta Lake'} has no "
+        "unsigned integers)",
+        "append such values as decimal128(20, 0) or as strings, in a column of that type, "
+        "or keep them in a table of format parquet, which holds uint64 whole")
+
+
+_LAKE_NAMES = {"iceberg": "Iceberg", "delta": "Delta Lake"}
+
+
+def _lake_issue(t: pa.DataType, fmt: str, path: str) -> tuple[str, str, str, str] | None:
+    """``(column path, its type, reason, fix)`` if a table of format ``fmt`` has no type for ``t``
+    (see the module doc), nested types included; else None."""
+    name = _LAKE_NAMES[fmt]
+    if pa.types.is_duration(t):
+        return path, str(t), f"{name} has no duration type", (
+            "cast it to int64 (e.g. microseconds)")
+    if pa.types.is_time(t) and fmt == "delta":
+        return path, str(t), f"{name} has no time type", (
+            "cast it to int64 (e.g. microseconds since midnight) or to a string")
+    if pa.types.is_decimal(t) and t.precision > 38:
+        return path, str(t), f"{name}'s decimals have at most 38 digits", (
+            "cast it to decimal128(38, scale) if its values fit, or to a string")
+    if pa.types.is_dictionary(t):
+        return _lake_issue(t.value_type, fmt, path)
+    if pa.types.is_map(t):
+        return _lake_issue(t.key_type, fmt, f"{path}.key") or \
+            _lake_issue(t.item_type, fmt, f"{path}.value")
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _lake_issue(t.value_type, fmt, f"{path}[]")
+    if pa.types.is_struct(t):
+        for f in t:
+            issue = _lake_issue(f.type, fmt, f"{path}.{f.name}")
+            if issue is not None:
+                return issue
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def format_refusal(schema: pa.Schema, fmt: str | None, table: str) -> UnsupportedType | None:
+    """The error that refuses a batch of ``schema`` for a table of format ``fmt`` that has
+    no type for one of its columns (see the module doc), or None."""
+    if fmt not in LAKE_FORMATS:
+        return None
+    for f in schema:
+        issue = _lake_issue(f.type, fmt, f.name)
+        if issue is not None:
+            column, type_, reason, fix = issue
+            return UnsupportedType(table, column, type_, reason,
+                                   f"{fix}, or keep it in a table of format parquet")
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def lake_sensitive(schema: pa.Schema) -> bool:
+    """Whether a lake format would refuse ``schema`` (so ``append`` needs the format)."""
+    return any(format_refusal(schema, fmt, "") is not None for fmt in LAKE_FORMATS)
+
+
 class AppendCheck:
     """Refuses, at ``append``, a batch whose types the table cannot write (see above).
 
@@ -224,8 +368,10 @@ class AppendCheck:
     accepted schema is remembered so the check runs once per schema, not per batch.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, default_format: str = "parquet") -> None:
         self._client = client
+        #: the format of a table without one in its configuration (``table_format``)
+        self.default_format = default_format
         self._accepted: dict[str, pa.Schema] = {}
 
     def check(self, keys: wire.Keys, schema: pa.Schema) -> None:
@@ -236,8 +382,8 @@ class AppendCheck:
         known = self._accepted.get(keys.table)
         if known is not None and known.equals(schema):
             return False
-        return refusal(schema, False, keys.table) is None and \
-            refusal(schema, True, keys.table) is not None
+        return refusal(schema, False, keys.table) is None and (
+            refusal(schema, True, keys.table) is not None or lake_sensitive(schema))
 
     def decide(self, keys: wire.Keys, schema: pa.Schema, config: bytes | str | None) -> None:
         """Raise the refusal of ``schema``, if any; ``config`` is the table's configuration
@@ -247,7 +393,9 @@ class AppendCheck:
             return
         error = refusal(schema, False, keys.table)
         if error is None and self.needs_config(keys, schema):
-            error = refusal(schema, TableConfig.from_json(config).spark_compatible, keys.table)
+            parsed = TableConfig.from_json(config)
+            error = refusal(schema, parsed.spark_compatible, keys.table) or format_refusal(
+                schema, parsed.format or self.default_format, keys.table)
         if error is not None:
             raise error
         self._accepted[keys.table] = schema

@@ -20,6 +20,7 @@ import pytest
 from producer import Producer, Settings, wire
 from producer.errors import Backpressure, BufferFull, InvalidTableName, SchemaConflict
 from tests.conftest import ROOT, assert_exactly_once, landed, read_ids, wait_for
+from tests.reliability import record
 from workers.flusher import Flusher
 from workers.storage import Storage
 
@@ -214,6 +215,9 @@ def kill_a_writer_and_check(command: list[str], env, client, storage_dir, tmp_pa
     # nothing writes any more: once the delta is empty and no flush runs, all has landed
     wait_for(lambda: landed(client, TABLE, len(acknowledged)), 120, "the backlog to land")
     ids = read_ids(storage_dir, TABLE)
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    record("a producer SIGKILLed with rows in its batcher's buffer", test, len(acknowledged),
+           len(set(acknowledged) - set(ids)), len(ids) - len(set(ids)))
     assert len(ids) == len(set(ids)), "a row landed twice"
     assert set(acknowledged) <= set(ids)
     # one sender appends merged batches in order: what landed is the seqs from 0, without

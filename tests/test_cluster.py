@@ -93,7 +93,8 @@ def test_the_asyncio_producer_appends_on_every_master_and_waits_for_replicas(
     from producer import AsyncProducer
 
     settings = settings_for(redis_cluster, cluster_prefix, append_replicas=1,
-                            append_replicas_timeout_ms=300)
+                            # generous: replicas fsync, on a machine other tests load too
+                            append_replicas_timeout_ms=2000)
 
     async def main() -> tuple[list[str], ReplicationTimeout]:
         async with AsyncProducer(settings=settings) as ap:
@@ -201,7 +202,8 @@ def test_doctor_checks_every_master(redis_cluster, cluster_prefix, storage_dir):
 def test_a_replicated_append_waits_for_the_replica_and_a_retry_adds_nothing_twice(
         redis_cluster, cluster_prefix):
     settings = settings_for(redis_cluster, cluster_prefix, append_replicas=1,
-                            append_replicas_timeout_ms=300)
+                            # generous: replicas fsync, on a machine other tests load too
+                            append_replicas_timeout_ms=2000)
     p = Producer(settings=settings)
     keys = wire.Keys(cluster_prefix, "events")
     first = p.append("events", id_batch(0, 10))

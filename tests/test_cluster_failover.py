@@ -54,7 +54,7 @@ def test_a_failover_that_forgets_the_flushers_writes(own_cluster, tmp_path, stop
     cluster = own_cluster
     storage = tmp_path / "lake"
     settings = Settings(redis_url=cluster.url, broker_url=BROKER, storage_uri=str(storage),
-                        append_replicas=1, append_replicas_timeout_ms=500)
+                        append_replicas=1, append_replicas_timeout_ms=2000)
     p = Producer(settings=settings)
     for i in range(20):  # every one of them on the replica too (append_replicas=1)
         p.append(TABLE, id_batch(i * 10, 10))
@@ -68,7 +68,7 @@ def test_a_failover_that_forgets_the_flushers_writes(own_cluster, tmp_path, stop
     env = dict(os.environ, PYTHONPATH=str(ROOT), DELTAFLUSH_REDIS_URL=cluster.url,
                DELTAFLUSH_BROKER_URL=BROKER, DELTAFLUSH_STORAGE_URI=str(storage),
                DELTAFLUSH_APPEND_REPLICAS=str(flusher_replicas),
-               DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS="500",
+               DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS="2000",
                DELTAFLUSH_FAILPOINTS=f"{stop_at}=stop", DELTAFLUSH_FAILPOINT_ONCE_DIR=str(once))
     flusher = subprocess.Popen(
         [str(Path(sys.executable).with_name("deltaflush")), "flush", TABLE, "--local"],

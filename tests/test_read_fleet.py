@@ -18,6 +18,7 @@ once. At the end, once the table drained, a read holds every row appended, exact
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from hypothesis import strategies as st
 
 from producer import Producer, wire
 from tests.conftest import Fleet, id_batch, wait_for
-from tests.reliability import SCALE
+from tests.reliability import SCALE, record
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -110,6 +111,9 @@ def check_prefix(p: Producer, table: str, acked_before: int, what: str,
     before it started, exactly once, and maybe some appended while it ran."""
     got = p.read(table, columns=["id"]).read_all()["id"].to_pylist()
     dupes = len(got) - len(set(got))
+    lost = len(set(range(acked_before)) - set(got))
+    record(f"{what}: a read (flushes, compactions, SIGKILL and SIGSTOP of workers)",
+           os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], acked_before, lost, dupes)
     assert dupes == 0, f"{what}: {dupes} rows read twice"
     if sharded:
         missing = sorted(set(range(acked_before)) - set(got))

@@ -383,29 +383,6 @@ def test_the_exporter_reports_tables_summed_and_each_shard(real_redis, storage_d
     assert m[("deltaflush_flush_duration_seconds_count", None)] >= 1
 
 
-def test_the_asyncio_producer_speaks_protocol_1_and_a_sharded_table_refuses_it(
-        redis_server, real_redis):
-    """AsyncProducer does not route to shards: a sharded table refuses it with
-    UpgradeRequired (nothing written), and an unsharded one takes its batches."""
-    import asyncio
-
-    from producer import AsyncProducer
-    from producer.errors import UpgradeRequired
-
-    producer(real_redis).configure(TABLE, shards=2)
-
-    async def main() -> str:
-        async with AsyncProducer(settings=Settings(redis_url=redis_server.url)) as ap:
-            with pytest.raises(UpgradeRequired, match="protocol 2") as caught:
-                await ap.append(TABLE, keyed_batch(0, 5))
-            assert (caught.value.required, caught.value.spoken) == (2, 1)
-            return await ap.append("plain", keyed_batch(0, 5))
-
-    assert asyncio.run(main())
-    assert all(real_redis.xlen(k.delta) == 0
-               for k in shards.table_shards(real_redis, "deltaflush", TABLE))
-
-
 @pytest.mark.parametrize("fmt", ["iceberg", "delta"])
 def test_compacting_a_sharded_lake_table_keeps_every_shards_record(real_redis, storage_dir,
                                                                    fmt):

@@ -51,11 +51,11 @@ def wait_drained(fleet: Fleet, client, total: int, timeout: float = 120) -> None
 _NAME = re.compile(r"part-(\d{13})-(\d{6})_\d{13}-\d{6}(?:-s(\d+))?\.parquet$")
 
 
-def read_back(storage_dir: Path, total: int, fault: str, key_order: bool = True
-              ) -> dict[int, int]:
+def read_back(storage_dir: Path, total: int, fault: str, key_order: bool = True,
+              count: int = 4) -> dict[int, int]:
     """Check with DuckDB that ids ``0..total-1`` are there exactly once (recorded for
     docs/reliability.md as ``fault``) and (``key_order``) that each user's rows are in one
-    shard, in append order; return rows per shard."""
+    shard of ``count``, in append order; return rows per shard."""
     rows = duckdb.sql(
         f"SELECT id, user, seq, filename FROM read_parquet('{storage_dir / TABLE}/*.parquet', "
         "filename=true)").fetchall()
@@ -74,7 +74,7 @@ def read_back(storage_dir: Path, total: int, fault: str, key_order: bool = True
             for _start, user, seq in sorted(found, key=lambda r: r[0]):
                 by_user[user].append(seq)
             for user, seqs in by_user.items():
-                assert shards.shard_of(user, 4) == shard, f"{user} in shard {shard}"
+                assert shards.shard_of(user, count) == shard, f"{user} in shard {shard}"
                 assert seqs == sorted(seqs), f"{user}'s rows out of order in shard {shard}"
     return {shard: len(found) for shard, found in per_shard.items()}
 

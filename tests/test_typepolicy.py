@@ -7,6 +7,7 @@ which it calls "Illegal Parquet type") to the Parquet schema of every file writt
 
 import datetime as dt
 import decimal
+import re
 
 import pandas as pd
 import polars as pl
@@ -156,3 +157,98 @@ def test_a_foreign_batch_spark_cannot_read_becomes_a_dead_letter_then_replays(
     p.configure("types", spark_compatible=False)  # nothing flushed yet: allowed
     assert p.replay_dead("types") == (1, 0)
     assert flush(any_redis, storage_dir).rows == 2
+
+
+def lake_ids_and_u(fmt, storage_dir):
+    """``(id, u)`` rows of the lake table ``types``, read by the format's own library."""
+    if fmt == "delta":
+        from deltalake import DeltaTable
+
+        data = DeltaTable(str(storage_dir / "types")).to_pyarrow_table()
+    else:
+        from workers.sinks.iceberg import IcebergSink
+
+        data = IcebergSink(Storage(str(storage_dir)), Settings(table_format=fmt)
+                           ).load("types").scan().to_arrow()
+    return sorted(zip(data["id"].to_pylist(), data["u"].to_pylist(), strict=True))
+
+
+@pytest.mark.parametrize("fmt", ["delta", "iceberg"])
+def test_a_uint64_over_the_long_range_is_refused_at_append_to_a_lake_table(any_redis,
+                                                                           storage_dir, fmt):
+    """Neither Delta Lake nor Iceberg has unsigned integers: a uint64 column is a long, so a
+    value over 2**63-1 is refused up front with the fix; values that fit are written."""
+    p = Producer(client=any_redis, settings=Settings(table_format=fmt))
+    p.append("types", pa.table({"id": [0, 1], "u": pa.array([1, 2**63 - 1], pa.uint64())}))
+    for bad in (pa.array([3, 2**63], pa.uint64()),
+                pa.array([5, 2**64 - 1], pa.uint64()).dictionary_encode()):
+        with pytest.raises(UnsupportedType, match=r"column 'u' \(uint64\): it holds "
+                           rf"{bad.to_pylist()[1]}, over 9223372036854775807.*no unsigned "
+                           r"integers.*Fix: append such values as decimal128\(20, 0\)"):
+            p.append("types", pa.table({"id": [2, 3], "u": bad}))
+    nested = pa.table({"id": [4], "u": pa.array([1], pa.uint64()),
+                       "n": pa.array([{"x": [2**63]}], pa.struct([("x", pa.list_(pa.uint64()))]))})
+    with pytest.raises(UnsupportedType, match=r"column 'n.x\[\]' \(uint64\)"):
+        p.append("types", nested)
+    assert any_redis.xlen(K.delta) == 1  # nothing of the refused batches was written
+    assert Flusher(any_redis, Storage(str(storage_dir)), Settings(table_format=fmt)
+                   ).flush("types").rows == 2
+    assert lake_ids_and_u(fmt, storage_dir) == [(0, 1), (1, 2**63 - 1)]
+    # a parquet table keeps uint64 whole
+    Producer(client=any_redis, settings=Settings()).append(
+        "plain", pa.table({"u": pa.array([2**64 - 1], pa.uint64())}))
+
+
+@pytest.mark.parametrize("fmt", ["delta", "iceberg"])
+def test_a_foreign_uint64_over_the_long_range_becomes_a_dead_letter(any_redis, storage_dir,
+                                                                     fmt):
+    """A producer in another language appends without the check: the flush sets that entry
+    aside with the reason (no crash, no stuck table, nothing lost) and lands the others;
+    a read leaves it out as the flush does."""
+    settings = Settings(table_format=fmt)
+    p = Producer(client=any_redis, settings=settings)
+    p.append("types", pa.table({"id": [0], "u": pa.array([1], pa.uint64())}))
+    bad = pa.table({"id": [1], "u": pa.array([2**63], pa.uint64())})
+    bad_id = any_redis.xadd(K.delta, {wire.FIELD_ARROW: bytes(wire.encode_table(bad))})
+    p.append("types", pa.table({"id": [2], "u": pa.array([3], pa.uint64())}))
+    assert sorted(p.read("types").read_all()["id"].to_pylist()) == [0, 2]
+    result = Flusher(any_redis, Storage(str(storage_dir)), settings).flush("types")
+    assert result.status == "ok" and result.rows == 2 and result.dead == 1, result
+    (dead,) = any_redis.xrange(K.dead)
+    assert dead[1][wire.FIELD_ENTRY_ID] == bad_id
+    error = dead[1][wire.FIELD_ERROR].decode()
+    assert "column 'u' (uint64): it holds 9223372036854775808" in error and "Fix:" in error
+    assert any_redis.xlen(K.delta) == 0
+    assert lake_ids_and_u(fmt, storage_dir) == [(0, 1), (2, 3)]
+
+
+@pytest.mark.parametrize("fmt, column, named, reason", [
+    ("delta", pa.array([1], pa.time64("us")), "'c' (time64[us])", "Delta Lake has no time"),
+    ("delta", pa.array([{"x": 1}], pa.struct([("x", pa.time32("s"))])), "'c.x' (time32[s])",
+     "Delta Lake has no time"),
+    ("delta", pa.array([1], pa.duration("s")), "'c' (duration[s])", "no duration type"),
+    ("iceberg", pa.array([[1]], pa.list_(pa.duration("ms"))), "'c[]' (duration[ms])",
+     "Iceberg has no duration type"),
+    ("iceberg", pa.array([1], pa.decimal256(40, 2)), "'c' (decimal256(40, 2))",
+     "at most 38 digits"),
+])
+def test_types_a_lake_format_has_none_for_are_refused_at_append_and_dead_at_flush(
+        any_redis, storage_dir, fmt, column, named, reason):
+    """Whatever spark_compatible says: the append names the column, the reason and the fix;
+    a foreign producer's entry is a dead letter with the same message (no stuck table)."""
+    settings = Settings(table_format=fmt)
+    p = Producer(client=any_redis, settings=settings)
+    p.configure("types", spark_compatible=False)
+    batch = pa.table({"id": [1], "c": column})
+    with pytest.raises(UnsupportedType, match=re.escape(named) + ".*" + reason +
+                       ".*or keep it in a table of format parquet"):
+        p.append("types", batch)
+    any_redis.xadd(K.delta, {wire.FIELD_ARROW: bytes(wire.encode_table(batch))})
+    result = Flusher(any_redis, Storage(str(storage_dir)), settings).flush("types")
+    assert result.status == "ok" and result.rows == 0 and result.dead == 1, result
+    (dead,) = any_redis.xrange(K.dead)
+    assert named in dead[1][wire.FIELD_ERROR].decode()
+    # a parquet table takes it (times and durations as they are)
+    plain = Producer(client=any_redis, settings=Settings())
+    plain.configure("plain", spark_compatible=False)
+    plain.append("plain", batch)

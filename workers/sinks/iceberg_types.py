@@ -10,7 +10,9 @@ Arrow                            written as (Iceberg)
 int8, int16, int32, uint8,       int32 (int)
 uint16
 int64, uint32                    int64 (long)
-uint64                           int64 (long); a value over 2**63-1 fails the cast
+uint64                           int64 (long); a value over 2**63-1 is refused at
+                                 append, a dead letter at a flush
+                                 (``producer.typepolicy``)
 float16                          float32 (float)
 timestamp s/ms/us, any zone      timestamp us (timestamp, or timestamptz with a zone)
 timestamp ns                     timestamp us; a value with nanoseconds fails the cast
@@ -24,6 +26,8 @@ list, large_list, fixed list     list; struct; map: their children as above
 ===============================  ====================================================
 
 Anything else (durations, intervals, unions, decimals over 38 digits) has no Iceberg type:
+``append`` refuses it and a flush's decoding sets such an entry aside as a dead letter
+(``producer.typepolicy.format_refusal``); should one reach this module anyway,
 ``LakeSchemaError`` says which column, and the flusher marks the table stuck (a value
 that fails its cast does the same) rather than changing data silently. Every column is
 optional in Iceberg, so that later schema changes stay legal; but a map's key, which Arrow

@@ -50,7 +50,10 @@ class EntryReader:
         self.stream = stream
         self.schema = schema
         self.config = config
-        self._spark = TableConfig.from_json(config).spark_compatible
+        parsed = TableConfig.from_json(config)
+        self._spark = parsed.spark_compatible
+        #: the table's format, pinned before its first range is read (``Flusher``)
+        self._format = parsed.format
         self.first: str | None = None
         self._chunks = chunks
         self._claim = claim
@@ -131,7 +134,7 @@ class EntryReader:
         if table is None:
             return None
         try:
-            table = fit(table, self.schema, self.table, self._spark)
+            table = fit(table, self.schema, self.table, self._spark, self._format)
         except ValueError:
             return None
         if self._claim is None and self._bytes + table.nbytes >= self._max_bytes:
@@ -146,12 +149,14 @@ class EntryReader:
         """``(table, None, None)``, or ``(table, None, newer schema)`` if it decodes only in
         the table's evolved schema, or ``(None, why, None)`` for a dead letter."""
         try:
-            return decode(payload, self.schema, self.table, self._spark), None, None
+            return (decode(payload, self.schema, self.table, self._spark, self._format),
+                    None, None)
         except ValueError as exc:
             newer = self._evolved(self.schema) if self._claim is None else None
             if newer is not None:
                 try:
-                    return decode(payload, newer, self.table, self._spark), None, newer
+                    return decode(payload, newer, self.table, self._spark,
+                                  self._format), None, newer
                 except ValueError:
                     pass
             return None, str(exc), None
