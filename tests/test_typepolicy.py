@@ -263,10 +263,10 @@ def test_the_async_producer_refuses_lake_values_and_types_alike(redis_server):
         settings = Settings(redis_url=redis_server.url, table_format="delta")
         async with AsyncProducer(settings=settings) as ap:
             with pytest.raises(UnsupportedType, match="it holds 18446744073709551615"):
-                await ap.append("types", pa.table({"u": pa.array([2**64 - 1], pa.uint64())}))
-            await ap.configure("types", spark_compatible=False)
+                await ap.append("async_types", pa.table({"u": pa.array([2**64 - 1], pa.uint64())}))
+            await ap.configure("async_types", spark_compatible=False)
             with pytest.raises(UnsupportedType, match="Delta Lake has no time type"):
-                await ap.append("types", pa.table({"t": pa.array([1], pa.time64("us"))}))
-            await ap.append("types", pa.table({"u": pa.array([2**63 - 1], pa.uint64())}))
+                await ap.append("async_types", pa.table({"t": pa.array([1], pa.time64("us"))}))
+            await ap.append("async_types", pa.table({"u": pa.array([2**63 - 1], pa.uint64())}))
 
     asyncio.run(main())
