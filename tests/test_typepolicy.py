@@ -252,3 +252,21 @@ def test_types_a_lake_format_has_none_for_are_refused_at_append_and_dead_at_flus
     plain = Producer(client=any_redis, settings=Settings())
     plain.configure("plain", spark_compatible=False)
     plain.append("plain", batch)
+
+
+def test_the_async_producer_refuses_lake_values_and_types_alike(redis_server):
+    import asyncio
+
+    from producer import AsyncProducer
+
+    async def main() -> None:
+        settings = Settings(redis_url=redis_server.url, table_format="delta")
+        async with AsyncProducer(settings=settings) as ap:
+            with pytest.raises(UnsupportedType, match="it holds 18446744073709551615"):
+                await ap.append("async_types", pa.table({"u": pa.array([2**64 - 1], pa.uint64())}))
+            await ap.configure("async_types", spark_compatible=False)
+            with pytest.raises(UnsupportedType, match="Delta Lake has no time type"):
+                await ap.append("async_types", pa.table({"t": pa.array([1], pa.time64("us"))}))
+            await ap.append("async_types", pa.table({"u": pa.array([2**63 - 1], pa.uint64())}))
+
+    asyncio.run(main())
