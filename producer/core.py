@@ -102,7 +102,7 @@ class AppendCore:
         self.pending: dict[str, int] = {}
         #: types some reader rejects (``producer.typepolicy``); its rare look-up of a
         #: table's configuration is the client's (``needs_config``)
-        self.types = AppendCheck(None)
+        self.types = AppendCheck(None, settings.table_format)
         #: table -> (when to read its configuration again, its shard count, shard key)
         self.routes: dict[str, tuple[float, int, str]] = {}
         #: table -> the shard its next batch goes to (round-robin)

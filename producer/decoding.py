@@ -12,7 +12,7 @@ import pyarrow as pa
 from producer import wire
 from producer.convert import conform
 from producer.errors import SchemaConflict
-from producer.typepolicy import refusal, values_refusal
+from producer.typepolicy import format_refusal, refusal, values_refusal
 
 
 def decode(payload: bytes | None, schema: pa.Schema | None, table: str,
@@ -44,7 +44,7 @@ def fit(batch: pa.Table, schema: pa.Schema | None, table: str,
     refused = refusal(batch.schema, spark_compatible, table)  # a dead letter, not a file
     if refused is not None:
         raise refused
-    refused = values_refusal(batch, fmt, table)
+    refused = format_refusal(batch.schema, fmt, table) or values_refusal(batch, fmt, table)
     if refused is not None:
         raise refused
     return batch

@@ -34,6 +34,11 @@ value, the column and the fix), and a flush sets such an entry aside as a dead l
 that message (a producer in another language). Columns whose values fit are written as
 they are; a ``parquet`` table keeps ``uint64`` whole.
 
+**Types a lake table has none for.** Iceberg and Delta Lake have no durations and no
+decimals over 38 digits, and Delta Lake no times (nested ones included): a batch with such
+a column is refused by ``append`` to a table of that format (``format_refusal``), whatever
+``spark_compatible`` says, and set aside as a dead letter by a flush if it gets in anyway.
+
 A refusal happens at ``configure`` and ``append`` (``AppendCheck``), before anything is
 written. A batch that reaches a flush anyway (a producer in another language, or a race
 with ``configure``) is set aside as a dead letter with the same message, never lost:
@@ -302,6 +307,58 @@ def values_refusal(data: pa.Table, fmt: str | None, table: str) -> UnsupportedTy
         "or keep them in a table of format parquet, which holds uint64 whole")
 
 
+_LAKE_NAMES = {"iceberg": "Iceberg", "delta": "Delta Lake"}
+
+
+def _lake_issue(t: pa.DataType, fmt: str, path: str) -> tuple[str, str, str, str] | None:
+    """``(column path, its type, reason, fix)`` if a table of format ``fmt`` has no type for ``t``
+    (see the module doc), nested types included; else None."""
+    name = _LAKE_NAMES[fmt]
+    if pa.types.is_duration(t):
+        return path, str(t), f"{name} has no duration type", (
+            "cast it to int64 (e.g. microseconds)")
+    if pa.types.is_time(t) and fmt == "delta":
+        return path, str(t), f"{name} has no time type", (
+            "cast it to int64 (e.g. microseconds since midnight) or to a string")
+    if pa.types.is_decimal(t) and t.precision > 38:
+        return path, str(t), f"{name}'s decimals have at most 38 digits", (
+            "cast it to decimal128(38, scale) if its values fit, or to a string")
+    if pa.types.is_dictionary(t):
+        return _lake_issue(t.value_type, fmt, path)
+    if pa.types.is_map(t):
+        return _lake_issue(t.key_type, fmt, f"{path}.key") or \
+            _lake_issue(t.item_type, fmt, f"{path}.value")
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _lake_issue(t.value_type, fmt, f"{path}[]")
+    if pa.types.is_struct(t):
+        for f in t:
+            issue = _lake_issue(f.type, fmt, f"{path}.{f.name}")
+            if issue is not None:
+                return issue
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def format_refusal(schema: pa.Schema, fmt: str | None, table: str) -> UnsupportedType | None:
+    """The error that refuses a batch of ``schema`` for a table of format ``fmt`` that has
+    no type for one of its columns (see the module doc), or None."""
+    if fmt not in LAKE_FORMATS:
+        return None
+    for f in schema:
+        issue = _lake_issue(f.type, fmt, f.name)
+        if issue is not None:
+            column, type_, reason, fix = issue
+            return UnsupportedType(table, column, type_, reason,
+                                   f"{fix}, or keep it in a table of format parquet")
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def lake_sensitive(schema: pa.Schema) -> bool:
+    """Whether a lake format would refuse ``schema`` (so ``append`` needs the format)."""
+    return any(format_refusal(schema, fmt, "") is not None for fmt in LAKE_FORMATS)
+
+
 class AppendCheck:
     """Refuses, at ``append``, a batch whose types the table cannot write (see above).
 
@@ -311,8 +368,10 @@ class AppendCheck:
     accepted schema is remembered so the check runs once per schema, not per batch.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, default_format: str = "parquet") -> None:
         self._client = client
+        #: the format of a table without one in its configuration (``table_format``)
+        self.default_format = default_format
         self._accepted: dict[str, pa.Schema] = {}
 
     def check(self, keys: wire.Keys, schema: pa.Schema) -> None:
@@ -323,8 +382,8 @@ class AppendCheck:
         known = self._accepted.get(keys.table)
         if known is not None and known.equals(schema):
             return False
-        return refusal(schema, False, keys.table) is None and \
-            refusal(schema, True, keys.table) is not None
+        return refusal(schema, False, keys.table) is None and (
+            refusal(schema, True, keys.table) is not None or lake_sensitive(schema))
 
     def decide(self, keys: wire.Keys, schema: pa.Schema, config: bytes | str | None) -> None:
         """Raise the refusal of ``schema``, if any; ``config`` is the table's configuration
@@ -334,7 +393,9 @@ class AppendCheck:
             return
         error = refusal(schema, False, keys.table)
         if error is None and self.needs_config(keys, schema):
-            error = refusal(schema, TableConfig.from_json(config).spark_compatible, keys.table)
+            parsed = TableConfig.from_json(config)
+            error = refusal(schema, parsed.spark_compatible, keys.table) or format_refusal(
+                schema, parsed.format or self.default_format, keys.table)
         if error is not None:
             raise error
         self._accepted[keys.table] = schema

@@ -110,6 +110,74 @@ def test_an_async_evolution_on_a_shard_moves_the_authority_first(redis_server, r
     assert table["more"].to_pylist() == [None, None, None, 1, 2, 2]
 
 
+def test_async_evolutions_racing_across_shards_never_give_two_types(redis_server,
+                                                                    real_redis, storage_dir):
+    """``test_evolution_racing_across_shards_never_gives_two_types`` with two
+    ``AsyncProducer``s on one event loop (their awaits interleave at Redis): each round
+    exactly one type of the new column wins in every shard; the other gets SchemaConflict."""
+    setup = Producer(client=real_redis, settings=Settings.from_env({}))
+    setup.configure(TABLE, shards=2)
+    setup.append(TABLE, pa.table({"id": [-1]}))
+    setup.append(TABLE, pa.table({"id": [-2]}))
+    won: list[str] = []
+
+    async def race(ap: AsyncProducer, shard: int, value: object, round_: int) -> None:
+        ap._core.next_shard[TABLE] = shard  # this producer's next batch goes to `shard`
+        try:
+            await ap.append(TABLE, pa.table({"id": [round_ * 2 + shard],
+                                             f"c{round_}": [value]}))
+            won.append(f"c{round_}")
+        except SchemaConflict:
+            pass
+
+    async def main() -> None:
+        settings = Settings(redis_url=redis_server.url)
+        async with AsyncProducer(settings=settings) as a, \
+                AsyncProducer(settings=settings) as b:
+            for round_ in range(15):
+                await asyncio.gather(race(a, 0, 1, round_), race(b, 1, "one", round_))
+                assert won.count(f"c{round_}") == 1, round_
+
+    asyncio.run(main())
+    types = {}
+    for k in shards.table_shards(real_redis, "deltaflush", TABLE):
+        for f in wire.stored_schema(real_redis.get(k.schema)):
+            assert types.setdefault(f.name, f.type) == f.type, f"{f.name} in two types"
+    flush_all(real_redis, storage_dir)
+    assert len(read(storage_dir)) == 2 + 15
+
+
+def test_an_async_producer_follows_a_shard_count_change_within_the_route_ttl(
+        redis_server, real_redis, storage_dir):
+    """Another producer changes N 2 -> 4 while this one appends: it re-reads the table's
+    configuration within ROUTE_TTL_S (5 s) and spreads over 4 shards from then on; nothing
+    lost or duplicated (the flush covers every shard the table ever had)."""
+    admin = Producer(client=real_redis, settings=Settings.from_env({}))
+    admin.configure(TABLE, shards=2)
+
+    async def main() -> tuple[int, set[int], set[int]]:
+        async with AsyncProducer(settings=Settings(redis_url=redis_server.url)) as ap:
+            before = {int((await ap.append(TABLE, keyed_batch(i, 1))).split(":")[0])
+                      for i in range(8)}
+            admin.configure(TABLE, shards=4)
+            appended = 8
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while ap._core.shard_count(wire.Keys("deltaflush", TABLE)) != 4:
+                assert loop.time() < deadline, "the new shard count was never read"
+                await ap.append(TABLE, keyed_batch(appended, 1))
+                appended += 1
+                await asyncio.sleep(0.05)  # pacing the appends, not a synchronisation
+            after = {int((await ap.append(TABLE, keyed_batch(appended + i, 1))).split(":")[0])
+                     for i in range(8)}
+            return appended + 8, before, after
+
+    total, before, after = asyncio.run(main())
+    assert (before, after) == ({0, 1}, {0, 1, 2, 3})
+    flush_all(real_redis, storage_dir)
+    assert sorted(read(storage_dir)["id"].to_pylist()) == list(range(total))
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("key", ["", "user"])
 def test_the_fleet_lands_async_sharded_appends_and_batcher_writes_exactly_once(

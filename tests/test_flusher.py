@@ -1,5 +1,6 @@
 """The flush protocol, driven directly (no Celery), on fakeredis and on a real redis-server."""
 
+import gc
 import threading
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ from tests.conftest import assert_exactly_once, id_batch, read_ids
 from tests.reliability import check
 from workers import lease as lease_mod
 from workers.flusher import Flusher, file_name
+from workers.sources.redis_stream import RedisStream
 from workers.storage import Storage
 
 K = wire.Keys("deltaflush", "events")
@@ -323,14 +325,16 @@ def test_chunks_grow_at_most_fourfold_after_small_entries(any_redis, storage_dir
     for i in range(40):
         p.append("events", id_batch(100 + i * 2000, 2000, "x" * 100))
     counts = []
-    real_xrange = any_redis.xrange
+    # on the class: the source reads through a copy of the client (raw replies)
+    real_xrange = type(any_redis).xrange
 
-    def xrange(*args, count=None, **kw):
+    def xrange(self, *args, count=None, **kw):
         counts.append(count)
-        return real_xrange(*args, count=count, **kw)
+        return real_xrange(self, *args, count=count, **kw)
 
-    monkeypatch.setattr(any_redis, "xrange", xrange)
+    monkeypatch.setattr(type(any_redis), "xrange", xrange)
     assert f.flush("events").rows == 3 + 40 * 2000
+    assert len(counts) > 2
     assert all(b <= 4 * a for a, b in zip(counts, counts[1:], strict=False)), counts
 
 
@@ -401,3 +405,23 @@ def test_time_budget_stops_taking_claims(any_redis, storage_dir):
     assert result.files == 1 and result.more and result.rows < 1000
     assert f.flush("events").rows == 1000 - result.rows
     assert_exactly_once(storage_dir, "events", 1000)
+
+
+def test_the_source_leaves_the_clients_connections_alone(real_redis):
+    """The range source reads XRANGE replies through a copy of the client (raw replies):
+    the copy going away must not close the pool it shares, whose connections other threads
+    may be using."""
+    conn = real_redis.connection_pool.get_connection()
+    try:
+        conn.send_command("PING")
+        assert conn.read_response() == b"PONG"
+        sock = conn._sock
+        source = RedisStream(real_redis, K)
+        assert source._raw is not None and source._raw is not real_redis
+        del source
+        gc.collect()
+        assert conn._sock is sock  # not disconnected
+        conn.send_command("PING")
+        assert conn.read_response() == b"PONG"
+    finally:
+        real_redis.connection_pool.release(conn)

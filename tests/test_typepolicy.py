@@ -7,6 +7,7 @@ which it calls "Illegal Parquet type") to the Parquet schema of every file writt
 
 import datetime as dt
 import decimal
+import re
 
 import pandas as pd
 import polars as pl
@@ -219,3 +220,35 @@ def test_a_foreign_uint64_over_the_long_range_becomes_a_dead_letter(any_redis, s
     assert "column 'u' (uint64): it holds 9223372036854775808" in error and "Fix:" in error
     assert any_redis.xlen(K.delta) == 0
     assert lake_ids_and_u(fmt, storage_dir) == [(0, 1), (2, 3)]
+
+
+@pytest.mark.parametrize("fmt, column, named, reason", [
+    ("delta", pa.array([1], pa.time64("us")), "'c' (time64[us])", "Delta Lake has no time"),
+    ("delta", pa.array([{"x": 1}], pa.struct([("x", pa.time32("s"))])), "'c.x' (time32[s])",
+     "Delta Lake has no time"),
+    ("delta", pa.array([1], pa.duration("s")), "'c' (duration[s])", "no duration type"),
+    ("iceberg", pa.array([[1]], pa.list_(pa.duration("ms"))), "'c[]' (duration[ms])",
+     "Iceberg has no duration type"),
+    ("iceberg", pa.array([1], pa.decimal256(40, 2)), "'c' (decimal256(40, 2))",
+     "at most 38 digits"),
+])
+def test_types_a_lake_format_has_none_for_are_refused_at_append_and_dead_at_flush(
+        any_redis, storage_dir, fmt, column, named, reason):
+    """Whatever spark_compatible says: the append names the column, the reason and the fix;
+    a foreign producer's entry is a dead letter with the same message (no stuck table)."""
+    settings = Settings(table_format=fmt)
+    p = Producer(client=any_redis, settings=settings)
+    p.configure("types", spark_compatible=False)
+    batch = pa.table({"id": [1], "c": column})
+    with pytest.raises(UnsupportedType, match=re.escape(named) + ".*" + reason +
+                       ".*or keep it in a table of format parquet"):
+        p.append("types", batch)
+    any_redis.xadd(K.delta, {wire.FIELD_ARROW: bytes(wire.encode_table(batch))})
+    result = Flusher(any_redis, Storage(str(storage_dir)), settings).flush("types")
+    assert result.status == "ok" and result.rows == 0 and result.dead == 1, result
+    (dead,) = any_redis.xrange(K.dead)
+    assert named in dead[1][wire.FIELD_ERROR].decode()
+    # a parquet table takes it (times and durations as they are)
+    plain = Producer(client=any_redis, settings=Settings())
+    plain.configure("plain", spark_compatible=False)
+    plain.append("plain", batch)

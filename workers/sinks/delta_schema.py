@@ -5,7 +5,11 @@ the app-transaction version that records it. Pure functions; no I/O.
 support), while a deltaflush table's schema may widen (``int32`` -> ``int64``, ``float32`` ->
 ``float64``). So every column is stored in the widest type of its family from the start:
 integers as ``long``, floats as ``double``, timestamps in microseconds (Delta's unit; finer
-units are truncated), large strings and binaries as plain ones, dictionaries as their values.
+units are truncated), large strings and binaries (fixed-size ones too) as plain ones,
+dictionaries as their values,
+a ``decimal256`` of up to 38 digits as ``decimal128`` (Delta has no wider decimal). Inside
+nested columns children keep their width but become types delta-rs writes as they are
+(``_nested``).
 A widening within a family then changes nothing in the Delta table; one across families (an
 integer column becoming a float) cannot be stored and marks the table stuck, with the reason.
 A column that is still all-null (Arrow ``null``) is left out until it gets a type; an added
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from typing import Any
 
@@ -90,14 +95,72 @@ def storage_type(t: pa.DataType, column: str) -> pa.DataType | None:
         return pa.date32()
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return pa.string()
-    if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+    if (pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+            or pa.types.is_fixed_size_binary(t)):
         return pa.binary()
-    if (pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_boolean(t)
-            or pa.types.is_decimal(t) or pa.types.is_nested(t)):
+    if pa.types.is_decimal(t) and t.precision <= 38:
+        return pa.decimal128(t.precision, t.scale)
+    if pa.types.is_decimal(t):
+        raise NotStorable(
+            f"column {column!r} has type {t}: Delta Lake's decimals have at most 38 digits; "
+            "cast it to decimal128(38, scale) if its values fit, or to a string, before "
+            "appending, or use the parquet format")
+    if pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_boolean(t):
         return t
+    if pa.types.is_nested(t):
+        return _nested(t, column)
     raise NotStorable(
         f"column {column!r} has type {t}, which Delta Lake cannot store; cast it before "
         "appending (e.g. a time or a duration to int64) or use the parquet format")
+
+
+#: Unsigned integers inside nested columns: the next wider signed type holds every value
+#: (delta-rs would store ``uint8`` as ``byte``, failing on a value over 127).
+_WIDER_SIGNED = {8: pa.int16(), 16: pa.int32(), 32: pa.int64(), 64: pa.int64()}
+
+
+def _nested(t: pa.DataType, path: str) -> pa.DataType:
+    """A list, struct or map type with each child in a type Delta stores and delta-rs
+    writes as it is: children keep their width (a nested column's type is fixed at its
+    creation like any other), but unsigned integers become wider signed ones, timestamps
+    microseconds, and what Delta has no type for (times, durations, decimals over 38
+    digits) raises ``NotStorable`` naming the field, before delta-rs sees it (it failed with
+    a bare error, or made a table its own reader refused, for nanoseconds)."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(_child(t.value_type, f"{path}[]")))
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_child(f.type, f"{path}.{f.name}")) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(t.key_field.with_type(_child(t.key_type, f"{path}.key")),
+                       t.item_field.with_type(_child(t.item_type, f"{path}.value")),
+                       t.keys_sorted)
+    raise NotStorable(f"column {path!r} has type {t}, which Delta Lake cannot store; cast "
+                      "it before appending or use the parquet format")
+
+
+def _child(t: pa.DataType, path: str) -> pa.DataType:
+    """A nested column's child type as stored (see ``_nested``)."""
+    if pa.types.is_null(t) or pa.types.is_signed_integer(t):
+        return t
+    if pa.types.is_unsigned_integer(t):
+        return _WIDER_SIGNED[t.bit_width]
+    if pa.types.is_floating(t):
+        return pa.float32() if pa.types.is_float16(t) else t
+    stored = storage_type(t, path)
+    assert stored is not None  # only a null type has none
+    return stored
+
+
+def _has_timestamp(t: pa.DataType) -> bool:
+    if pa.types.is_timestamp(t):
+        return True
+    if pa.types.is_map(t):
+        return _has_timestamp(t.key_type) or _has_timestamp(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _has_timestamp(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_has_timestamp(f.type) for f in t)
+    return False
 
 
 def file_schema(schema: pa.Schema) -> pa.Schema:
@@ -121,7 +184,7 @@ def conform(data: pa.Table, target: pa.Schema) -> pa.Table:
         column = data.column(f.name)
         if not column.type.equals(f.type):
             try:
-                column = pc.cast(column, f.type, safe=not pa.types.is_timestamp(f.type))
+                column = pc.cast(column, f.type, safe=not _has_timestamp(f.type))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise NotStorable(
                     f"a value of column {f.name!r} ({column.type}) does not fit the Delta "
@@ -219,7 +282,7 @@ def stats_json(metadata: Any, schema: pa.Schema, partition_columns: list[str]) -
             if lo_json is not None and hi_json is not None:
                 mins[field.name], maxs[field.name] = lo_json, hi_json
     stats.update(minValues=mins, maxValues=maxs, nullCount=nulls)
-    return json.dumps(stats, separators=(",", ":"))
+    return json.dumps(stats, separators=(",", ":"), allow_nan=False)
 
 
 _NO_BOUNDS = object()
@@ -232,7 +295,9 @@ def _boundable(t: pa.DataType) -> bool:
 
 def _json_value(value: Any, t: pa.DataType) -> Any:
     """A statistic as Delta's JSON has it (None: leave the bound out)."""
-    if isinstance(value, float) and value != value:  # NaN bounds prune nothing safely
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN bounds prune nothing safely; JSON has no infinities (Python would write
+        # ``Infinity``, which delta-rs refuses to parse, failing every later commit)
         return None
     if pa.types.is_timestamp(t):
         if not isinstance(value, dt.datetime):

@@ -26,6 +26,8 @@ list, large_list, fixed list     list; struct; map: their children as above
 ===============================  ====================================================
 
 Anything else (durations, intervals, unions, decimals over 38 digits) has no Iceberg type:
+``append`` refuses it and a flush's decoding sets such an entry aside as a dead letter
+(``producer.typepolicy.format_refusal``); should one reach this module anyway,
 ``LakeSchemaError`` says which column, and the flusher marks the table stuck (a value
 that fails its cast does the same) rather than changing data silently. Every column is
 optional in Iceberg, so that later schema changes stay legal; but a map's key, which Arrow

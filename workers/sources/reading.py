@@ -1,11 +1,12 @@
 """Turning a stream's raw entries into the data of one range: decode, validate, conform.
 
-Shared by every range source: it sees entries as ``(id, fields)`` and does not know where
-they come from. Each entry is decoded and fully validated (``producer.wire.decode_payload``)
-and cast to the range's schema; an entry that cannot be (garbage, truncated, no ``arrow``
-field, a schema that cannot be cast) is set aside as a dead letter with the reason, never
-failing the flush. Runs of small entries that share their schema message are decoded
-together first (``runs``: the same rows, or the run is decoded entry by entry after all).
+Shared by every range source: it sees chunks of entries (``entries.Chunk``, or lists of
+``(id, fields)``) and does not know where they come from. Each entry is decoded and fully
+validated (``producer.wire.decode_payload``) and cast to the range's schema; an entry that
+cannot be (garbage, truncated, no ``arrow`` field, a schema that cannot be cast) is set
+aside as a dead letter with the reason, never failing the flush. Runs of small entries
+that share their schema message are decoded together first (``runs``: the same rows, or
+the run is decoded entry by entry after all).
 
 A new range is written in the table's current schema. If an entry does not fit because
 the table's schema evolved while the range was being read, the range switches to the new
@@ -26,10 +27,11 @@ from producer.errors import ClaimMismatch
 from producer.tablecfg import TableConfig
 
 from . import Claim, Range
+from .entries import Chunk
 from .runs import decode_run, dictionary_free, runs
 
-#: Entries as a source hands them over: lists (chunks) of ``(id, fields)``.
-Chunks = Iterator[list[tuple[str, dict[bytes, bytes]]]]
+#: Entries as a source hands them over: chunks, each a ``Chunk`` or a list of ``(id, fields)``.
+Chunks = Iterator[Chunk | list[tuple[str, dict[bytes, bytes]]]]
 
 
 class EntryReader:
@@ -69,20 +71,21 @@ class EntryReader:
 
     def __iter__(self) -> Iterator[pa.Table]:
         for chunk in self._chunks:
+            if not isinstance(chunk, Chunk):
+                chunk = Chunk.from_entries(chunk)
             good: list[pa.Table] = []
             done = False
-            payloads = [fields.get(wire.FIELD_ARROW) for _, fields in chunk]
-            rows = [fields.get(wire.FIELD_ROWS) for _, fields in chunk]
+            payloads, rows = chunk.payloads, chunk.rows
             for start, end, prefix in runs(payloads, rows):
                 if prefix is not None and self._runnable(prefix):
                     table = self._decode_run(prefix, payloads[start:end], rows[start:end])
                     if table is not None:
-                        self._take_run(chunk[start][0], chunk[end - 1][0], end - start,
+                        self._take_run(chunk.id(start), chunk.id(end - 1), end - start,
                                        table.num_rows, payloads[start:end])
                         good.append(table)
                         continue
                 for n in range(start, end):
-                    entry_id, fields = chunk[n]
+                    entry_id = chunk.id(n)
                     payload = payloads[n]
                     batch, error, newer = self._decode(payload)
                     if newer is not None:  # fits only the table's schema as it is now
@@ -90,7 +93,7 @@ class EntryReader:
                             done = True  # the range ends before this entry
                             break
                         self.schema = newer
-                    self._take(entry_id, fields, payload)
+                    self._take(entry_id, rows[n], payload)
                     if batch is None:
                         self._dead.append((entry_id, error or "undecodable"))
                         continue
@@ -158,12 +161,11 @@ class EntryReader:
                     pass
             return None, str(exc), None
 
-    def _take(self, entry_id: str, fields: dict[bytes, bytes], payload: bytes | None) -> None:
+    def _take(self, entry_id: str, rows: bytes | None, payload: bytes | None) -> None:
         if self.first is None:
             self.first = entry_id
         self._last = entry_id
         self._count += 1
-        rows = fields.get(wire.FIELD_ROWS)
         # a ``rows`` that is not a count was never counted in (the append check refuses it):
         # an entry written around the check, by a faulty producer, which must not fail the
         # flush

@@ -12,11 +12,13 @@ the same rows: duplicates), and no token is handed out twice. The commit (trim) 
 waited for: a failover that forgets it brings back the claim it deleted, whose range the
 next flush resumes and the sink recognises (idempotent by range), so nothing is duplicated. Reads
 fetch ``XRANGE`` chunks of about ``CHUNK_BYTES``, the next one in the background while the
-caller decodes and writes this one.
+caller decodes and writes this one; the replies are taken as Redis sends them, without
+redis-py's tuple and dict per entry (``raw_replies``, ``entries.Chunk.from_reply``).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +26,7 @@ from typing import cast
 
 import pyarrow as pa
 import redis
+from redis.client import CaseInsensitiveDict
 
 from producer import scripts, wire
 from producer.cluster import check_acked, replicated
@@ -32,6 +35,7 @@ from workers.lease import acquire
 from workers.metrics import duration_fields
 
 from . import Claim, Lease, Range, Tally
+from .entries import Chunk
 from .reading import EntryReader
 
 #: Target size of one XRANGE chunk.
@@ -58,6 +62,7 @@ class RedisStream:
         self.replicas_timeout_ms = replicas_timeout_ms
         self.table = keys.table
         self.stream = keys.stream
+        self._raw = raw_replies(client)
 
     def __repr__(self) -> str:
         return f"RedisStream({self.keys.delta!r})"
@@ -118,29 +123,37 @@ class RedisStream:
         current = wire.stored_schema(stored)
         return None if schema is not None and current.equals(schema) else current
 
-    def _chunks(self, first: str, last: str
-                ) -> Generator[list[tuple[str, dict[bytes, bytes]]], None, None]:
+    def _chunks(self, first: str, last: str) -> Generator[Chunk, None, None]:
         """Entries ``first..last`` (inclusive) in chunks of about ``CHUNK_BYTES``; the next
         chunk is fetched in the background while the caller works on this one."""
         with ThreadPoolExecutor(1, thread_name_prefix="xrange") as pool:
             count = FIRST_CHUNK_ENTRIES
-            pending = pool.submit(self.client.xrange, self.keys.delta, first, last, count=count)
+            pending = pool.submit(self._fetch, first, last, count)
             while True:
-                chunk = cast(list[wire.Entry], pending.result())
-                if not chunk:
+                chunk = pending.result()
+                if not len(chunk):
                     return
                 full = len(chunk) >= count
                 if full:
-                    size = sum(len(fields.get(wire.FIELD_ARROW, b"")) for _, fields in chunk)
+                    size = sum(map(len, filter(None, chunk.payloads)))
                     average = max(1, size // len(chunk))
                     # at most 4x the last count: a few small entries at the head must not
                     # make the next chunk a thousand large ones
                     count = max(1, min(MAX_CHUNK_ENTRIES, CHUNK_BYTES // average, 4 * count))
-                    pending = pool.submit(self.client.xrange, self.keys.delta,
-                                          "(" + chunk[-1][0].decode(), last, count=count)
-                yield [(entry_id.decode(), fields) for entry_id, fields in chunk]
+                    pending = pool.submit(self._fetch, "(" + chunk.id(len(chunk) - 1), last,
+                                          count)
+                yield chunk
                 if not full:
                     return
+
+    def _fetch(self, first: str, last: str, count: int) -> Chunk:
+        """One XRANGE, without redis-py's conversion of each entry (``entries``) where the
+        client allows it (a ``redis.Redis``; a Redis Cluster client converts)."""
+        if self._raw is not None:
+            return Chunk.from_reply(cast(list[list[object]], self._raw.xrange(
+                self.keys.delta, first, last, count=count)))
+        return Chunk.from_entries([(entry_id.decode(), fields) for entry_id, fields in cast(
+            list[wire.Entry], self.client.xrange(self.keys.delta, first, last, count=count))])
 
     def record_claim(self, lease: Lease, rng: Range) -> None:
         keys = {"lease": self.keys.lease, "claim": self.keys.claim}
@@ -184,3 +197,19 @@ class RedisStream:
     def mark_stuck(self, reason: str) -> None:
         self.client.hset(self.keys.stuck, mapping={
             "reason": reason, "since_ms": int(time.time() * 1000)})
+
+
+def raw_replies(client: redis.Redis) -> redis.Redis | None:
+    """``client`` sharing its connections, but with XRANGE replies left as Redis sends them
+    (``entries.Chunk.from_reply``); None for a client of another kind (Redis Cluster)."""
+    if not isinstance(client, redis.Redis) or client.connection is not None:
+        return None  # a single-connection client's copy would release its connection
+    raw = copy.copy(client)
+    raw.auto_close_connection_pool = False  # the pool is the client's: not closed with the copy
+    raw.response_callbacks = CaseInsensitiveDict(client.response_callbacks)
+    raw.set_response_callback("XRANGE", _as_sent)
+    return raw
+
+
+def _as_sent(response: object, **options: object) -> object:
+    return response
