@@ -22,13 +22,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from .cluster import by_master
+from .cluster import REDIRECTS, by_master, on_master
 from .errors import ClaimMismatch, DeltaflushError, LeaseLost, NotAtHead
 
 #: The folder of the ``.lua`` files.
@@ -84,17 +84,36 @@ class Script:
         """Run the script once for each ``(keys, args)`` of ``calls``, in one pipeline per
         Redis master (a Redis Cluster's masters, by the slot of each call's first key), the
         script loaded at its head (so a promoted replica's empty cache does not matter);
-        return the replies in order."""
+        return the replies in order.
+
+        The masters come from the cluster client's map of slots, which a reshard or a
+        failover makes stale: a call whose slot answers a redirect (``MOVED``, ``ASK``,
+        ``TRYAGAIN``, ``CLUSTERDOWN``: the script did not run) runs again on its own, on the
+        master that serves its slot now (``producer.cluster.on_master``, which re-reads the
+        map). Any other error reply raises."""
         replies: list[Any] = [None] * len(calls)
         firsts = [self.argv(keys, args)[0][0] for keys, args in calls]
+        redirected: list[int] = []
         for master, positions in by_master(client, firsts):
             pipe = master.pipeline(transaction=False)
             pipe.script_load(self.source)
             for i in positions:
                 key_list, arg_list = self.argv(*calls[i])
                 pipe.evalsha(self.sha, len(key_list), *key_list, *arg_list)
-            for i, reply in zip(positions, pipe.execute()[1:], strict=True):
-                replies[i] = reply
+            loaded, *results = pipe.execute(raise_on_error=False)
+            if isinstance(loaded, Exception):
+                raise loaded
+            for i, reply in zip(positions, results, strict=True):
+                if isinstance(reply, REDIRECTS):
+                    redirected.append(i)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies[i] = reply
+        for i in redirected:
+            keys, args = calls[i]
+            replies[i] = on_master(client, firsts[i], partial(self, keys=keys, args=args),
+                                   idempotent=False)
         return replies
 
     def queue(self, pipe: Any, keys: Mapping[str, str], args: Mapping[str, Any],

@@ -247,6 +247,27 @@ class LocalCluster:
                     c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
         return moved
 
+    def slots_of(self, master: Node) -> list[int]:
+        """The slots ``master`` serves, in ascending order, per its own ``CLUSTER SLOTS``."""
+        with master.client() as c:
+            ranges = c.execute_command("CLUSTER", "SLOTS")
+        return sorted(slot for start, end, owner, *_ in ranges if int(owner[1]) == master.port
+                      for slot in range(start, end + 1))
+
+    def reshard(self, source: Node, target: Node, slots: int) -> str:
+        """Move ``slots`` slots from ``source`` to ``target`` with the real command,
+        ``redis-cli --cluster reshard ... --cluster-yes`` (it takes the source's slots in
+        ascending order); returns its output."""
+        cli = shutil.which("redis-cli")
+        assert cli is not None, "redis-cli is not installed (apt-get install redis-tools)"
+        done = subprocess.run(
+            [cli, "--cluster", "reshard", source.address,
+             "--cluster-from", self.node_id(source), "--cluster-to", self.node_id(target),
+             "--cluster-slots", str(slots), "--cluster-yes"],
+            capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
     def master_of_slot(self, slot: int) -> Node:
         for node in self.live():
             try:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from redis.cluster import RedisCluster
+from redis.cluster import RedisCluster, key_slot
 
 from producer import ConfigError, Producer, ReplicationTimeout, Settings, wire
 from producer.admin import dead_letters
+from producer.client import connect
 from tests.conftest import Fleet, assert_exactly_once, id_batch, landed, wait_for
 from workers.doctor import FAIL, OK, run_checks
 from workers.flusher import Flusher
@@ -84,6 +85,27 @@ def test_tables_spread_over_the_masters_append_schedule_flush_and_report(
     [letter], total = dead_letters(p.redis, wire.Keys(cluster_prefix, "t0"), 10)
     assert total == 1 and letter.size == len(b"garbage") and letter.error
     p.close()
+
+
+def test_a_scheduling_round_follows_a_slot_that_moved_under_its_client(own_cluster,
+                                                                        storage_dir):
+    """A round pipelines the due script per master by the client's map of slots; a slot
+    moved since (a reshard) answers MOVED there, and the round runs those tables' scripts
+    again on their new master instead of failing every round from then on."""
+    settings = settings_for(own_cluster, "deltaflush", storage_dir)
+    p = Producer(settings=settings)
+    for table in TABLES:
+        p.append(table, id_batch(0, 10))
+    stale = connect(own_cluster.url)  # its map of slots is taken now
+    slot = key_slot(wire.Keys("deltaflush", "t0").delta.encode())
+    source = own_cluster.master_of_slot(slot)
+    target = next(m for m in own_cluster.masters() if m.port != source.port)
+    assert own_cluster.migrate_slot(slot, target) >= 1
+    assert stale.get_node_from_key(wire.Keys("deltaflush", "t0").delta).port == source.port
+    assert sorted(due_tables(stale, "deltaflush", 30_000)) == TABLES
+    assert due_tables(stale, "deltaflush", 30_000) == []  # t0 marked on its new master
+    p.close()
+    stale.close()
 
 
 def test_the_asyncio_producer_appends_on_every_master_and_waits_for_replicas(

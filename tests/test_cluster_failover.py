@@ -7,7 +7,9 @@ entries but not the claim: the next flush forms another range over the same rows
 already in a published file are written again) and the trim (the promoted replica still has
 entries a file holds). ``DELTAFLUSH_APPEND_REPLICAS=1`` makes the flusher wait for the
 replica after its lease and each claim, before it publishes anything; a forgotten trim
-brings back the claim, whose range the sink already holds (idempotent by range).
+brings back the claim, whose range the sink already holds (idempotent by range): a Parquet
+file named after the range, an Iceberg or Delta commit recorded by range. The lake tables are
+read back by independent readers (DuckDB's ``iceberg_scan`` and ``delta_scan``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 
 from producer import Producer, Settings, wire
 from producer.client import connect
+from tests import delta_readers, lake
 from tests.conftest import id_batch, landed, read_ids, wait_for
 from tests.reliability import check_ids
 from workers.flusher import Flusher
@@ -32,30 +35,46 @@ TABLE = "events"
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"  # never reached: flushes run --local
 
 
+def table_ids(storage: Path, fmt: str) -> list[int]:
+    """The ids of the table's published rows, read by a reader independent of its writer."""
+    if fmt == "iceberg":
+        return lake.duckdb_ids(storage, TABLE)
+    if fmt == "delta":
+        uri = storage / TABLE
+        return delta_readers.duckdb_ids(uri) if delta_readers.table_exists(uri) else []
+    return read_ids(storage, TABLE)
+
+
 def stopped(proc: subprocess.Popen[bytes]) -> bool:
     """Whether ``proc`` is stopped (SIGSTOP, state T in /proc)."""
     stat = Path(f"/proc/{proc.pid}/stat").read_text()
     return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
-@pytest.mark.parametrize("stop_at, flusher_replicas, outcome", [
+@pytest.mark.parametrize("stop_at, flusher_replicas, outcome, fmt", [
     # without waiting for the replica, the claim and the trim die with the master: the rows
     # of the published file come back, in a range of another name (the hazard)
-    ("flush.leased", 0, "duplicated"),
+    ("flush.leased", 0, "duplicated", "parquet"),
     # waiting: the claim is not acknowledged, so nothing is published; the flush fails
-    ("flush.leased", 1, "refused"),
+    ("flush.leased", 1, "refused", "parquet"),
+    ("flush.leased", 1, "refused", "iceberg"),
+    ("flush.leased", 1, "refused", "delta"),
     # waiting: the claim is on the replica, the trim is not; the next flush resumes the
-    # claim and rewrites the same file
-    ("flush.claimed", 1, "resumed"),
+    # claim and rewrites the same file, or finds the range in the lake table's commits
+    ("flush.claimed", 1, "resumed", "parquet"),
+    ("flush.claimed", 1, "resumed", "iceberg"),
+    ("flush.claimed", 1, "resumed", "delta"),
 ])
 @pytest.mark.timeout(240)
 def test_a_failover_that_forgets_the_flushers_writes(own_cluster, tmp_path, stop_at,
-                                                     flusher_replicas, outcome):
+                                                     flusher_replicas, outcome, fmt):
     cluster = own_cluster
     storage = tmp_path / "lake"
     settings = Settings(redis_url=cluster.url, broker_url=BROKER, storage_uri=str(storage),
                         append_replicas=1, append_replicas_timeout_ms=2000)
     p = Producer(settings=settings)
+    if fmt != "parquet":
+        p.configure(TABLE, format=fmt)
     for i in range(20):  # every one of them on the replica too (append_replicas=1)
         p.append(TABLE, id_batch(i * 10, 10))
     keys = wire.Keys(settings.key_prefix, TABLE)
@@ -88,10 +107,10 @@ def test_a_failover_that_forgets_the_flushers_writes(own_cluster, tmp_path, stop
     if outcome == "refused":
         assert flusher.returncode == 1, out
         assert "replicas" in out and "DELTAFLUSH_APPEND_REPLICAS" in out, out
-        assert read_ids(storage, TABLE) == []  # nothing published
+        assert table_ids(storage, fmt) == []  # nothing published
     else:
         assert flusher.returncode == 0, out
-        assert len(read_ids(storage, TABLE)) == 200  # published and trimmed, on the master
+        assert len(table_ids(storage, fmt)) == 200  # published and trimmed, on the master
 
     # the master dies before its replica has any of that; the replica takes over
     cluster.kill(master)
@@ -113,12 +132,15 @@ def test_a_failover_that_forgets_the_flushers_writes(own_cluster, tmp_path, stop
         assert not client.exists(keys.claim)
     wait_for(lambda: after.flush(TABLE).status in ("ok", "empty")
              and landed(client, TABLE, 0, settings.key_prefix), 60, "the table to drain")
-    ids = read_ids(storage, TABLE)
+    ids = table_ids(storage, fmt)
+    if outcome == "resumed" and fmt != "parquet":  # the sink found the range committed
+        assert int(client.hget(keys.stats, "lake_already") or 0) >= 1
     if outcome == "duplicated":  # the hazard the waits prevent: shown, not recorded
         assert set(ids) == set(range(300))
         assert len(ids) - len(set(ids)) == 200, "the hazard the waits prevent did not show"
     else:
-        check_ids(f"cluster: replica link cut at {stop_at}, then its master SIGKILLed "
+        reader = {"parquet": "", "iceberg": "iceberg: ", "delta": "delta: "}[fmt]
+        check_ids(f"{reader}cluster: replica link cut at {stop_at}, then its master SIGKILLed "
                   "(flusher waits for replicas)", ids, range(300), None,
                   lambda missing: f"{len(missing)} rows lost")
     p.close()

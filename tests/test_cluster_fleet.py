@@ -1,8 +1,9 @@
 """A fleet on a Redis Cluster of its own while the cluster changes under it: real `celery -A
 workers.app worker` and beat processes with RabbitMQ as the broker, producers appending
 with ``DELTAFLUSH_APPEND_REPLICAS=1``, and (1) a master SIGKILLed mid-run while its replica
-is promoted, (2) a table's slot migrated to another master key by key. Every row whose
-append returned lands exactly once; no row is duplicated."""
+is promoted, (2) a table's slot migrated to another master key by key, (3) slots, the table's
+among them, moved by the real ``redis-cli --cluster reshard``. Every row whose append returned
+lands exactly once; no row is duplicated."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.cluster import key_slot
 
 from producer import DeltaflushError, Producer, ReplicationTimeout, Settings, wire
 from tests.conftest import Fleet, id_batch, landed, read_ids, wait_for
@@ -28,20 +30,26 @@ class Appender(threading.Thread):
     """Appends batches of distinct ids to every table in turn until stopped; an append that
     fails for replicas is retried with its batch ID (never added twice), others count as
     unknown (they may or may not be in). ``acked`` holds the first id of every batch whose
-    append returned."""
+    append returned. It stops after ``batches`` rounds, or after the round during which
+    ``stop`` is set."""
 
-    def __init__(self, producer: Producer, batches: int) -> None:
+    def __init__(self, producer: Producer, batches: int,
+                 tables: list[str] | None = None) -> None:
         super().__init__(daemon=True)
         self.producer = producer
         self.batches = batches
-        self.acked: dict[str, list[int]] = {t: [] for t in TABLES}
-        self.unknown: dict[str, list[int]] = {t: [] for t in TABLES}
+        self.tables = list(tables or TABLES)
+        self.acked: dict[str, list[int]] = {t: [] for t in self.tables}
+        self.unknown: dict[str, list[int]] = {t: [] for t in self.tables}
         self.done = 0
         self.errors: list[str] = []
+        self.stop = threading.Event()
 
     def run(self) -> None:
         for n in range(self.batches):
-            for table in TABLES:
+            if self.stop.is_set():
+                break
+            for table in self.tables:
                 start = n * BATCH_ROWS
                 data = id_batch(start, BATCH_ROWS)
                 batch_id: str | None = None
@@ -89,7 +97,7 @@ def check_landed(fleet: Supervised, client: redis.Redis, storage: Path,
         fleet.restart_dead()
         try:
             return all(client.xlen(wire.Keys("deltaflush", t).delta) == 0
-                       and landed(client, t, 0) for t in TABLES)
+                       and landed(client, t, 0) for t in appender.tables)
         except redis.RedisError:
             return False
     wait_for(drained, 240, f"every table to drain; logs:\n{fleet.logs()}", interval=0.5)
@@ -98,7 +106,7 @@ def check_landed(fleet: Supervised, client: redis.Redis, storage: Path,
     ids: list[int] = []
     acked: set[int] = set()
     maybe: set[int] = set()
-    for n, table in enumerate(TABLES):
+    for n, table in enumerate(appender.tables):
         offset = n * 10_000_000
         ids += [offset + i for i in read_ids(storage, table)]
         acked |= {offset + s + j for s in appender.acked[table] for j in range(BATCH_ROWS)}
@@ -159,7 +167,6 @@ def test_a_slot_migrated_while_appends_and_flushes_go_on(own_cluster, rabbitmq_v
         keys = wire.Keys("deltaflush", "t0")
         source = cluster.master_of(keys.delta)
         target = next(m for m in cluster.masters() if m.port != source.port)
-        from redis.cluster import key_slot
         caplog.set_level(logging.INFO, logger="producer.cluster")
         moved = cluster.migrate_slot(key_slot(keys.delta.encode()), target, pause_s=0.2)
         assert moved >= 5  # the table's stream, schema, counters...
@@ -173,6 +180,68 @@ def test_a_slot_migrated_while_appends_and_flushes_go_on(own_cluster, rabbitmq_v
         # the producer met the slot half moved (ASK/TRYAGAIN) or moved (MOVED), and went on
         assert any("is moving or failing over" in r.getMessage() and "{t0}" in r.getMessage()
                    for r in caplog.records)
+    finally:
+        producer.close()
+        fleet.stop()
+
+
+#: How many slots the reshard test moves: the first ones of the source, in ascending order.
+RESHARD_SLOTS = 16
+
+
+def table_in_first_slots(cluster, source, count: int) -> str:
+    """A table name whose keys' slot is among the ``count`` lowest slots of ``source``: the
+    ones ``redis-cli --cluster reshard --cluster-slots count`` takes from it."""
+    first = set(cluster.slots_of(source)[:count])
+    return next(name for name in (f"hot{i}" for i in range(1_000_000))
+                if key_slot(wire.Keys("deltaflush", name).delta.encode()) in first)
+
+
+@pytest.mark.timeout(420)
+def test_slots_resharded_with_redis_cli_while_appends_and_flushes_go_on(
+        own_cluster, rabbitmq_vhost, tmp_path, caplog):
+    cluster = own_cluster
+    storage = tmp_path / "lake"
+    env = fleet_env(cluster, rabbitmq_vhost, storage)
+    (tmp_path / "logs").mkdir()
+    fleet = Supervised(env, tmp_path / "logs")
+    producer = Producer(settings=Settings.from_env(env))
+    source, target = cluster.masters()[:2]
+    hot = table_in_first_slots(cluster, source, RESHARD_SLOTS)
+    keys = wire.Keys("deltaflush", hot)
+    slot = key_slot(keys.delta.encode())
+    try:
+        fleet.worker(concurrency=2)
+        fleet.beat()
+        appender = Appender(producer, 10_000, tables=[hot, *TABLES[:3]])
+        appender.start()
+        caplog.set_level(logging.INFO, logger="producer.cluster")
+        # appends and flushes are going on: rows of the hot table are published already
+        wait_for(lambda: appender.done >= 5 and read_ids(storage, hot), 120,
+                 f"the first flushes of {hot}; logs:\n{fleet.logs()}", interval=0.2)
+        before = cluster.slots_of(source)
+        out = cluster.reshard(source, target, RESHARD_SLOTS)
+        during = appender.done
+        moved = set(before) - set(cluster.slots_of(source))
+        assert len(moved) == RESHARD_SLOTS, out
+        assert slot in moved, (slot, sorted(moved))
+        assert moved <= set(cluster.slots_of(target))
+        assert cluster.master_of_slot(slot).port == target.port  # CLUSTER SLOTS says so
+        assert f"Moving slot {slot} from {source.address}" in out
+        # the appender goes on against the new owner, then stops
+        wait_for(lambda: appender.done >= during + 5 or not appender.is_alive(), 180,
+                 "appends after the reshard")
+        appender.stop.set()
+        appender.join(120)
+        assert not appender.is_alive()
+        assert appender.done >= during + 5, appender.errors[:3]
+        check_landed(fleet, producer.redis, storage, appender,
+                     "slots resharded with redis-cli --cluster reshard under appends and "
+                     "flushes")
+        assert not any(appender.unknown.values()), appender.errors[:3]
+        # the producer met the moved slot (MOVED, or ASK/TRYAGAIN mid-move) and went on
+        assert any("is moving or failing over" in r.getMessage()
+                   and f"{{{hot}}}" in r.getMessage() for r in caplog.records)
     finally:
         producer.close()
         fleet.stop()
