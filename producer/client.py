@@ -6,11 +6,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
@@ -38,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: ``append_many`` sends its batches in groups of about this many payload bytes.
 SEND_GROUP_BYTES = 8 * 1024 * 1024
+
+if TYPE_CHECKING:  # importing pyarrow.dataset imports pandas, when installed (+40 MiB)
+    import pyarrow.dataset as ds
 
 
 def connect(url: str, retries: int = 0) -> redis.Redis:
