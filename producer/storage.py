@@ -78,9 +78,9 @@ class Storage:
         """Durably and atomically move a closed temporary file to its final name."""
         if self.local:
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            _fsync_path(temp)
+            fsync_path(temp)
             os.replace(temp, final)
-            _fsync_path(os.path.dirname(final), directory=True)
+            fsync_path(os.path.dirname(final), directory=True)
         else:
             self.fs.create_dir(posixpath.dirname(final), recursive=True)
             self.fs.copy_file(temp, final)
@@ -90,8 +90,8 @@ class Storage:
         """Make a closed file, written in place, durable with its folder entry: ``fsync``
         both on a local filesystem; nothing on object storage (a completed upload is)."""
         if self.local:
-            _fsync_path(path)
-            _fsync_path(os.path.dirname(path), directory=True)
+            fsync_path(path)
+            fsync_path(os.path.dirname(path), directory=True)
 
     def discard(self, path: str) -> None:
         try:
@@ -123,7 +123,8 @@ class Storage:
         return removed
 
 
-def _fsync_path(path: str, directory: bool = False) -> None:
+def fsync_path(path: str, directory: bool = False) -> None:
+    """Flush a file's (or, with ``directory``, a folder's entries') data to disk."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)

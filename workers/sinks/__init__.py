@@ -24,7 +24,7 @@ from workers.sources import Range
 
 if TYPE_CHECKING:
     from workers.storage import Storage
-    from workers.writer import Encoder
+    from workers.writer import Encoder, FileSet
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,30 @@ class Staging(Protocol):
     def close(self, rng: Range) -> Staged: ...
 
     def abort(self) -> None: ...
+
+
+class FileStaging:
+    """What every sink's staging shares: the ``FileSet`` its range is written into, each
+    table passed through ``prepare`` (e.g. conformed to the lake's schema) first."""
+
+    files: FileSet
+
+    def prepare(self, data: pa.Table) -> pa.Table:
+        return data
+
+    @property
+    def rows(self) -> int:
+        return self.files.rows
+
+    @property
+    def arrow_bytes(self) -> int:
+        return self.files.arrow_bytes
+
+    def write(self, data: pa.Table) -> None:
+        self.files.write(self.prepare(data))
+
+    def seal(self) -> None:
+        self.files.seal()
 
 
 class Sink(Protocol):

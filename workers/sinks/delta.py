@@ -55,6 +55,7 @@ from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, Transaction
 
 from producer import wire
+from producer.storage import fsync_path
 from producer.tablecfg import TableConfig
 from workers.failpoints import failpoint
 from workers.layout import Layout
@@ -62,7 +63,7 @@ from workers.sources import Range
 from workers.storage import Storage
 from workers.writer import FileSet
 
-from . import Committed, Staged, StagedFile, StageStart
+from . import Committed, FileStaging, Staged, StagedFile, StageStart
 from .delta_maintenance import DeltaMaintenance
 from .delta_schema import (
     NotStorable,
@@ -113,7 +114,7 @@ class DeltaFile:
     partition_columns: tuple[str, ...]
 
 
-class DeltaStaging:
+class DeltaStaging(FileStaging):
     """A range staged into Parquet files in the table's folder, one per partition folder."""
 
     def __init__(self, sink: DeltaSink, start: StageStart) -> None:
@@ -133,19 +134,8 @@ class DeltaStaging:
         self.files = FileSet(Layout(start.config, self.schema), open_file, sink.row_group_bytes,
                              start.config, start.encoder, start.ahead)
 
-    @property
-    def rows(self) -> int:
-        return self.files.rows
-
-    @property
-    def arrow_bytes(self) -> int:
-        return self.files.arrow_bytes
-
-    def write(self, data: pa.Table) -> None:
-        self.files.write(conform(data, self.schema))
-
-    def seal(self) -> None:
-        self.files.seal()
+    def prepare(self, data: pa.Table) -> pa.Table:
+        return conform(data, self.schema)
 
     def close(self, rng: Range) -> Staged:
         arrow_bytes = self.files.arrow_bytes
@@ -352,13 +342,13 @@ class DeltaSink(DeltaMaintenance):
         folders = set()
         for f in staged.files:
             try:
-                _fsync(f.final)
+                fsync_path(f.final)
             except FileNotFoundError as exc:
                 raise StagedFileGone(f"staged file {f.final} is gone (removed as an orphan?); "
                                      "the range is staged again") from exc
             folders.add(os.path.dirname(f.final))
         for folder in folders:
-            _fsync(folder, directory=True)
+            fsync_path(folder, directory=True)
 
     def _check_staged(self, staged: Staged, config: TableConfig) -> None:
         """The orphan guard: every staged file is there and younger than half the
@@ -385,9 +375,3 @@ def _range_metadata(rng: Range, staged: Staged) -> dict[str, Any]:
             "deltaflush.rows": staged.rows}
 
 
-def _fsync(path: str, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

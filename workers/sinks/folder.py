@@ -25,7 +25,7 @@ from workers.sources import Range
 from workers.storage import Storage
 from workers.writer import FileSet
 
-from . import Committed, Staged, StagedFile, StageStart
+from . import Committed, FileStaging, Staged, StagedFile, StageStart
 
 #: Arrow bytes per row group: big enough for scans, small enough to bound memory.
 ROW_GROUP_BYTES = 64 * 1024 * 1024
@@ -52,7 +52,7 @@ def file_metadata(rng: Range) -> dict[str, str]:
             "deltaflush.entries": str(rng.count)}
 
 
-class FolderStaging:
+class FolderStaging(FileStaging):
     """A range staged into temporary Parquet files, one per partition folder."""
 
     def __init__(self, storage: Storage, start: StageStart, row_group_bytes: int) -> None:
@@ -68,20 +68,6 @@ class FolderStaging:
 
         self.files = FileSet(Layout(start.config, start.schema), open_temp, row_group_bytes,
                              start.config, start.encoder, start.ahead)
-
-    @property
-    def rows(self) -> int:
-        return self.files.rows
-
-    @property
-    def arrow_bytes(self) -> int:
-        return self.files.arrow_bytes
-
-    def write(self, data: pa.Table) -> None:
-        self.files.write(data)
-
-    def seal(self) -> None:
-        self.files.seal()
 
     def close(self, rng: Range) -> Staged:
         name = file_name(rng.first, rng.last, rng.stream)

@@ -73,7 +73,17 @@ from workers.sources import Range
 from workers.storage import Storage
 from workers.writer import FileSet
 
-from . import Committed, Compaction, Expiry, Orphans, Staged, StagedFile, StageStart, TableInfo
+from . import (
+    Committed,
+    Compaction,
+    Expiry,
+    FileStaging,
+    Orphans,
+    Staged,
+    StagedFile,
+    StageStart,
+    TableInfo,
+)
 from .folder import ROW_GROUP_BYTES, file_metadata
 from .iceberg_commit import append
 from .iceberg_types import conform, lake_schema, with_field_ids
@@ -138,7 +148,7 @@ def fs_path(uri: str) -> str:
     return parsed.netloc + parsed.path
 
 
-class IcebergStaging:
+class IcebergStaging(FileStaging):
     """A range staged into data files of the table, one per partition it touches."""
 
     def __init__(self, sink: IcebergSink, start: StageStart, table: Table,
@@ -164,19 +174,8 @@ class IcebergStaging:
                              open_file, sink.row_group_bytes, config, start.encoder,
                              start.ahead)
 
-    @property
-    def rows(self) -> int:
-        return self.files.rows
-
-    @property
-    def arrow_bytes(self) -> int:
-        return self.files.arrow_bytes
-
-    def write(self, data: pa.Table) -> None:
-        self.files.write(conform(data, self.file_schema, self.table))
-
-    def seal(self) -> None:
-        self.files.seal()
+    def prepare(self, data: pa.Table) -> pa.Table:
+        return conform(data, self.file_schema, self.table)
 
     def close(self, rng: Range) -> Staged:
         arrow_bytes = self.files.arrow_bytes
