@@ -238,20 +238,22 @@ LONG_MAX = 2**63 - 1
 @functools.lru_cache(maxsize=512)
 def has_uint64(schema: pa.Schema) -> bool:
     """Whether ``schema`` has a ``uint64`` anywhere (nested too)."""
-    return any(_uint64_in(f.type) for f in schema)
+    return any(contains(f.type, pa.types.is_uint64) for f in schema)
 
 
-def _uint64_in(t: pa.DataType) -> bool:
-    if pa.types.is_uint64(t):
+def contains(t: pa.DataType, test: Callable[[pa.DataType], bool]) -> bool:
+    """Whether ``t``, or a type nested in it (a dictionary's values, a map's keys or items,
+    a list's values, a struct's fields), passes ``test``."""
+    if test(t):
         return True
     if pa.types.is_dictionary(t):
-        return _uint64_in(t.value_type)
+        return contains(t.value_type, test)
     if pa.types.is_map(t):
-        return _uint64_in(t.key_type) or _uint64_in(t.item_type)
+        return contains(t.key_type, test) or contains(t.item_type, test)
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return _uint64_in(t.value_type)
+        return contains(t.value_type, test)
     if pa.types.is_struct(t):
-        return any(_uint64_in(f.type) for f in t)
+        return any(contains(f.type, test) for f in t)
     return False
 
 
@@ -274,15 +276,17 @@ def _over_long(array: pa.Array, path: str) -> tuple[str, int] | None:
         top = pc.max(array).as_py()
         return (path, top) if top is not None and top > LONG_MAX else None
     if pa.types.is_dictionary(t):
-        return _over_long(array.dictionary, path) if _uint64_in(t.value_type) else None
+        nested = contains(t.value_type, pa.types.is_uint64)
+        return _over_long(array.dictionary, path) if nested else None
     if pa.types.is_map(t):
         return _over_long(array.keys, f"{path}.key") or _over_long(array.items,
                                                                     f"{path}.value")
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return _over_long(array.flatten(), f"{path}[]") if _uint64_in(t.value_type) else None
+        nested = contains(t.value_type, pa.types.is_uint64)
+        return _over_long(array.flatten(), f"{path}[]") if nested else None
     if pa.types.is_struct(t):
         for i, child in enumerate(t):
-            if _uint64_in(child.type):
+            if contains(child.type, pa.types.is_uint64):
                 hit = _over_long(array.field(i), f"{path}.{child.name}")
                 if hit is not None:
                     return hit

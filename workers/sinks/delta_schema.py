@@ -44,6 +44,7 @@ from producer.delta_table import app_id as app_id
 from producer.delta_table import entry_id as entry_id
 from producer.errors import InvariantViolation
 from producer.tablecfg import TableConfig
+from producer.typepolicy import contains
 from workers.layout import HIVE_NULL
 
 #: Bits of an entry ID's milliseconds (up to the year 2109): ``ms << 21 | seq`` fits
@@ -151,18 +152,6 @@ def _child(t: pa.DataType, path: str) -> pa.DataType:
     return stored
 
 
-def _has_timestamp(t: pa.DataType) -> bool:
-    if pa.types.is_timestamp(t):
-        return True
-    if pa.types.is_map(t):
-        return _has_timestamp(t.key_type) or _has_timestamp(t.item_type)
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return _has_timestamp(t.value_type)
-    if pa.types.is_struct(t):
-        return any(_has_timestamp(f.type) for f in t)
-    return False
-
-
 def file_schema(schema: pa.Schema) -> pa.Schema:
     """The schema a range of ``schema`` is written in: storage types, all nullable."""
     fields = []
@@ -184,7 +173,7 @@ def conform(data: pa.Table, target: pa.Schema) -> pa.Table:
         column = data.column(f.name)
         if not column.type.equals(f.type):
             try:
-                column = pc.cast(column, f.type, safe=not _has_timestamp(f.type))
+                column = pc.cast(column, f.type, safe=not contains(f.type, pa.types.is_timestamp))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise NotStorable(
                     f"a value of column {f.name!r} ({column.type}) does not fit the Delta "
