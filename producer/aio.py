@@ -543,10 +543,7 @@ class AsyncBatcher(Buffer):
     async def _run(self) -> None:
         while True:
             now = time.monotonic()
-            for key, batch in list(self._open.items()):
-                if batch.deadline <= now:
-                    del self._open[key]
-                    self._ready.append(batch)
+            nearest = self._take_due(now)
             if self._ready:
                 batches, self._ready = self._ready, []
                 for batch in batches:
@@ -556,7 +553,6 @@ class AsyncBatcher(Buffer):
                 self._idle.set()
             if self._closing and not self._open:
                 return
-            nearest = min((b.deadline for b in self._open.values()), default=None)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(),

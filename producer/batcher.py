@@ -188,6 +188,15 @@ class Buffer:
             return True
         return False
 
+    def _take_due(self, now: float) -> float | None:
+        """Move the open batches whose linger ran out by ``now`` to the ready ones; the
+        nearest deadline of those still open (None if none is)."""
+        for key, batch in list(self._open.items()):
+            if batch.deadline <= now:
+                del self._open[key]
+                self._ready.append(batch)
+        return min((b.deadline for b in self._open.values()), default=None)
+
     def estimate(self, table: str, rows: int) -> int:
         """The bytes of ``rows`` rows of ``table``, from its last merged batch."""
         return int(rows * self._row_bytes.get(table, FIRST_ROW_BYTES))
@@ -325,13 +334,9 @@ class Batcher(Buffer):
             with self._lock:
                 while True:
                     now = time.monotonic()
-                    for key, batch in list(self._open.items()):
-                        if batch.deadline <= now:
-                            del self._open[key]
-                            self._ready.append(batch)
+                    nearest = self._take_due(now)
                     if self._ready or (self._closing and not self._open):
                         break
-                    nearest = min((b.deadline for b in self._open.values()), default=None)
                     self._lock.wait(None if nearest is None else nearest - now)
                 batches, self._ready = self._ready, []
                 if not batches:
