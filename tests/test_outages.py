@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from producer import Producer, Settings, wire
-from tests.conftest import Fleet, RedisServer, id_batch, wait_for
+from tests.conftest import RedisServer, id_batch, own_fleet, wait_for
 from tests.reliability import check, record
 from tests.test_fleet import TABLE, drained, fill, wait_drained
 
@@ -38,9 +38,7 @@ def test_redis_killed_and_restarted_loses_no_acknowledged_append(aof_server, fle
     broker connection drops mid-read (Celery/kombu, see docs/operations.md), so the test
     restarts exited workers as a supervisor would."""
     env = dict(fleet_env, DELTAFLUSH_REDIS_URL=aof_server.url)
-    (tmp_path / "logs").mkdir()
-    fleet = Fleet(env, tmp_path / "logs")
-    try:
+    with own_fleet(env, tmp_path) as fleet:
         fleet.worker(concurrency=2)
         fleet.beat()
         p = Producer(settings=Settings.from_env(env))
@@ -80,8 +78,6 @@ def test_redis_killed_and_restarted_loses_no_acknowledged_append(aof_server, fle
         assert len(acked) >= 100  # the producer's retries bridged the restart
         p.close()
         client.close()
-    finally:
-        fleet.stop()
 
 
 def test_storage_down_trims_nothing_and_everything_lands_when_it_returns(
