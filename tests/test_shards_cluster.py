@@ -13,7 +13,7 @@ from producer.errors import ReplicationTimeout, SchemaConflict
 from tests.cluster import cluster_fleet_env
 from tests.conftest import own_fleet, wait_for
 from tests.test_cluster import BROKER, settings_for
-from tests.test_shards_fleet import batch, read_back
+from tests.test_shards_fleet import batch, read_back, recount_while_appending
 from workers.flusher import Flusher
 from workers.status import table_status
 from workers.storage import Storage
@@ -114,8 +114,6 @@ def test_changing_the_shard_count_live_on_the_cluster(redis_cluster, cluster_pre
                                                      rabbitmq_vhost, storage_dir, tmp_path):
     """N goes 2 -> 4 -> 1 while a producer appends and two workers flush, on the cluster:
     nothing lost or duplicated."""
-    import threading
-
     env = cluster_fleet_env(redis_cluster, rabbitmq_vhost, storage_dir, cluster_prefix)
     with own_fleet(env, tmp_path) as fleet:
         fleet.worker()
@@ -124,27 +122,7 @@ def test_changing_the_shard_count_live_on_the_cluster(redis_cluster, cluster_pre
         p = Producer(settings=Settings.from_env(env))
         admin = Producer(settings=Settings.from_env(env))
         admin.configure(TABLE, shards=2)
-        done = threading.Event()
-        appended = [0]
-
-        def produce() -> None:
-            while not done.is_set():
-                p.append(TABLE, batch(appended[0], 100))
-                appended[0] += 100
-
-        thread = threading.Thread(target=produce)
-        thread.start()
-        try:
-            for count in (4, 1):
-                admin.configure(TABLE, shards=count)
-                wait_for(lambda n=count: p._routes.get(TABLE, (0, 0))[1] == n, 30,
-                         f"the producer to use {count} shards")
-                start = appended[0]
-                wait_for(lambda start=start: appended[0] > start + 2000, 60, "appends")
-        finally:
-            done.set()
-            thread.join()
-        total = appended[0]
+        total = recount_while_appending(p, admin, (4, 1), 2000)
         wait_for(lambda: drained(p.redis, cluster_prefix, total), 180,
                  f"every shard to drain; logs:\n{fleet.logs()}")
         per_shard = read_back(storage_dir, total, "Redis Cluster: shard count changed "
