@@ -18,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import redis
 
+from producer import Producer, Settings
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -57,6 +59,16 @@ def redis_server(prefix: str = "deltaflush-bench-") -> Iterator[tuple[str, str]]
         proc.terminate()
         proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def backlog(client: redis.Redis, settings: Settings, table: str, tables: list[pa.Table]) -> None:
+    """An emptied Redis (FLUSHALL through ``client``), then ``tables`` appended to ``table``
+    by a producer of ``settings``, 64 batches an ``append_many``: a backlog to flush."""
+    client.flushall()
+    producer = Producer(settings=settings)
+    for i in range(0, len(tables), 64):
+        producer.append_many(table, tables[i:i + 64])
+    producer.close()
 
 
 #: The plain command users run: ``celery -A workers.app``.
