@@ -18,7 +18,7 @@ from tests.conftest import wait_for
 from tests.delta_readers import deltalake_ids
 from tests.reliability import check_delta
 from tests.test_delta_maintenance import loadable
-from tests.test_fleet import TABLE, drained, fill, wait_drained
+from tests.test_fleet import TABLE, drained, fill, freeze_and_take_over, wait_drained
 from workers.sinks.delta import DeltaSink
 from workers.storage import Storage
 
@@ -61,13 +61,7 @@ def test_a_worker_frozen_in_the_lake_commit_past_its_lease_is_fenced(
     its trim is fenced."""
     p = producer_for()
     total = fill(p)
-    _, frozen_log = fleet.worker(failpoints=f"{step}=stop")
-    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step
-    fleet.beat()
-    wait_for(marker.exists, 60, "a flusher to freeze")
-    frozen_pid = int(str(wait_for(marker.read_text, 10, "the frozen pid")))
-    fleet.worker()  # takes the table over once the frozen lease expires
-    wait_drained(fleet, real_redis, total)
+    frozen_pid, frozen_log = freeze_and_take_over(fleet, real_redis, total, step)
     os.kill(frozen_pid, signal.SIGCONT)
     wait_for(lambda: b"fenced" in frozen_log.read_bytes(), 30, "the woken flusher to be fenced")
     if step == "lake.commit":  # its commit was refused by delta-rs, then found committed

@@ -45,6 +45,20 @@ def wait_drained(fleet: Fleet, client, total, table=TABLE, timeout=60):
         raise
 
 
+def freeze_and_take_over(fleet: Fleet, client, total: int, step: str) -> tuple[int, Path]:
+    """A worker frozen (SIGSTOP) at failpoint ``step`` of a flush of TABLE, its lease
+    running out; beat, and a second worker that takes the table over and drains it. Returns
+    the frozen process's pid, to wake it, and the frozen worker's log."""
+    _, frozen_log = fleet.worker(failpoints=f"{step}=stop")
+    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step
+    fleet.beat()
+    wait_for(marker.exists, 60, f"a flusher to freeze at {step}")
+    frozen_pid = int(str(wait_for(marker.read_text, 10, "the frozen pid")))
+    fleet.worker()  # takes the table over once the frozen lease expires
+    wait_drained(fleet, client, total)
+    return frozen_pid, frozen_log
+
+
 def test_worker_and_beat_flush_every_table(fleet, producer_for, real_redis, storage_dir):
     p = producer_for()
     totals = {f"t{i}": fill(p, f"t{i}") for i in range(3)}
@@ -111,13 +125,7 @@ def test_a_worker_frozen_past_its_lease_is_fenced(step, fleet, producer_for, rea
                                                   storage_dir):
     p = producer_for()
     total = fill(p)
-    _, frozen_log = fleet.worker(failpoints=f"{step}=stop")
-    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step
-    fleet.beat()
-    wait_for(marker.exists, 60, "a flusher to freeze")
-    frozen_pid = int(wait_for(marker.read_text, 10, "the frozen pid"))
-    fleet.worker()  # takes the table over once the frozen lease expires
-    wait_drained(fleet, real_redis, total)
+    frozen_pid, frozen_log = freeze_and_take_over(fleet, real_redis, total, step)
     assert_exactly_once(storage_dir, TABLE, total)
     os.kill(frozen_pid, signal.SIGCONT)  # it wakes and carries on
     wait_for(lambda: b"fenced" in frozen_log.read_bytes(), 30, "the woken flusher to be fenced")

@@ -16,7 +16,7 @@ from producer import wire
 from tests.conftest import id_batch, wait_for
 from tests.lake import duckdb_ids
 from tests.reliability import SCALE, check_lake
-from tests.test_fleet import TABLE, drained, fill, wait_drained
+from tests.test_fleet import TABLE, drained, fill, freeze_and_take_over, wait_drained
 
 pytestmark = pytest.mark.integration
 
@@ -53,13 +53,7 @@ def test_a_worker_frozen_mid_commit_past_its_lease_commits_nothing_twice(
     moved branch, finds its range held and its trim is fenced."""
     p = producer_for()
     total = fill(p)
-    _, frozen_log = fleet.worker(failpoints="lake.commit=stop")
-    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / "lake.commit"
-    fleet.beat()
-    wait_for(marker.exists, 60, "a flusher to freeze mid-commit")
-    frozen_pid = int(wait_for(marker.read_text, 10, "the frozen pid"))
-    fleet.worker()
-    wait_drained(fleet, real_redis, total)
+    frozen_pid, frozen_log = freeze_and_take_over(fleet, real_redis, total, "lake.commit")
     os.kill(frozen_pid, signal.SIGCONT)
     wait_for(lambda: b"fenced" in frozen_log.read_bytes(), 60, "the woken flusher to be fenced")
     check_lake("worker frozen mid-commit past its lease, woken after takeover", storage_dir,
