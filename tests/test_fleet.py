@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from producer import Settings, wire
-from tests.conftest import Fleet, assert_exactly_once, id_batch, wait_for
+from tests.conftest import ROOT, Fleet, assert_exactly_once, id_batch, wait_for
 from tests.reliability import SCALE, check
 from workers.app import make_app
 
@@ -57,6 +59,21 @@ def freeze_and_take_over(fleet: Fleet, client, total: int, step: str) -> tuple[i
     fleet.worker()  # takes the table over once the frozen lease expires
     wait_drained(fleet, client, total)
     return frozen_pid, frozen_log
+
+
+def run_demo(tmp_path: Path, fmt: str) -> tuple[str, Path]:
+    """``deltaflush demo --format fmt`` for 2 s on 1 table in ``tmp_path``, with none of this
+    environment's DELTAFLUSH_ settings (nothing but the package); returns its output and the
+    run's folder (one of its own under ./data)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAFLUSH_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("deltaflush")), "demo", "--seconds", "2",
+         "--tables", "1", "--format", fmt],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [run] = (tmp_path / "data").iterdir()
+    return proc.stdout, run
 
 
 def test_worker_and_beat_flush_every_table(fleet, producer_for, real_redis, storage_dir):
