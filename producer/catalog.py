@@ -100,7 +100,7 @@ def load(settings: Settings, storage: Storage) -> Catalog:
         base = parsed._replace(query="").geturl()
         catalog: Catalog = RestCatalog(CATALOG_NAME, uri=base, **props)
     elif scheme.startswith(("sqlite", "postgresql", "mysql")):
-        from pyiceberg.catalog.sql import SqlCatalog
+        from producer.sqlcatalog import SqlCatalog
 
         if scheme.startswith("sqlite"):
             folder = os.path.dirname(urlparse(uri).path)

@@ -20,7 +20,8 @@ overwrite each other's commit, losing one: a fleet always has several writers, s
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -28,7 +29,7 @@ from urllib.parse import parse_qs, urlparse
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from producer.errors import ConfigError
+from producer.errors import ConfigError, LakePanic
 from producer.storage import Storage
 
 UNSAFE_RENAME = "AWS_S3_ALLOW_UNSAFE_RENAME"
@@ -48,6 +49,22 @@ def entry_id(version: int) -> str:
     """The entry ID an app-transaction version stands for: ``ms << 21 | seq`` -> ``ms-seq``
     (``workers.sinks.delta_schema.txn_version`` makes them)."""
     return f"{version >> SEQ_BITS}-{version & ((1 << SEQ_BITS) - 1)}"
+
+@contextmanager
+def panics_as_errors(what: str) -> Iterator[None]:
+    """Run delta-rs calls, turning a panic of delta-rs (pyo3's ``PanicException``, a
+    ``BaseException`` that is not importable) into ``LakePanic`` (see there). ``what``: what
+    was being done, for the message. Works as a decorator too."""
+    try:
+        yield
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise LakePanic(
+            f"delta-rs panicked while {what}: {exc}. This is a bug in delta-rs (deltalake), met "
+            "by this table's data or log; nothing was trimmed from Redis. Upgrade deltalake or "
+            "report the message to delta-rs, then `deltaflush table unstick` the table") from exc
+
 
 #: pyarrow S3 URI query parameters -> delta-rs (object_store) storage options
 _S3_OPTIONS = {

@@ -26,7 +26,8 @@
             │                              marked stuck, never retried in a loop
             ├── ClaimMismatch              the claim, or the entries read for it, are not the range
             ├── NotAtHead                  the claimed range does not start at the delta's head
-            └── LakeSchemaError            a type or value the lake format cannot hold losslessly
+            ├── LakeSchemaError            a type or value the lake format cannot hold losslessly
+            └── LakePanic                  delta-rs panicked (a bug in it met by this table)
 
 Nothing is written to Redis or storage when an ``InvalidInput`` is raised. Transient
 failures (a lost connection, a storage error) keep their own types (``redis.ConnectionError``,
@@ -274,3 +275,11 @@ class CatalogUnavailable(FlushError, OSError):
     """A lake table's catalog could not be reached, failed, or kept conflicting with other
     commits. Nothing was trimmed: like a storage error (an ``OSError``), the flush is
     retried with backoff and its next try resumes the claim."""
+
+
+class LakePanic(InvariantViolation):
+    """delta-rs panicked: a bug in it, met by this table's data or log. A Rust panic reaches
+    Python as pyo3's ``PanicException``, a ``BaseException`` that Celery does not catch: it
+    would end the worker's process, and the redelivered task would end the next one. As
+    this error the table is marked stuck instead (nothing is trimmed; an ambiguous commit is
+    found by the exactly-once check once the table is unstuck), and the other tables go on."""

@@ -255,16 +255,18 @@ class DeltaSnapshot:
     pinned_by_redis = False
 
     def __init__(self, storage: Storage, table: str, streams: list[str]) -> None:
-        from producer.delta_table import app_id, entry_id, location
+        from producer.delta_table import app_id, entry_id, location, panics_as_errors
 
         self.watermarks: dict[str, str | None] = {s: None for s in streams}
         self._data: ds.Dataset | None = None
-        self.lake: Any = location(storage, table).open()
-        if self.lake is None:  # no flush yet
-            return
-        for s in streams:
-            version = self.lake.transaction_version(app_id(s))
-            self.watermarks[s] = None if version is None else entry_id(version)
+        self._reading = f"reading the Delta table of {table!r}"
+        with panics_as_errors(self._reading):
+            self.lake: Any = location(storage, table).open()
+            if self.lake is None:  # no flush yet
+                return
+            for s in streams:
+                version = self.lake.transaction_version(app_id(s))
+                self.watermarks[s] = None if version is None else entry_id(version)
 
     def pin(self, watermarks: dict[str, str | None]) -> None:
         raise AssertionError("a Delta version carries its own watermarks")
@@ -278,7 +280,10 @@ class DeltaSnapshot:
 
     def _dataset(self) -> ds.Dataset:
         if self._data is None:
-            self._data = self.lake.to_pyarrow_dataset()  # of the version loaded
+            from producer.delta_table import panics_as_errors
+
+            with panics_as_errors(self._reading):
+                self._data = self.lake.to_pyarrow_dataset()  # of the version loaded
         return self._data
 
     def dataset(self, schema: pa.Schema) -> ds.Dataset | None:

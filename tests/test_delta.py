@@ -16,7 +16,7 @@ import pytest
 from deltalake import DeltaTable
 
 from producer import Producer, Settings, wire
-from producer.errors import ConfigError, LeaseLost
+from producer.errors import ConfigError, LakePanic, LeaseLost
 from producer.tablecfg import TableConfig
 from tests.conftest import id_batch
 from tests.delta_readers import deltalake_ids, duckdb_delta, duckdb_ids, polars_ids
@@ -35,6 +35,7 @@ from workers.sinks.delta_schema import (
 )
 from workers.sinks.delta_table import Location, location, s3_options
 from workers.sources import Range
+from workers.status import unstick
 from workers.storage import Storage
 from workers.writer import Encoder
 
@@ -301,6 +302,61 @@ def test_a_commit_that_landed_but_failed_keeps_its_files_and_is_not_repeated(rea
     assert flusher(real_redis, storage_dir).flush("events").status == "ok"
     check_delta("lake commit landed, its reply lost", storage_dir / "events", range(total))
     assert real_redis.xlen(K.delta) == 0
+
+
+class PanicException(BaseException):  # noqa: N818 - pyo3's name, which is what is matched
+    """Stands in for pyo3's ``PanicException``, what a panic of delta-rs raises (a
+    ``BaseException``, not importable; no input is known to make delta-rs 1.6 panic)."""
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["before the log entry", "after it"])
+def test_a_delta_rs_panic_marks_the_table_stuck_and_loses_nothing(real_redis, storage_dir,
+                                                                   landed):
+    """A panic inside the commit, before or after its log entry is written, would end a
+    Celery worker's process (``BaseException``), and the redelivered task the next one: it
+    marks the table stuck instead, trims nothing, and once unstuck the table holds every
+    row once."""
+    total = fill(real_redis, batches=3, rows=20)
+
+    class Panicking(DeltaTable):
+        def create_write_transaction(self, *args, **kwargs):
+            if landed:
+                super().create_write_transaction(*args, **kwargs)
+            raise PanicException("called `Option::unwrap()` on a `None` value")
+
+    result = flusher(real_redis, storage_dir,
+                     DeltaSink(Storage(str(storage_dir)), 8000, open_table=Panicking)
+                     ).flush("events")
+    assert result.status == "stuck"
+    assert "delta-rs panicked while committing range" in result.error
+    assert "`deltaflush table unstick`" in result.error
+    assert real_redis.xlen(K.delta) == 3  # nothing trimmed
+    assert flusher(real_redis, storage_dir).flush("events").status == "stuck"  # held off
+    assert "delta-rs panicked" in unstick(real_redis, K)
+    assert flusher(real_redis, storage_dir).flush("events").status == "ok"
+    check_delta(f"delta-rs panicked {'after' if landed else 'before'} the commit landed",
+                storage_dir / "events", range(total))
+    assert real_redis.xlen(K.delta) == 0
+
+
+def test_a_delta_rs_panic_in_maintenance_or_a_read_is_an_ordinary_error(any_redis,
+                                                                        storage_dir):
+    fill(any_redis, batches=2, rows=10)
+    flusher(any_redis, storage_dir).flush("events")
+
+    class Panicking(DeltaTable):
+        def get_add_actions(self, *args, **kwargs):
+            raise PanicException("index out of bounds")
+
+        def transaction_version(self, *args, **kwargs):
+            raise PanicException("index out of bounds")
+
+    sink = DeltaSink(Storage(str(storage_dir)), 8000, open_table=Panicking)
+    with pytest.raises(LakePanic, match="while describing a Delta table: index out of bounds"):
+        sink.describe("events", TableConfig())
+    with pytest.raises(LakePanic, match="reading the Delta table of 'events'"):
+        sink.last_committed("events", "events")
+    assert deltalake_ids(storage_dir / "events") == list(range(20))
 
 
 def test_a_commit_that_failed_before_landing_leaves_its_files_to_vacuum(real_redis,

@@ -76,7 +76,7 @@ from .delta_schema import (
     table_schema,
     txn_version,
 )
-from .delta_table import Location, location
+from .delta_table import Location, location, panics_as_errors
 from .folder import ROW_GROUP_BYTES, file_metadata
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,9 @@ class DeltaSink(DeltaMaintenance):
             self.storage.discard(path)
 
     def last_committed(self, table: str, stream: str) -> str | None:
-        dt = location(self.storage, table).open(self.open_table)
-        version = None if dt is None else dt.transaction_version(app_id(stream))
+        with panics_as_errors(f"reading the Delta table of {table!r}"):
+            dt = location(self.storage, table).open(self.open_table)
+            version = None if dt is None else dt.transaction_version(app_id(stream))
         return None if version is None else entry_id(version)
 
     # --- commit ----------------------------------------------------------------------------
@@ -215,7 +216,8 @@ class DeltaSink(DeltaMaintenance):
         version, app = txn_version(rng.last), app_id(rng.stream)
         loc = location(self.storage, rng.table)
         self._make_durable(staged)
-        with self._table_lock(rng.table):
+        with self._table_lock(rng.table), panics_as_errors(
+                f"committing range {rng.first}..{rng.last} to the Delta table of {rng.table!r}"):
             conflicts = 0
             while True:
                 dt = self._latest(rng.table, loc, want, parts, config)

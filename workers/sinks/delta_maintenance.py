@@ -39,7 +39,7 @@ from producer.tablecfg import TableConfig
 from workers.storage import Storage
 
 from . import Compaction, Expiry, Orphans, TableInfo
-from .delta_table import location
+from .delta_table import location, panics_as_errors
 
 #: Attempts of one maintenance operation that loses to conflicting commits.
 MAX_ATTEMPTS = 5
@@ -71,6 +71,7 @@ class DeltaMaintenance:
     def _open(self, table: str) -> DeltaTable | None:
         return location(self.storage, table).open(self.open_table)
 
+    @panics_as_errors("describing a Delta table")
     def describe(self, table: str, config: TableConfig) -> TableInfo:
         dt = self._open(table)
         if dt is None:
@@ -85,6 +86,7 @@ class DeltaMaintenance:
                          details={"partition_columns": list(dt.metadata().partition_columns),
                                   "uri": location(self.storage, table).uri})
 
+    @panics_as_errors("compacting a Delta table")
     def compact(self, table: str, config: TableConfig) -> Compaction:
         """Bin-pack small files up to the size target in one commit (see the module doc)."""
         target = self.target_bytes(config)
@@ -109,6 +111,7 @@ class DeltaMaintenance:
                     "attempts": attempt}
         raise AssertionError("unreachable")
 
+    @panics_as_errors("expiring the versions of a Delta table")
     def expire_snapshots(self, table: str, config: TableConfig) -> Expiry:
         """Make versions past ``snapshot_retention_s`` unreadable and clean up their log."""
         want = self.table_properties(config)
@@ -133,6 +136,7 @@ class DeltaMaintenance:
         after = self._log_files(table)
         return {"expired": max(0, before - after), "snapshot": str(dt.version())}
 
+    @panics_as_errors("removing the orphan files of a Delta table")
     def remove_orphans(self, table: str, config: TableConfig) -> Orphans:
         """Vacuum, in full mode, what no version within the retention references."""
         dt = self._open(table)
