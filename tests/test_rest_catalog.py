@@ -365,3 +365,30 @@ def test_compaction_alongside_flushes_through_the_catalog(
         thread.join(60)
     assert sum(compactions) > 0
     check("compaction alongside flushes", rest_catalog, range(800))
+
+
+# --- a real fleet ---------------------------------------------------------------------
+
+@pytest.mark.integration
+@pytest.mark.parametrize("step", ["lake.commit", "lake.committed"])
+def test_a_worker_killed_around_its_commit_through_the_rest_catalog(
+        step, fleet_env, fleet, producer_for, real_redis, storage_dir,
+        rest_catalog):  # noqa: F811
+    """``celery -A workers.app worker`` and ``beat`` processes with
+    ``DELTAFLUSH_CATALOG_URI`` the REST catalog's address; the worker SIGKILLed just before
+    (``lake.commit``) or just after (``lake.committed``) a catalog commit."""
+    from tests.test_fleet import fill as fill_fleet
+    from tests.test_fleet import wait_drained
+
+    fleet_env.update(DELTAFLUSH_TABLE_FORMAT="iceberg", DELTAFLUSH_CATALOG_URI=rest_catalog.uri)
+    p = producer_for()
+    total = fill_fleet(p)
+    fleet.worker(failpoints=f"{step}=kill")
+    fleet.beat()
+    wait_drained(fleet, real_redis, total)
+    assert (Path(fleet_env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step).exists()
+    check(f"worker process SIGKILLed at {step}", rest_catalog, range(total))
+    assert not (storage_dir / "_deltaflush" / "catalog.db").exists()
+    if step == "lake.committed":  # the retry found its range held and only trimmed
+        stats = wire.Keys("deltaflush", TABLE).stats
+        assert int(real_redis.hget(stats, "lake_already") or 0) >= 1
