@@ -36,10 +36,12 @@ SQLite as well, under the lock). Errors are the spec's ``ErrorModel``:
 ``{"error": {"message", "type", "code"}}``.
 
 Faults for tests, set at run time by ``POST /_test/faults`` (not part of the spec) with
-``{"unavailable": N, "lose_answers": N}``: the next N commits that add a snapshot answer
-503 ServiceUnavailable without applying anything (a catalog briefly away), or are applied
-and then answered 504 (a gateway that timed out: the client cannot know it landed).
-``GET /_test/faults`` shows what is left and the commits applied so far.
+``{"unavailable": N, "lose_answers": N, "hang": N}``: the next N commits that add a snapshot
+answer 503 ServiceUnavailable without applying anything (a catalog briefly away), or are
+applied and then answered 504 (a gateway that timed out: the client cannot know it landed),
+or stall mid-commit (holding the commit lock) until ``{"release": 1}`` is posted, then are
+applied as usual. ``GET /_test/faults`` shows what is left, the commits applied so far and
+how many commits are stalled.
 """
 
 from __future__ import annotations
@@ -117,7 +119,10 @@ class Backend:
                               warehouse=f"file://{self.warehouse}")
         self.lock = threading.Lock()
         #: faults still to inject (see the module doc), and commits applied so far
-        self.faults = {"unavailable": 0, "lose_answers": 0}
+        self.faults = {"unavailable": 0, "lose_answers": 0, "hang": 0}
+        self.fault_lock = threading.Lock()
+        self.released = threading.Event()
+        self.stalled = 0
         self.commits = 0
 
     # --- namespaces -----------------------------------------------------------------
@@ -201,8 +206,11 @@ class Backend:
                     raise RestError(409, "CommitFailedException",
                                     f"Requirement failed: {exc}") from exc
             appending = any(u.action == "add-snapshot" for u in request.updates)
-            if appending and self.faults["unavailable"]:
-                self.faults["unavailable"] -= 1
+            if appending and self.fault("hang"):
+                self.stalled += 1
+                self.released.wait(120)  # a catalog stuck mid-commit
+                self.stalled -= 1
+            if appending and self.fault("unavailable"):
                 raise RestError(503, "ServiceUnavailableException",
                                 "injected: the catalog is unavailable")
             metadata = update_table_metadata(
@@ -215,11 +223,27 @@ class Backend:
             location = self._write(metadata, version)
             self._swap(ident, None if found is None else found[0], location)
             self.commits += 1
-            if appending and self.faults["lose_answers"]:
-                self.faults["lose_answers"] -= 1
+            if appending and self.fault("lose_answers"):
                 raise RestError(504, "CommitStateUnknownException",
                                 "injected: the commit landed, its answer was lost")
             return location, metadata
+
+    def fault(self, name: str) -> bool:
+        """Whether to inject fault ``name`` now (one fewer left if so)."""
+        with self.fault_lock:
+            if self.faults[name] <= 0:
+                return False
+            self.faults[name] -= 1
+            return True
+
+    def set_faults(self, faults: dict[str, int]) -> dict[str, int]:
+        with self.fault_lock:
+            if faults.get("hang"):
+                self.released.clear()
+            if faults.get("release"):
+                self.released.set()
+            self.faults.update({k: int(v) for k, v in faults.items() if k in self.faults})
+            return {**self.faults, "commits": self.commits, "stalled": self.stalled}
 
     def _write(self, metadata: TableMetadata, version: int) -> str:
         provider = load_location_provider(metadata.location, metadata.properties)
@@ -316,11 +340,7 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
         if parts == ["_test", "faults"]:
-            with backend.lock:
-                if method == "POST":
-                    backend.faults.update({k: int(v) for k, v in json.loads(raw).items()
-                                           if k in backend.faults})
-                return 200, {**backend.faults, "commits": backend.commits}
+            return 200, backend.set_faults(json.loads(raw) if method == "POST" else {})
         if parts[:1] != ["v1"]:
             raise RestError(404, "NotFoundException", f"no such path: {url.path}")
         parts = parts[1:]

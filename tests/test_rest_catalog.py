@@ -19,7 +19,7 @@ from pyiceberg.exceptions import CommitFailedException
 
 from producer import Producer, Settings, wire
 from producer.errors import CatalogUnavailable, LeaseLost
-from tests.conftest import id_batch
+from tests.conftest import id_batch, wait_for
 from tests.lake import RestCatalogServer, rest_catalog  # noqa: F401 - the fixture
 from tests.reliability import check_ids
 from tests.seams import Hooked
@@ -190,7 +190,8 @@ def test_a_commit_whose_answer_is_lost_is_found_held(real_redis, storage_dir, se
     f = flusher(real_redis, storage_dir, settings)
     with pytest.raises(CatalogUnavailable, match="CommitStateUnknown"):
         f.flush(TABLE)
-    assert rest_catalog.faults() == {"unavailable": 0, "lose_answers": 0, "commits": 2}
+    assert rest_catalog.faults() == {"unavailable": 0, "lose_answers": 0, "hang": 0,
+                                     "commits": 2, "stalled": 0}
     keys = wire.Keys("deltaflush", TABLE)
     assert real_redis.xlen(keys.delta) == 3  # nothing trimmed
     real_redis.delete(keys.lease)
@@ -214,6 +215,34 @@ def test_a_catalog_briefly_unavailable_is_retried_and_nothing_is_trimmed(
     real_redis.delete(keys.lease)
     assert f.flush(TABLE).rows == total
     check("the catalog answered 503 to a commit, then came back", rest_catalog, range(total))
+
+
+def test_a_catalog_stuck_mid_commit_times_out_and_the_late_commit_is_found_held(
+        real_redis, storage_dir, rest_catalog):  # noqa: F811
+    """The catalog accepts a commit and stalls (a catalog or proxy that hangs): the flush
+    gives up after the request timeout (``?timeout=`` of the URI) instead of waiting with
+    the lease held, as transient with the outcome unknown; the catalog then applies the
+    commit late, and the retry finds the range held and only trims."""
+    settings = Settings(max_file_bytes=8_000, table_format="iceberg",
+                        catalog_uri=f"{rest_catalog.uri}?timeout=1")
+    p = Producer(client=real_redis, settings=settings)
+    total = fill(p, batches=3)
+    rest_catalog.faults(hang=1)
+    f = flusher(real_redis, storage_dir, settings)
+    with pytest.raises(CatalogUnavailable, match="timed out"):
+        f.flush(TABLE)
+    keys = wire.Keys("deltaflush", TABLE)
+    assert real_redis.xlen(keys.delta) == 3  # nothing trimmed
+    assert rest_catalog.faults()["stalled"] == 1
+    rest_catalog.faults(release=1)
+    wait_for(lambda: rest_catalog.faults()["commits"] == 2, 30, "the stalled commit to land")
+    real_redis.delete(keys.lease)
+    assert f.flush(TABLE).status == "ok"
+    assert int(real_redis.hget(keys.stats, "lake_already") or 0) == 1
+    assert rest_catalog.faults()["commits"] == 2
+    check("the catalog stalled mid-commit past the request timeout, then applied it",
+          rest_catalog, range(total))
+    p.close()
 
 
 def test_the_server_refuses_a_commit_on_a_moved_branch_with_409(
