@@ -113,7 +113,7 @@ def load(settings: Settings, storage: Storage) -> Catalog:
         catalog: Catalog = RestCatalog(CATALOG_NAME, uri=base, **props)
         with_timeout(catalog, timeout)
     elif scheme.startswith(("sqlite", "postgresql", "mysql")):
-        from pyiceberg.catalog.sql import SqlCatalog
+        from producer.sqlcatalog import SqlCatalog
 
         if scheme.startswith("sqlite"):
             folder = os.path.dirname(urlparse(uri).path)
