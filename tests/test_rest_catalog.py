@@ -158,6 +158,73 @@ def test_an_added_column_evolves_the_schema_through_the_catalog(
     assert rows == [(0, None), (1, None), (2, "x"), (3, "y")]
 
 
+def test_a_table_another_writer_created_first_is_taken_and_evolved(
+        real_redis, storage_dir, settings, producer, rest_catalog):  # noqa: F811
+    """Two writers create the table at once: deltaflush's stage-create is committed with
+    ``assert-create``, which the catalog refuses (409) since the other writer's table
+    (pyiceberg's blind retries on, one column) landed first; deltaflush loads that table,
+    turns the retries off, adds its columns and flushes into it."""
+    total = fill(producer, batches=2)
+    refused = []
+
+    def race(commit, table, requirements, updates):
+        if not refused and any(r.type == "assert-create" for r in requirements):
+            reader(rest_catalog).create_table(
+                ("deltaflush", TABLE), schema=pa.schema([pa.field("id", pa.int64())]),
+                location=f"file://{storage_dir}/{TABLE}")
+            try:
+                return commit(table, requirements, updates)
+            except CommitFailedException as exc:
+                refused.append(str(exc))
+                raise
+        return commit(table, requirements, updates)
+
+    sink = hooked_sink(storage_dir, settings, race)
+    assert flusher(real_redis, storage_dir, settings, sink).flush(TABLE).rows == total
+    assert len(refused) == 1 and "Table already exists" in refused[0]
+    table = reader(rest_catalog).load_table(("deltaflush", TABLE))
+    assert table.schema().column_names == ["id", "ts", "name", "value"]
+    assert table.properties["commit.retry.num-retries"] == "0"
+    check("the table created by another writer first (assert-create refused)", rest_catalog,
+          range(total))
+
+
+def test_a_nested_namespace(real_redis, storage_dir, rest_catalog):  # noqa: F811
+    """``DELTAFLUSH_CATALOG_NAMESPACE=analytics.raw``: the namespace's levels travel in the
+    path joined by the spec's separator (``%1F``)."""
+    settings = Settings(max_file_bytes=8_000, table_format="iceberg",
+                        catalog_uri=rest_catalog.uri, catalog_namespace="analytics.raw")
+    p = Producer(client=real_redis, settings=settings)
+    total = fill(p, batches=2)
+    assert flusher(real_redis, storage_dir, settings).flush(TABLE).rows == total
+    status, body = rest_catalog.get("namespaces/analytics%1Fraw/tables")
+    assert status == 200 and body["identifiers"] == [
+        {"namespace": ["analytics", "raw"], "name": TABLE}]
+    location = rest_catalog.metadata_location(TABLE, namespace="analytics%1Fraw")
+    assert location is not None
+    from tests.lake import scan_ids
+
+    check_ids("iceberg (REST catalog): a nested namespace", scan_ids(location), range(total),
+              None, str)
+    p.close()
+
+
+def test_the_producer_reads_both_tiers_through_the_catalog(real_redis, storage_dir,
+                                                           rest_catalog):  # noqa: F811
+    """``Producer.read``: the lake snapshot it pins comes from the REST catalog."""
+    settings = Settings(storage_uri=str(storage_dir), table_format="iceberg",
+                        catalog_uri=rest_catalog.uri)
+    p = Producer(client=real_redis, settings=settings)
+    p.append(TABLE, id_batch(0, 10))
+    assert flusher(real_redis, storage_dir, settings).flush(TABLE).rows == 10
+    p.append(TABLE, id_batch(10, 7))
+    got = p.read(TABLE).read_all()
+    assert sorted(got["id"].to_pylist()) == list(range(17))
+    assert rest_catalog.metadata_location(TABLE) is not None
+    assert not (storage_dir / "_deltaflush" / "catalog.db").exists()
+    p.close()
+
+
 # --- the exactly-once commit ------------------------------------------------------------
 
 def test_a_commit_retried_after_it_landed_is_a_no_op(real_redis, storage_dir, settings,
