@@ -8,7 +8,11 @@
   metadata file; a commit is a compare-and-set of that row, so concurrent writers conflict
   instead of overwriting each other;
 * ``http://`` / ``https://``: an Iceberg REST catalog; query parameters become catalog
-  properties (``https://host/api/catalog?warehouse=lake&token=...``);
+  properties (``https://host/api/catalog?warehouse=lake&token=...``), except ``timeout``:
+  the seconds a request to the catalog may take (default ``REST_TIMEOUT_S``). pyiceberg
+  sets none, and a catalog that stalls would hold a flush, and its table's lease, for as
+  long as it stalls; timed out, a commit's outcome is unknown and the retry looks at the
+  table first;
 * empty: a SQLite catalog in the storage root, ``{root}/_deltaflush/catalog.db``, when the
   storage is a local folder (a folder starting with ``_`` is never a table).
 
@@ -36,6 +40,8 @@ if TYPE_CHECKING:
 CATALOG_NAME = "deltaflush"
 #: deltaflush's own folder in the storage root (the default SQLite catalog lives there).
 OWN_FOLDER = "_deltaflush"
+#: Seconds a request to a REST catalog may take (connecting, then each wait for data).
+REST_TIMEOUT_S = 60.0
 
 
 def catalog_uri(settings: Settings, storage: Storage) -> str:
@@ -96,9 +102,16 @@ def load(settings: Settings, storage: Storage) -> Catalog:
         from pyiceberg.catalog.rest import RestCatalog
 
         parsed = urlparse(uri)
-        props.update(dict(parse_qsl(parsed.query)))
+        query = dict(parse_qsl(parsed.query))
+        try:
+            timeout = float(query.pop("timeout", REST_TIMEOUT_S))
+        except ValueError as exc:
+            raise ConfigError(f"DELTAFLUSH_CATALOG_URI: timeout must be seconds: {exc}"
+                              ) from exc
+        props.update(query)
         base = parsed._replace(query="").geturl()
         catalog: Catalog = RestCatalog(CATALOG_NAME, uri=base, **props)
+        with_timeout(catalog, timeout)
     elif scheme.startswith(("sqlite", "postgresql", "mysql")):
         from producer.sqlcatalog import SqlCatalog
 
@@ -113,3 +126,20 @@ def load(settings: Settings, storage: Storage) -> Catalog:
                           "Iceberg REST catalog's http(s):// address")
     catalog.create_namespace_if_not_exists(namespace(settings))
     return catalog
+
+
+def with_timeout(catalog: Catalog, seconds: float) -> None:
+    """Give every request of a REST catalog that has no timeout of its own ``seconds``
+    (pyiceberg's session has none; see the module doc)."""
+    from requests.adapters import HTTPAdapter
+
+    class TimeoutAdapter(HTTPAdapter):
+        def send(self, request, stream=False, timeout=None, verify=True, cert=None,  # type: ignore[no-untyped-def]
+                 proxies=None):
+            return super().send(request, stream=stream,
+                                timeout=seconds if timeout is None else timeout,
+                                verify=verify, cert=cert, proxies=proxies)
+
+    session = catalog._session  # type: ignore[attr-defined]
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, TimeoutAdapter())
