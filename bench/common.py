@@ -1,4 +1,5 @@
-"""What every benchmark needs: a redis-server of its own and a record of the machine."""
+"""What every benchmark needs: a redis-server of its own, real worker processes and a record
+of the machine."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import platform
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pyarrow as pa
 import redis
+
+from producer import Producer, Settings
 
 
 def free_port() -> int:
@@ -54,6 +59,37 @@ def redis_server(prefix: str = "deltaflush-bench-") -> Iterator[tuple[str, str]]
         proc.terminate()
         proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def backlog(client: redis.Redis, settings: Settings, table: str, tables: list[pa.Table]) -> None:
+    """An emptied Redis (FLUSHALL through ``client``), then ``tables`` appended to ``table``
+    by a producer of ``settings``, 64 batches an ``append_many``: a backlog to flush."""
+    client.flushall()
+    producer = Producer(settings=settings)
+    for i in range(0, len(tables), 64):
+        producer.append_many(table, tables[i:i + 64])
+    producer.close()
+
+
+#: The plain command users run: ``celery -A workers.app``.
+CELERY = [str(Path(sys.executable).with_name("celery")), "-A", "workers.app"]
+
+
+def start_worker(env: dict[str, str], log: Path, concurrency: int = 1) -> subprocess.Popen[bytes]:
+    """A ``celery -A workers.app worker`` of ``concurrency`` processes named after ``log``'s
+    stem, logging to ``log``; returned once it says it is ready (RuntimeError with its log if
+    it exits or is not ready within 60 s)."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(CELERY + ["worker", "-c", str(concurrency), "-n",
+                                          f"{log.stem}@%h", "--loglevel=INFO",
+                                          "--without-mingle", "--without-gossip"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while b" ready." not in log.read_bytes():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.1)
+    return proc
 
 
 def machine() -> dict[str, str]:

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,26 +25,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from bench.common import machine, redis_server
+from bench.common import CELERY, machine, redis_server, start_worker
 from bench.throughput import raw_parquet, realistic
 from producer import Producer, Settings, wire
 from producer.client import connect
 from workers.app import make_app
-
-CELERY = [str(Path(sys.executable).with_name("celery")), "-A", "workers.app"]
-
-
-def _worker(env: dict[str, str], concurrency: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(CELERY + ["worker", "-c", str(concurrency), "--loglevel=INFO",
-                                          "--without-mingle", "--without-gossip"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while b" ready." not in log.read_bytes():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError(log.read_text())
-        time.sleep(0.1)
-    return proc
 
 
 def _backlog(producer: Producer, names: list[str], rows_per_table: int) -> None:
@@ -73,7 +57,7 @@ def scale_out(workdir: str, url: str, rows_per_table: int, tables: int = 4,
         client = connect(url)
         settings = Settings.from_env(env)
         producer = Producer(settings=settings)
-        proc = _worker(env, processes, Path(workdir) / f"worker-{processes}.log")
+        proc = start_worker(env, Path(workdir) / f"worker-{processes}.log", processes)
         app = make_app(settings)
         best = float("inf")
         for _ in range(repeat):
@@ -153,7 +137,7 @@ def freshness(workdir: str, url: str, seconds: float, interval_s: float) -> dict
     env = dict(os.environ, DELTAFLUSH_REDIS_URL=url, DELTAFLUSH_STORAGE_URI=lake,
                DELTAFLUSH_FLUSH_INTERVAL_S=str(interval_s))
     connect(url).flushall()
-    worker = _worker(env, 2, Path(workdir) / "worker-fresh.log")
+    worker = start_worker(env, Path(workdir) / "worker-fresh.log", 2)
     with (Path(workdir) / "beat.log").open("wb") as out:
         beat = subprocess.Popen(CELERY + ["beat", "--loglevel=INFO"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)

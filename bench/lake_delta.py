@@ -30,9 +30,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from bench.common import machine, redis_server
+from bench.common import backlog, machine, redis_server
 from bench.throughput import realistic
-from producer import Producer, Settings
+from producer import Settings
 from producer.client import connect
 from workers.flusher import Flusher
 from workers.sinks import Committed, Sink, Staged, StageStart, Staging
@@ -81,11 +81,7 @@ def flush_round(url: str, workdir: str, tables: list[pa.Table], max_file_bytes: 
     settings = Settings(redis_url=url, max_pending_bytes=0, max_file_bytes=max_file_bytes,
                         table_format=fmt)
     client = connect(url)
-    client.flushall()
-    producer = Producer(settings=settings)
-    for i in range(0, len(tables), 64):
-        producer.append_many("bench", tables[i:i + 64])
-    producer.close()
+    backlog(client, settings, "bench", tables)
     root = os.path.join(workdir, f"{fmt}-{tag}")
     storage = Storage(root)
     sink = make_sink(fmt, storage, max_file_bytes)

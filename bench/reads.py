@@ -44,8 +44,12 @@ from workers.storage import Storage
 BATCH_ROWS = 10_000
 
 
-def _producer(url: str, lake: str, fmt: str) -> Producer:
-    return Producer(settings=Settings(redis_url=url, storage_uri=lake, table_format=fmt))
+def _fresh_table(url: str, lake: str, fmt: str, table: str) -> Producer:
+    """A producer writing to ``lake`` on an emptied Redis, with ``table`` a ``fmt`` table."""
+    connect(url).flushall()
+    p = Producer(settings=Settings(redis_url=url, storage_uri=lake, table_format=fmt))
+    p.configure(table, format=fmt)
+    return p
 
 
 def _fill(p: Producer, table: str, start: int, rows: int) -> int:
@@ -81,10 +85,8 @@ def latency(url: str, workdir: str, fmt: str, lake_rows: int, backlogs: list[int
     out = []
     for backlog in backlogs:
         lake = os.path.join(workdir, f"lake-latency-{backlog}")
-        connect(url).flushall()
-        p = _producer(url, lake, fmt)
         table = "events"
-        p.configure(table, format=fmt)
+        p = _fresh_table(url, lake, fmt, table)
         nxt = _fill(p, table, 0, lake_rows)
         _flush(url, lake, fmt, table)
         _fill(p, table, nxt, backlog)
@@ -107,10 +109,8 @@ def latency(url: str, workdir: str, fmt: str, lake_rows: int, backlogs: list[int
 
 def visible(url: str, workdir: str, fmt: str, samples: int, lake_rows: int) -> dict[str, Any]:
     lake = os.path.join(workdir, "lake-visible")
-    connect(url).flushall()
-    p = _producer(url, lake, fmt)
     table = "events"
-    p.configure(table, format=fmt)
+    p = _fresh_table(url, lake, fmt, table)
     nxt = _fill(p, table, 0, lake_rows)
     _flush(url, lake, fmt, table)
     done = threading.Event()
@@ -158,10 +158,8 @@ def visible(url: str, workdir: str, fmt: str, samples: int, lake_rows: int) -> d
 
 def throughput(url: str, workdir: str, fmt: str, rows: int) -> dict[str, Any]:
     lake = os.path.join(workdir, "lake-throughput")
-    connect(url).flushall()
-    p = _producer(url, lake, fmt)
     table = "events"
-    p.configure(table, format=fmt)
+    p = _fresh_table(url, lake, fmt, table)
     _fill(p, table, 0, rows)
     nbytes = p.read(table).read_all().nbytes
 

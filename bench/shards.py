@@ -24,16 +24,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench.common import machine, redis_server
+from bench.common import machine, redis_server, start_worker
 from bench.throughput import realistic
 from producer import Producer, Settings, shards
 from producer.client import connect
 
-CELERY = [str(Path(sys.executable).with_name("celery")), "-A", "workers.app"]
 TABLE = "hot"
 BATCH = 10_000
 TICK = os.sysconf("SC_CLK_TCK")
@@ -73,20 +71,6 @@ def _cpu_s(pids: list[int]) -> float:
 def _redis_cpu_s(client) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def _worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(CELERY + ["worker", "-c", "1", "-n", f"{log.stem}@%h",
-                                          "--loglevel=INFO", "--without-mingle",
-                                          "--without-gossip"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while b" ready." not in log.read_bytes():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError(log.read_text())
-        time.sleep(0.1)
-    return proc
 
 
 VARIANTS = ((1, ""), (4, ""), (4, "user_id"))
@@ -130,7 +114,7 @@ def run(workdir: str, url: str, rows: int, repeat: int) -> list[dict[str, float 
                DELTAFLUSH_FLUSH_AT_BYTES=str(2**62))  # the clock starts with the flushes
     settings = Settings.from_env(env)
     client = connect(url)
-    workers = [_worker(env, Path(workdir) / f"w{i}.log") for i in range(2)]
+    workers = [start_worker(env, Path(workdir) / f"w{i}.log") for i in range(2)]
     runs: dict[tuple[int, str], list[dict[str, float]]] = {v: [] for v in VARIANTS}
     try:
         for _ in range(repeat):

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bench.common import machine, redis_server
+from bench.common import backlog, machine, redis_server
 from producer import Producer, Settings, wire
 from producer.client import connect
 from producer.tablecfg import TableConfig
@@ -142,11 +142,7 @@ def run(rows: int, batch_rows: int, repeat: int) -> dict[str, float]:
         for r in range(repeat):
             best_raw = min(best_raw, raw_parquet(payloads, os.path.join(workdir, "raw.parquet")))
             if r:
-                client.flushall()
-                producer = Producer(settings=settings)
-                for i in range(0, len(tables), 64):
-                    producer.append_many("bench", tables[i:i + 64])
-                producer.close()
+                backlog(client, settings, "bench", tables)
             lake = os.path.join(workdir, f"lake{r}")
             started = time.perf_counter()
             result = Flusher(client, Storage(lake), settings).flush("bench")

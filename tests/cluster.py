@@ -13,6 +13,7 @@ doctor`` asks for) and a node timeout of 2 s, so a failover takes a few seconds.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -26,9 +27,25 @@ import pytest
 import redis
 from redis.cluster import key_slot
 
-from tests.conftest import wait_for
+from tests.conftest import ROOT, wait_for
 
 NODE_TIMEOUT_MS = 2000
+
+
+def cluster_fleet_env(cluster: LocalCluster, broker: str, storage: Path | str,
+                      prefix: str | None = None, **more: str) -> dict[str, str]:
+    """The environment of a fleet (``celery -A workers.app`` worker and beat) on ``cluster``
+    with ``broker`` (RabbitMQ: a cluster cannot be the broker) and ``storage``: short leases
+    and flush intervals and small files, so that a test's rows flush in many rounds; keys
+    under ``prefix`` (a test's own on the shared cluster); ``more`` set on top."""
+    env = dict(os.environ, DELTAFLUSH_REDIS_URL=cluster.url, DELTAFLUSH_BROKER_URL=broker,
+               DELTAFLUSH_STORAGE_URI=str(storage), DELTAFLUSH_LEASE_S="2",
+               DELTAFLUSH_FLUSH_INTERVAL_S="0.5", DELTAFLUSH_MAX_FILE_BYTES="65536",
+               PYTHONPATH=str(ROOT))
+    if prefix is not None:
+        env["DELTAFLUSH_KEY_PREFIX"] = prefix
+    env.update(more)
+    return env
 
 
 def free_cluster_port(taken: frozenset[int] | set[int] = frozenset()) -> int:

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,6 +105,16 @@ def _ping(client: redis.Redis) -> bool:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own with ``appendonly yes`` and ``appendfsync always``
+    (what ``deltaflush doctor`` asks for), that may be killed and restarted."""
+    server = RedisServer(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
     server.start()
     yield server
     server.stop()
@@ -324,13 +335,24 @@ def fleet_env(redis_server: RedisServer, real_redis: redis.Redis, storage_dir: P
     return env
 
 
-@pytest.fixture
-def fleet(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
+@contextmanager
+def own_fleet(env: dict[str, str], tmp_path: Path,
+              fleet_class: type[Fleet] = Fleet) -> Iterator[Fleet]:
+    """A fleet for ``env`` (a Redis, broker or settings other than the ``fleet`` fixture's),
+    logging to ``tmp_path/logs``; its processes are stopped on leaving, failed or not."""
     logdir = tmp_path / "logs"
     logdir.mkdir()
-    f = Fleet(fleet_env, logdir)
-    yield f
-    f.stop()
+    fleet = fleet_class(env, logdir)
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+@pytest.fixture
+def fleet(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
+    with own_fleet(fleet_env, tmp_path) as f:
+        yield f
 
 
 @pytest.fixture

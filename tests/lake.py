@@ -1,8 +1,9 @@
 """Independent readers of lake tables for the tests: DuckDB with its iceberg extension
 (loaded from the ``duckdb-ext-*`` packages, since extensions cannot be downloaded here),
 the catalog's own SQLite row (read with ``sqlite3``, not pyiceberg), pyiceberg and polars;
-and an Iceberg REST catalog server of the tests' own (``tests/rest_catalog.py``) run as a
-process, with readers that ask it over plain HTTP."""
+``table_ids`` reads a table of any format; and an Iceberg REST catalog server of the tests'
+own (``tests/rest_catalog.py``) run as a process, with readers that ask it over plain
+HTTP."""
 
 from __future__ import annotations
 
@@ -79,6 +80,21 @@ def scan_ids(location: str, column: str = "id") -> list[int]:
     finally:
         con.close()
     return sorted(r[0] for r in rows)
+
+
+def table_ids(root: Path | str, table: str, fmt: str) -> list[int]:
+    """The ids of ``table``'s published rows in format ``fmt`` (sorted; empty if there is no
+    table yet), read by a reader independent of its writer: DuckDB's ``iceberg_scan`` or
+    ``delta_scan``, or pyarrow's dataset of the Parquet files."""
+    from tests import delta_readers
+    from tests.conftest import read_ids
+
+    if fmt == "iceberg":
+        return duckdb_ids(root, table)
+    if fmt == "delta":
+        uri = Path(root) / table
+        return delta_readers.duckdb_ids(uri) if delta_readers.table_exists(uri) else []
+    return read_ids(root, table)
 
 
 # --- the REST catalog -----------------------------------------------------------------

@@ -7,10 +7,12 @@ instead of one of its public methods. No private method is ever patched.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from producer import Settings, wire
+from producer.errors import LeaseLost
 from workers.flusher import Flusher
 from workers.sinks.folder import FolderSink
 from workers.sources.redis_stream import RedisStream
@@ -47,6 +49,26 @@ def flusher(client: Any, root: Any, settings: Settings | None = None, *,
 
     return Flusher(client, storage, settings, source=make_source,
                    sink=Hooked(FolderSink(storage, settings.max_file_bytes), **(sink or {})))
+
+
+class FlushInThread(threading.Thread):
+    """``flusher.flush(table)`` in a thread of its own, started at once: for a flusher that a
+    hook freezes mid-flush while the test lets its lease run out. After ``join``, ``result``
+    is what the flush returned, or ``error`` the ``LeaseLost`` it raised (fenced)."""
+
+    def __init__(self, flusher: Any, table: str) -> None:
+        super().__init__()
+        self.flusher = flusher
+        self.table = table
+        self.result: Any = None
+        self.error: LeaseLost | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.flusher.flush(self.table)
+        except LeaseLost as exc:
+            self.error = exc
 
 
 def crash(*_: Any, **__: Any) -> Any:

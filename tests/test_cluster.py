@@ -6,7 +6,6 @@ its own; the failover tests (tests/test_cluster_failover.py) take clusters of th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from redis.cluster import RedisCluster, key_slot
 from producer import ConfigError, Producer, ReplicationTimeout, Settings, wire
 from producer.admin import dead_letters
 from producer.client import connect
-from tests.conftest import Fleet, assert_exactly_once, id_batch, landed, wait_for
+from tests.cluster import cluster_fleet_env
+from tests.conftest import assert_exactly_once, id_batch, landed, own_fleet, wait_for
 from workers.doctor import FAIL, OK, run_checks
 from workers.flusher import Flusher
 from workers.scheduler import due_tables
@@ -254,18 +254,12 @@ def test_a_fleet_on_the_cluster_with_rabbitmq_lands_every_row_once(
         redis_cluster, cluster_prefix, rabbitmq_vhost, storage_dir, tmp_path):
     """Real `celery -A workers.app worker` and beat processes, RabbitMQ as the broker, the
     delta tier on the cluster (RedBeat's schedule too): every row lands exactly once."""
-    env = dict(
-        os.environ,
-        DELTAFLUSH_REDIS_URL=redis_cluster.url, DELTAFLUSH_BROKER_URL=rabbitmq_vhost,
-        DELTAFLUSH_KEY_PREFIX=cluster_prefix, DELTAFLUSH_STORAGE_URI=str(storage_dir),
-        DELTAFLUSH_LEASE_S="2", DELTAFLUSH_FLUSH_INTERVAL_S="0.5",
-        DELTAFLUSH_MAX_FILE_BYTES="65536", DELTAFLUSH_APPEND_REPLICAS="1",
+    env = cluster_fleet_env(
+        redis_cluster, rabbitmq_vhost, storage_dir, cluster_prefix,
+        DELTAFLUSH_APPEND_REPLICAS="1",
         # no size-triggered flushes: beat's rounds (RedBeat on the cluster) queue them
-        DELTAFLUSH_FLUSH_AT_BYTES=str(1 << 30),
-        PYTHONPATH=str(ROOT))
-    (tmp_path / "logs").mkdir()
-    fleet = Fleet(env, tmp_path / "logs")
-    try:
+        DELTAFLUSH_FLUSH_AT_BYTES=str(1 << 30))
+    with own_fleet(env, tmp_path) as fleet:
         fleet.worker(concurrency=2)
         fleet.beat()
         p = Producer(settings=Settings.from_env(env))
@@ -282,5 +276,3 @@ def test_a_fleet_on_the_cluster_with_rabbitmq_lands_every_row_once(
         assert fleet.logged("flushed table=")
         assert fleet.logged("Task deltaflush.schedule_flushes[")
         p.close()
-    finally:
-        fleet.stop()

@@ -24,8 +24,8 @@ import pytest
 
 from producer import Producer, Settings, wire
 from producer.client import connect
-from tests import delta_readers, lake
-from tests.conftest import id_batch, landed, read_ids, wait_for
+from tests.conftest import id_batch, landed, wait_for
+from tests.lake import table_ids
 from tests.reliability import check_ids
 from workers.flusher import Flusher
 from workers.storage import Storage
@@ -33,16 +33,6 @@ from workers.storage import Storage
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = "events"
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"  # never reached: flushes run --local
-
-
-def table_ids(storage: Path, fmt: str) -> list[int]:
-    """The ids of the table's published rows, read by a reader independent of its writer."""
-    if fmt == "iceberg":
-        return lake.duckdb_ids(storage, TABLE)
-    if fmt == "delta":
-        uri = storage / TABLE
-        return delta_readers.duckdb_ids(uri) if delta_readers.table_exists(uri) else []
-    return read_ids(storage, TABLE)
 
 
 def stopped(proc: subprocess.Popen[bytes]) -> bool:
@@ -107,10 +97,10 @@ def test_a_failover_that_forgets_the_flushers_writes(own_cluster, tmp_path, stop
     if outcome == "refused":
         assert flusher.returncode == 1, out
         assert "replicas" in out and "DELTAFLUSH_APPEND_REPLICAS" in out, out
-        assert table_ids(storage, fmt) == []  # nothing published
+        assert table_ids(storage, TABLE, fmt) == []  # nothing published
     else:
         assert flusher.returncode == 0, out
-        assert len(table_ids(storage, fmt)) == 200  # published and trimmed, on the master
+        assert len(table_ids(storage, TABLE, fmt)) == 200  # published and trimmed, on the master
 
     # the master dies before its replica has any of that; the replica takes over
     cluster.kill(master)
@@ -132,7 +122,7 @@ def test_a_failover_that_forgets_the_flushers_writes(own_cluster, tmp_path, stop
         assert not client.exists(keys.claim)
     wait_for(lambda: after.flush(TABLE).status in ("ok", "empty")
              and landed(client, TABLE, 0, settings.key_prefix), 60, "the table to drain")
-    ids = table_ids(storage, fmt)
+    ids = table_ids(storage, TABLE, fmt)
     if outcome == "resumed" and fmt != "parquet":  # the sink found the range committed
         assert int(client.hget(keys.stats, "lake_already") or 0) >= 1
     if outcome == "duplicated":  # the hazard the waits prevent: shown, not recorded

@@ -8,9 +8,10 @@ lands exactly once; no row is duplicated."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,10 @@ import redis
 from redis.cluster import key_slot
 
 from producer import DeltaflushError, Producer, ReplicationTimeout, Settings, wire
-from tests.conftest import Fleet, id_batch, landed, read_ids, wait_for
+from tests.cluster import cluster_fleet_env
+from tests.conftest import Fleet, id_batch, landed, own_fleet, read_ids, wait_for
 from tests.reliability import check_ids
 
-ROOT = Path(__file__).resolve().parent.parent
 TABLES = [f"t{i}" for i in range(6)]
 BATCH_ROWS = 20
 
@@ -72,14 +73,6 @@ class Appender(threading.Thread):
             self.done = n + 1
 
 
-def fleet_env(cluster, broker: str, storage: Path) -> dict[str, str]:
-    return dict(os.environ, DELTAFLUSH_REDIS_URL=cluster.url, DELTAFLUSH_BROKER_URL=broker,
-                DELTAFLUSH_STORAGE_URI=str(storage), DELTAFLUSH_LEASE_S="3",
-                DELTAFLUSH_FLUSH_INTERVAL_S="0.5", DELTAFLUSH_MAX_FILE_BYTES="32768",
-                DELTAFLUSH_APPEND_REPLICAS="1", DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS="2000",
-                PYTHONPATH=str(ROOT))
-
-
 class Supervised(Fleet):
     """A fleet whose beat, too, is started again when it exits, as a supervisor does
     (beat exits on a lost connection to the Redis its schedule is in, RedBeat's)."""
@@ -89,6 +82,23 @@ class Supervised(Fleet):
         beats = [proc for proc, log in self.procs if log.name.startswith("beat-")]
         if beats and all(proc.poll() is not None for proc in beats):
             self.beat()
+
+
+@contextmanager
+def running(cluster, broker: str, tmp_path: Path) -> Iterator[tuple[Supervised, Producer]]:
+    """A supervised worker (2 processes) and beat on ``cluster``, flushing to
+    ``tmp_path/lake``, and a producer appending with one replica; both stopped after."""
+    env = cluster_fleet_env(cluster, broker, tmp_path / "lake", DELTAFLUSH_LEASE_S="3",
+                            DELTAFLUSH_MAX_FILE_BYTES="32768", DELTAFLUSH_APPEND_REPLICAS="1",
+                            DELTAFLUSH_APPEND_REPLICAS_TIMEOUT_MS="2000")
+    with own_fleet(env, tmp_path, Supervised) as fleet:
+        producer = Producer(settings=Settings.from_env(env))
+        try:
+            fleet.worker(concurrency=2)
+            fleet.beat()
+            yield fleet, producer
+        finally:
+            producer.close()
 
 
 def check_landed(fleet: Supervised, client: redis.Redis, storage: Path,
@@ -120,13 +130,7 @@ def test_a_master_killed_mid_run_while_its_replica_is_promoted(own_cluster, rabb
                                                                tmp_path):
     cluster = own_cluster
     storage = tmp_path / "lake"
-    env = fleet_env(cluster, rabbitmq_vhost, storage)
-    (tmp_path / "logs").mkdir()
-    fleet = Supervised(env, tmp_path / "logs")
-    producer = Producer(settings=Settings.from_env(env))
-    try:
-        fleet.worker(concurrency=2)
-        fleet.beat()
+    with running(cluster, rabbitmq_vhost, tmp_path) as (fleet, producer):
         appender = Appender(producer, 60)
         appender.start()
         wait_for(lambda: appender.done >= 15, 120, "a third of the appends")
@@ -144,9 +148,6 @@ def test_a_master_killed_mid_run_while_its_replica_is_promoted(own_cluster, rabb
         # the appends to the failed master's tables went on, and at most a few were unknown
         assert sum(len(v) for v in appender.acked.values()) >= 60 * len(TABLES) - 10, \
             appender.errors[:3]
-    finally:
-        producer.close()
-        fleet.stop()
 
 
 @pytest.mark.timeout(420)
@@ -154,13 +155,7 @@ def test_a_slot_migrated_while_appends_and_flushes_go_on(own_cluster, rabbitmq_v
                                                          tmp_path, caplog):
     cluster = own_cluster
     storage = tmp_path / "lake"
-    env = fleet_env(cluster, rabbitmq_vhost, storage)
-    (tmp_path / "logs").mkdir()
-    fleet = Supervised(env, tmp_path / "logs")
-    producer = Producer(settings=Settings.from_env(env))
-    try:
-        fleet.worker(concurrency=2)
-        fleet.beat()
+    with running(cluster, rabbitmq_vhost, tmp_path) as (fleet, producer):
         appender = Appender(producer, 60)
         appender.start()
         wait_for(lambda: appender.done >= 10, 120, "a sixth of the appends")
@@ -180,9 +175,6 @@ def test_a_slot_migrated_while_appends_and_flushes_go_on(own_cluster, rabbitmq_v
         # the producer met the slot half moved (ASK/TRYAGAIN) or moved (MOVED), and went on
         assert any("is moving or failing over" in r.getMessage() and "{t0}" in r.getMessage()
                    for r in caplog.records)
-    finally:
-        producer.close()
-        fleet.stop()
 
 
 #: How many slots the reshard test moves: the first ones of the source, in ascending order.
@@ -202,17 +194,11 @@ def test_slots_resharded_with_redis_cli_while_appends_and_flushes_go_on(
         own_cluster, rabbitmq_vhost, tmp_path, caplog):
     cluster = own_cluster
     storage = tmp_path / "lake"
-    env = fleet_env(cluster, rabbitmq_vhost, storage)
-    (tmp_path / "logs").mkdir()
-    fleet = Supervised(env, tmp_path / "logs")
-    producer = Producer(settings=Settings.from_env(env))
     source, target = cluster.masters()[:2]
     hot = table_in_first_slots(cluster, source, RESHARD_SLOTS)
     keys = wire.Keys("deltaflush", hot)
     slot = key_slot(keys.delta.encode())
-    try:
-        fleet.worker(concurrency=2)
-        fleet.beat()
+    with running(cluster, rabbitmq_vhost, tmp_path) as (fleet, producer):
         appender = Appender(producer, 10_000, tables=[hot, *TABLES[:3]])
         appender.start()
         caplog.set_level(logging.INFO, logger="producer.cluster")
@@ -242,6 +228,3 @@ def test_slots_resharded_with_redis_cli_while_appends_and_flushes_go_on(
         # the producer met the moved slot (MOVED, or ASK/TRYAGAIN mid-move) and went on
         assert any("is moving or failing over" in r.getMessage()
                    and f"{{{hot}}}" in r.getMessage() for r in caplog.records)
-    finally:
-        producer.close()
-        fleet.stop()

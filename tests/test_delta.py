@@ -21,7 +21,7 @@ from producer.tablecfg import TableConfig
 from tests.conftest import id_batch
 from tests.delta_readers import deltalake_ids, duckdb_delta, duckdb_ids, polars_ids
 from tests.reliability import check_delta
-from tests.seams import Hooked
+from tests.seams import FlushInThread, Hooked
 from workers.flusher import Flusher
 from workers.sinks import StageStart
 from workers.sinks.delta import DeltaSink, StagedFileGone
@@ -268,22 +268,13 @@ def test_a_zombie_frozen_inside_the_lake_commit_commits_nothing_twice(real_redis
 
     zombie = flusher(real_redis, storage_dir,
                      DeltaSink(Storage(str(storage_dir)), 8000, open_table=Freezing))
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = zombie.flush("events")
-        except LeaseLost as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread = FlushInThread(zombie, "events")
     assert frozen.wait(60)
     real_redis.delete(K.lease)  # the frozen flusher's lease runs out
     assert flusher(real_redis, storage_dir).flush("events").rows == total
     woken.set()
     thread.join(60)
-    assert isinstance(outcome.get("error"), LeaseLost)
+    assert isinstance(thread.error, LeaseLost)
     check_delta("flusher frozen inside the lake commit, woken after a takeover (in process)",
                 storage_dir / "events", range(total))
     assert real_redis.xlen(K.delta) == 0

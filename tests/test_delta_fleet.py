@@ -18,7 +18,7 @@ from tests.conftest import wait_for
 from tests.delta_readers import deltalake_ids
 from tests.reliability import check_delta
 from tests.test_delta_maintenance import loadable
-from tests.test_fleet import TABLE, drained, fill, wait_drained
+from tests.test_fleet import TABLE, drained, fill, freeze_and_take_over, run_demo, wait_drained
 from workers.sinks.delta import DeltaSink
 from workers.storage import Storage
 
@@ -61,13 +61,7 @@ def test_a_worker_frozen_in_the_lake_commit_past_its_lease_is_fenced(
     its trim is fenced."""
     p = producer_for()
     total = fill(p)
-    _, frozen_log = fleet.worker(failpoints=f"{step}=stop")
-    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step
-    fleet.beat()
-    wait_for(marker.exists, 60, "a flusher to freeze")
-    frozen_pid = int(str(wait_for(marker.read_text, 10, "the frozen pid")))
-    fleet.worker()  # takes the table over once the frozen lease expires
-    wait_drained(fleet, real_redis, total)
+    frozen_pid, frozen_log = freeze_and_take_over(fleet, real_redis, total, step)
     os.kill(frozen_pid, signal.SIGCONT)
     wait_for(lambda: b"fenced" in frozen_log.read_bytes(), 30, "the woken flusher to be fenced")
     if step == "lake.commit":  # its commit was refused by delta-rs, then found committed
@@ -129,20 +123,9 @@ def test_maintenance_alongside_a_fleet_with_a_crash(delta_env, fleet, producer_f
 def test_the_demo_runs_with_delta_tables(tmp_path):
     """`deltaflush demo --format delta`: every row of the run read back from the Delta
     table by an independent reader."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
     from tests.delta_readers import duckdb_ids
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAFLUSH_")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("deltaflush")), "demo", "--seconds", "2",
-         "--tables", "1", "--format", "delta"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "in Delta" in proc.stdout and proc.stdout.count(": ok") == 1
-    [run] = (tmp_path / "data").iterdir()  # a folder of its own per demo run
+    out, run = run_demo(tmp_path, "delta")
+    assert "in Delta" in out and out.count(": ok") == 1
     assert (run / "demo_events_0" / "_delta_log").is_dir()
     assert duckdb_ids(run / "demo_events_0")

@@ -19,11 +19,19 @@ ROOT = Path(__file__).resolve().parent.parent
 KNOWN_ENV = set(_ENV.values()) | {"DELTAFLUSH_LOG_JSON"}
 
 
-def manifests():
-    for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")):
+def manifests(folder: Path = ROOT / "deploy" / "k8s"):
+    """``(file name, document)`` of every Kubernetes manifest in ``folder``."""
+    for path in sorted(folder.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 yield path.name, doc
+
+
+def kubernetes_objects(found):
+    """``found`` manifests but KEDA's custom resources (each has a test of its own), as
+    parameters ``name, doc`` with the ids ``file-Kind/name``."""
+    return [pytest.param(name, doc, id=f"{name}-{doc.get('kind', '?')}/{doc['metadata']['name']}")
+            for name, doc in found if not doc["apiVersion"].startswith("keda.sh/")]
 
 
 def containers(doc):
@@ -62,10 +70,7 @@ def test_dockerfile_installs_the_package_and_runs_a_worker():
 
 
 # The KEDA custom resource is checked in test_keda_scales_the_worker_deployment_on_the_backlog.
-@pytest.mark.parametrize("name,doc", [m for m in manifests()
-                                      if not m[1]["apiVersion"].startswith("keda.sh/")],
-                         ids=lambda v: v if isinstance(v, str)
-                         else v.get("kind", "?") + "/" + v["metadata"]["name"])
+@pytest.mark.parametrize("name,doc", kubernetes_objects(manifests()))
 def test_manifests_are_valid_kubernetes(name, doc):
     import kubernetes_validate
 
@@ -146,16 +151,10 @@ def test_compose_commands_parse_as_the_cli_and_celery_expect():
 
 
 def cluster_manifests():
-    for path in sorted((ROOT / "deploy" / "k8s" / "cluster").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                yield path.name, doc
+    return manifests(ROOT / "deploy" / "k8s" / "cluster")
 
 
-@pytest.mark.parametrize("name,doc", [m for m in cluster_manifests()
-                                      if not m[1]["apiVersion"].startswith("keda.sh/")],
-                         ids=lambda v: v if isinstance(v, str)
-                         else v.get("kind", "?") + "/" + v["metadata"]["name"])
+@pytest.mark.parametrize("name,doc", kubernetes_objects(cluster_manifests()))
 def test_cluster_manifests_are_valid_kubernetes(name, doc):
     import kubernetes_validate
 

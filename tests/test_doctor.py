@@ -6,20 +6,12 @@ import pytest
 import redis
 
 from producer import Settings
-from tests.conftest import CELERY, RedisServer, free_port, wait_for
+from tests.conftest import CELERY, free_port, wait_for
 from workers.doctor import FAIL, OK, WARN, durability, run_checks
 
 
 def by_name(results):
     return {c.name: c for c in results}
-
-
-@pytest.fixture
-def durable_redis(tmp_path):
-    server = RedisServer(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_a_durable_redis_and_writable_storage_pass(durable_redis, storage_dir):

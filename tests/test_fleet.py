@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from producer import Settings, wire
-from tests.conftest import Fleet, assert_exactly_once, id_batch, wait_for
+from tests.conftest import ROOT, Fleet, assert_exactly_once, id_batch, wait_for
 from tests.reliability import SCALE, check
 from workers.app import make_app
 
@@ -43,6 +45,35 @@ def wait_drained(fleet: Fleet, client, total, table=TABLE, timeout=60):
     except BaseException:
         print(fleet.logs())
         raise
+
+
+def freeze_and_take_over(fleet: Fleet, client, total: int, step: str) -> tuple[int, Path]:
+    """A worker frozen (SIGSTOP) at failpoint ``step`` of a flush of TABLE, its lease
+    running out; beat, and a second worker that takes the table over and drains it. Returns
+    the frozen process's pid, to wake it, and the frozen worker's log."""
+    _, frozen_log = fleet.worker(failpoints=f"{step}=stop")
+    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step
+    fleet.beat()
+    wait_for(marker.exists, 60, f"a flusher to freeze at {step}")
+    frozen_pid = int(str(wait_for(marker.read_text, 10, "the frozen pid")))
+    fleet.worker()  # takes the table over once the frozen lease expires
+    wait_drained(fleet, client, total)
+    return frozen_pid, frozen_log
+
+
+def run_demo(tmp_path: Path, fmt: str) -> tuple[str, Path]:
+    """``deltaflush demo --format fmt`` for 2 s on 1 table in ``tmp_path``, with none of this
+    environment's DELTAFLUSH_ settings (nothing but the package); returns its output and the
+    run's folder (one of its own under ./data)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAFLUSH_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("deltaflush")), "demo", "--seconds", "2",
+         "--tables", "1", "--format", fmt],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [run] = (tmp_path / "data").iterdir()
+    return proc.stdout, run
 
 
 def test_worker_and_beat_flush_every_table(fleet, producer_for, real_redis, storage_dir):
@@ -111,13 +142,7 @@ def test_a_worker_frozen_past_its_lease_is_fenced(step, fleet, producer_for, rea
                                                   storage_dir):
     p = producer_for()
     total = fill(p)
-    _, frozen_log = fleet.worker(failpoints=f"{step}=stop")
-    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / step
-    fleet.beat()
-    wait_for(marker.exists, 60, "a flusher to freeze")
-    frozen_pid = int(wait_for(marker.read_text, 10, "the frozen pid"))
-    fleet.worker()  # takes the table over once the frozen lease expires
-    wait_drained(fleet, real_redis, total)
+    frozen_pid, frozen_log = freeze_and_take_over(fleet, real_redis, total, step)
     assert_exactly_once(storage_dir, TABLE, total)
     os.kill(frozen_pid, signal.SIGCONT)  # it wakes and carries on
     wait_for(lambda: b"fenced" in frozen_log.read_bytes(), 30, "the woken flusher to be fenced")

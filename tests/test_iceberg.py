@@ -18,6 +18,7 @@ from producer.errors import CatalogUnavailable, ConfigError, LeaseLost
 from tests.conftest import id_batch
 from tests.lake import connect, duckdb_ids, metadata_location
 from tests.reliability import check_lake
+from tests.seams import FlushInThread, Hooked
 from workers import catalog as catalogs
 from workers.flusher import Flusher
 from workers.sinks.iceberg import WATERMARK, IcebergSink
@@ -184,8 +185,6 @@ def test_a_commit_the_table_holds_is_a_no_op_and_the_watermark_is_the_record(set
     commits = []
     sink = IcebergSink(Storage(str(root)), SETTINGS)
 
-    from tests.seams import Hooked
-
     def twice(real, staged):
         commits.append(real(staged))
         again = real(staged)
@@ -238,22 +237,13 @@ def test_a_flusher_frozen_between_its_check_and_its_commit_lands_nothing_twice(s
         return commit(table, requirements, updates)
 
     zombie = flusher(client, root, hooked_sink(root, freeze))
-    outcome = {}
-
-    def run():
-        try:
-            outcome["result"] = zombie.flush(TABLE)
-        except LeaseLost as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread = FlushInThread(zombie, TABLE)
     assert frozen.wait(60)
     client.delete(wire.Keys("deltaflush", TABLE).lease)  # the zombie's lease runs out
     assert flusher(client, root).flush(TABLE).rows == total
     woken.set()
     thread.join(60)
-    assert isinstance(outcome.get("error"), LeaseLost)
+    assert isinstance(thread.error, LeaseLost)
     check_lake("flusher frozen between its check and its commit, woken after takeover (seam)",
                root, TABLE, range(total))
 
@@ -310,8 +300,6 @@ def test_a_staged_file_removed_before_its_commit_is_written_again(setup):
     client, root, p = setup
     total = fill(p, batches=2)
     sink = IcebergSink(Storage(str(root)), SETTINGS)
-
-    from tests.seams import Hooked
 
     def remove_first(real, staged):
         if not removed:

@@ -16,7 +16,7 @@ from producer import wire
 from tests.conftest import id_batch, wait_for
 from tests.lake import duckdb_ids
 from tests.reliability import SCALE, check_lake
-from tests.test_fleet import TABLE, drained, fill, wait_drained
+from tests.test_fleet import TABLE, drained, fill, freeze_and_take_over, run_demo, wait_drained
 
 pytestmark = pytest.mark.integration
 
@@ -53,13 +53,7 @@ def test_a_worker_frozen_mid_commit_past_its_lease_commits_nothing_twice(
     moved branch, finds its range held and its trim is fenced."""
     p = producer_for()
     total = fill(p)
-    _, frozen_log = fleet.worker(failpoints="lake.commit=stop")
-    marker = Path(fleet.env["DELTAFLUSH_FAILPOINT_ONCE_DIR"]) / "lake.commit"
-    fleet.beat()
-    wait_for(marker.exists, 60, "a flusher to freeze mid-commit")
-    frozen_pid = int(wait_for(marker.read_text, 10, "the frozen pid"))
-    fleet.worker()
-    wait_drained(fleet, real_redis, total)
+    frozen_pid, frozen_log = freeze_and_take_over(fleet, real_redis, total, "lake.commit")
     os.kill(frozen_pid, signal.SIGCONT)
     wait_for(lambda: b"fenced" in frozen_log.read_bytes(), 60, "the woken flusher to be fenced")
     check_lake("worker frozen mid-commit past its lease, woken after takeover", storage_dir,
@@ -117,19 +111,7 @@ def test_beat_compacts_by_itself_while_flushes_go_on(fault, lake_env, fleet, pro
 
 def test_the_demo_runs_with_iceberg_tables(tmp_path):
     """`deltaflush demo --format iceberg` with nothing but the package."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAFLUSH_")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("deltaflush")), "demo", "--seconds", "2",
-         "--tables", "1", "--format", "iceberg"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "in Iceberg" in proc.stdout and proc.stdout.count(": ok") == 1
-    [run] = (tmp_path / "data").iterdir()  # a folder of its own per demo run
+    out, run = run_demo(tmp_path, "iceberg")
+    assert "in Iceberg" in out and out.count(": ok") == 1
     assert (run / "_deltaflush" / "catalog.db").exists()
     assert duckdb_ids(run, "demo_events_0")

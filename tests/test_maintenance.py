@@ -15,7 +15,7 @@ from producer.errors import LeaseLost
 from tests.conftest import free_port, id_batch
 from tests.lake import duckdb_ids
 from tests.reliability import check_lake
-from tests.seams import Hooked
+from tests.seams import FlushInThread, Hooked
 from tests.test_metrics import scrape
 from workers import maintenance
 from workers.cli import main
@@ -209,16 +209,7 @@ def test_a_zombie_after_compaction_commits_nothing_twice(real_redis, storage_dir
     sink = IcebergSink(Storage(str(storage_dir)), SETTINGS)
     zombie = Flusher(real_redis, Storage(str(storage_dir)), SETTINGS,
                      sink=Hooked(sink, commit=freeze))
-    outcome = {}
-
-    def run():
-        try:
-            zombie.flush(TABLE)
-        except LeaseLost as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread = FlushInThread(zombie, TABLE)
     assert frozen.wait(60)
     real_redis.delete(wire.Keys("deltaflush", TABLE).lease)
     f = Flusher(real_redis, Storage(str(storage_dir)), SETTINGS)
@@ -228,7 +219,7 @@ def test_a_zombie_after_compaction_commits_nothing_twice(real_redis, storage_dir
     assert done["compaction"]["compacted"], done
     woken.set()
     thread.join(60)
-    assert isinstance(outcome.get("error"), LeaseLost)
+    assert isinstance(thread.error, LeaseLost)
     check_lake("zombie woken after a takeover and a compaction", storage_dir, TABLE,
                range(600))
 

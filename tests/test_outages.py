@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from producer import Producer, Settings, wire
-from tests.conftest import Fleet, RedisServer, id_batch, wait_for
+from tests.conftest import id_batch, own_fleet, wait_for
 from tests.reliability import check, record
 from tests.test_fleet import TABLE, drained, fill, wait_drained
 
@@ -22,25 +22,15 @@ pytestmark = pytest.mark.integration
 K = wire.Keys("deltaflush", TABLE)
 
 
-@pytest.fixture
-def aof_server(tmp_path):
-    server = RedisServer(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
-    server.start()
-    yield server
-    server.stop()
-
-
-def test_redis_killed_and_restarted_loses_no_acknowledged_append(aof_server, fleet_env,
+def test_redis_killed_and_restarted_loses_no_acknowledged_append(durable_redis, fleet_env,
                                                                  tmp_path, storage_dir):
     """SIGKILL Redis (AOF, appendfsync always) while a producer appends and a fleet flushes:
     every append that returned lands exactly once. The producer reconnects by itself; a
     Celery worker usually does too, but sometimes exits with "Unrecoverable error" when the
     broker connection drops mid-read (Celery/kombu, see docs/operations.md), so the test
     restarts exited workers as a supervisor would."""
-    env = dict(fleet_env, DELTAFLUSH_REDIS_URL=aof_server.url)
-    (tmp_path / "logs").mkdir()
-    fleet = Fleet(env, tmp_path / "logs")
-    try:
+    env = dict(fleet_env, DELTAFLUSH_REDIS_URL=durable_redis.url)
+    with own_fleet(env, tmp_path) as fleet:
         fleet.worker(concurrency=2)
         fleet.beat()
         p = Producer(settings=Settings.from_env(env))
@@ -61,10 +51,10 @@ def test_redis_killed_and_restarted_loses_no_acknowledged_append(aof_server, fle
         thread = threading.Thread(target=produce)
         thread.start()
         half.wait(60)
-        aof_server.stop(signal.SIGKILL)
-        aof_server.start()
+        durable_redis.stop(signal.SIGKILL)
+        durable_redis.start()
         thread.join()
-        client = redis.Redis.from_url(aof_server.url)
+        client = redis.Redis.from_url(durable_redis.url)
         expected = {i * 50 + j for i in acked for j in range(50)}
         try:
             wait_for(lambda: fleet.restart_dead_workers() >= 0 and client.xlen(K.delta) == 0
@@ -80,8 +70,6 @@ def test_redis_killed_and_restarted_loses_no_acknowledged_append(aof_server, fle
         assert len(acked) >= 100  # the producer's retries bridged the restart
         p.close()
         client.close()
-    finally:
-        fleet.stop()
 
 
 def test_storage_down_trims_nothing_and_everything_lands_when_it_returns(

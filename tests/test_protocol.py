@@ -15,7 +15,7 @@ from producer.errors import LeaseLost
 from tests.conftest import id_batch, read_ids
 from tests.delta_readers import deltalake_ids, table_exists
 from tests.lake import duckdb_ids
-from tests.seams import Hooked
+from tests.seams import FlushInThread, Hooked
 from workers.flusher import Flusher
 from workers.sinks.delta import DeltaSink
 from workers.sinks.folder import FolderSink
@@ -152,16 +152,7 @@ def test_a_zombie_woken_after_a_takeover_commits_nothing_twice(rig):
         return real(*args)
 
     zombie = rig.flusher(sink_hooks={"commit": freeze})
-    outcome = {}
-
-    def run():
-        try:
-            outcome["result"] = zombie.flush("events")
-        except LeaseLost as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread = FlushInThread(zombie, "events")
     assert frozen.wait(30)
     if rig.client is None:
         rig.stream.expire_lease()
@@ -170,7 +161,7 @@ def test_a_zombie_woken_after_a_takeover_commits_nothing_twice(rig):
     assert rig.flusher().flush("events").rows == total
     woken.set()
     thread.join(30)
-    assert isinstance(outcome.get("error"), LeaseLost)
+    assert isinstance(thread.error, LeaseLost)
     assert rig.ids() == list(range(total)) and not rig.pending()
 
 

@@ -22,7 +22,7 @@ from producer.errors import CatalogUnavailable, LeaseLost
 from tests.conftest import id_batch, wait_for
 from tests.lake import RestCatalogServer, rest_catalog  # noqa: F401 - the fixture
 from tests.reliability import check_ids
-from tests.seams import Hooked
+from tests.seams import FlushInThread, Hooked
 from workers import catalog as catalogs
 from workers import maintenance
 from workers.flusher import Flusher
@@ -385,22 +385,13 @@ def test_a_flusher_frozen_before_its_commit_lands_nothing_twice(
 
     zombie = flusher(real_redis, storage_dir, settings, hooked_sink(storage_dir, settings,
                                                                     freeze))
-    outcome = {}
-
-    def run():
-        try:
-            outcome["result"] = zombie.flush(TABLE)
-        except LeaseLost as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread = FlushInThread(zombie, TABLE)
     assert frozen.wait(60)
     real_redis.delete(wire.Keys("deltaflush", TABLE).lease)  # the zombie's lease runs out
     assert flusher(real_redis, storage_dir, settings).flush(TABLE).rows == total
     woken.set()
     thread.join(60)
-    assert isinstance(outcome.get("error"), LeaseLost)
+    assert isinstance(thread.error, LeaseLost)
     check("flusher frozen before its commit, woken after a takeover", rest_catalog,
           range(total))
 

@@ -17,6 +17,7 @@ import pytest
 
 from producer import Producer, Settings, shards, wire
 from producer.errors import ConfigError, SchemaConflict, UnsupportedData
+from tests.lake import table_ids
 from tests.rawcheck import append as raw_append
 from workers.flusher import Flusher
 from workers.status import table_status
@@ -255,12 +256,7 @@ def test_a_sharded_lake_table_commits_each_shard_exactly_once(real_redis, storag
     for k in shards.table_shards(real_redis, "deltaflush", TABLE):
         assert sink.last_committed(TABLE, k.stream) is not None, k.stream
     assert flusher.flush_shards(TABLE).rows == 0
-    if fmt == "iceberg":
-        from tests.lake import duckdb_ids
-        ids = duckdb_ids(storage_dir, TABLE)
-    else:
-        from tests.delta_readers import duckdb_ids as delta_ids
-        ids = delta_ids(storage_dir / TABLE)
+    ids = table_ids(storage_dir, TABLE, fmt)
     assert ids == list(range(240))
 
 
@@ -406,10 +402,5 @@ def test_compacting_a_sharded_lake_table_keeps_every_shards_record(real_redis, s
     assert {s: sink.last_committed(TABLE, s) for s in streams} == before
     p.append_many(TABLE, [keyed_batch(240 + j * 20, 20) for j in range(3)])
     assert flusher.flush_shards(TABLE).rows == 60
-    if fmt == "iceberg":
-        from tests.lake import duckdb_ids
-        ids = duckdb_ids(storage_dir, TABLE)
-    else:
-        from tests.delta_readers import duckdb_ids as delta_ids
-        ids = delta_ids(storage_dir / TABLE)
+    ids = table_ids(storage_dir, TABLE, fmt)
     assert ids == list(range(300))

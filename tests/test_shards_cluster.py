@@ -5,22 +5,19 @@ by DuckDB, each key's rows in order within its shard."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pyarrow as pa
 import pytest
 
 from producer import Producer, Settings, shards, wire
 from producer.errors import ReplicationTimeout, SchemaConflict
-from tests.conftest import Fleet, wait_for
+from tests.cluster import cluster_fleet_env
+from tests.conftest import own_fleet, wait_for
 from tests.test_cluster import BROKER, settings_for
-from tests.test_shards_fleet import batch, read_back
+from tests.test_shards_fleet import batch, read_back, recount_while_appending
 from workers.flusher import Flusher
 from workers.status import table_status
 from workers.storage import Storage
 
-ROOT = Path(__file__).resolve().parent.parent
 TABLE = "events"
 
 
@@ -60,15 +57,8 @@ def test_shards_live_on_several_masters_and_flush_exactly_once(redis_cluster, cl
 @pytest.mark.timeout(300)
 def test_two_workers_flush_four_shards_on_the_cluster(redis_cluster, cluster_prefix,
                                                       rabbitmq_vhost, storage_dir, tmp_path):
-    env = dict(
-        os.environ,
-        DELTAFLUSH_REDIS_URL=redis_cluster.url, DELTAFLUSH_BROKER_URL=rabbitmq_vhost,
-        DELTAFLUSH_KEY_PREFIX=cluster_prefix, DELTAFLUSH_STORAGE_URI=str(storage_dir),
-        DELTAFLUSH_LEASE_S="2", DELTAFLUSH_FLUSH_INTERVAL_S="0.5",
-        DELTAFLUSH_MAX_FILE_BYTES="65536", PYTHONPATH=str(ROOT))
-    (tmp_path / "logs").mkdir()
-    fleet = Fleet(env, tmp_path / "logs")
-    try:
+    env = cluster_fleet_env(redis_cluster, rabbitmq_vhost, storage_dir, cluster_prefix)
+    with own_fleet(env, tmp_path) as fleet:
         logs = [fleet.worker()[1], fleet.worker()[1]]
         fleet.beat()
         p = Producer(settings=Settings.from_env(env))
@@ -86,8 +76,6 @@ def test_two_workers_flush_four_shards_on_the_cluster(redis_cluster, cluster_pre
             assert b"flushed table=events" in log.read_bytes(), fleet.logs()
         assert wire.PROTOCOL == 2
         p.close()
-    finally:
-        fleet.stop()
 
 
 def test_a_replicated_evolution_reaches_the_authoritys_replica_first(redis_cluster,
@@ -126,44 +114,15 @@ def test_changing_the_shard_count_live_on_the_cluster(redis_cluster, cluster_pre
                                                      rabbitmq_vhost, storage_dir, tmp_path):
     """N goes 2 -> 4 -> 1 while a producer appends and two workers flush, on the cluster:
     nothing lost or duplicated."""
-    import threading
-
-    env = dict(
-        os.environ,
-        DELTAFLUSH_REDIS_URL=redis_cluster.url, DELTAFLUSH_BROKER_URL=rabbitmq_vhost,
-        DELTAFLUSH_KEY_PREFIX=cluster_prefix, DELTAFLUSH_STORAGE_URI=str(storage_dir),
-        DELTAFLUSH_LEASE_S="2", DELTAFLUSH_FLUSH_INTERVAL_S="0.5",
-        DELTAFLUSH_MAX_FILE_BYTES="65536", PYTHONPATH=str(ROOT))
-    (tmp_path / "logs").mkdir()
-    fleet = Fleet(env, tmp_path / "logs")
-    try:
+    env = cluster_fleet_env(redis_cluster, rabbitmq_vhost, storage_dir, cluster_prefix)
+    with own_fleet(env, tmp_path) as fleet:
         fleet.worker()
         fleet.worker()
         fleet.beat()
         p = Producer(settings=Settings.from_env(env))
         admin = Producer(settings=Settings.from_env(env))
         admin.configure(TABLE, shards=2)
-        done = threading.Event()
-        appended = [0]
-
-        def produce() -> None:
-            while not done.is_set():
-                p.append(TABLE, batch(appended[0], 100))
-                appended[0] += 100
-
-        thread = threading.Thread(target=produce)
-        thread.start()
-        try:
-            for count in (4, 1):
-                admin.configure(TABLE, shards=count)
-                wait_for(lambda n=count: p._routes.get(TABLE, (0, 0))[1] == n, 30,
-                         f"the producer to use {count} shards")
-                start = appended[0]
-                wait_for(lambda start=start: appended[0] > start + 2000, 60, "appends")
-        finally:
-            done.set()
-            thread.join()
-        total = appended[0]
+        total = recount_while_appending(p, admin, (4, 1), 2000)
         wait_for(lambda: drained(p.redis, cluster_prefix, total), 180,
                  f"every shard to drain; logs:\n{fleet.logs()}")
         per_shard = read_back(storage_dir, total, "Redis Cluster: shard count changed "
@@ -171,5 +130,3 @@ def test_changing_the_shard_count_live_on_the_cluster(redis_cluster, cluster_pre
         assert sorted(per_shard) == [0, 1, 2, 3]
         p.close()
         admin.close()
-    finally:
-        fleet.stop()

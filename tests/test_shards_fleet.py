@@ -13,7 +13,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from producer import shards, wire
+from producer import Producer, shards, wire
 from tests.conftest import Fleet, wait_for
 from tests.reliability import check_ids
 
@@ -46,6 +46,35 @@ def wait_drained(fleet: Fleet, client, total: int, timeout: float = 120) -> None
     except BaseException:
         print(fleet.logs())
         raise
+
+
+def recount_while_appending(p: Producer, admin: Producer, counts: tuple[int, ...],
+                            rows_between: int) -> int:
+    """Append batches of 100 rows with ``p`` from a thread while ``admin`` sets the table's
+    shard count to each of ``counts`` in turn; after each, wait for ``p`` to use it and for
+    ``rows_between`` more rows appended. Return how many rows were appended in all."""
+    done = threading.Event()
+    appended = [0]
+
+    def produce() -> None:
+        while not done.is_set():
+            p.append(TABLE, batch(appended[0], 100))
+            appended[0] += 100
+
+    producer_thread = threading.Thread(target=produce)
+    producer_thread.start()
+    try:
+        for shards_now in counts:
+            admin.configure(TABLE, shards=shards_now)
+            # the producer reads the configuration again within ROUTE_TTL_S (5 s)
+            wait_for(lambda n=shards_now: p._routes.get(TABLE, (0, 0))[1] == n, 30,
+                     f"the producer to use {shards_now} shards")
+            start = appended[0]
+            wait_for(lambda start=start: appended[0] > start + rows_between, 60, "appends")
+    finally:
+        done.set()
+        producer_thread.join()
+    return appended[0]
 
 
 _NAME = re.compile(r"part-(\d{13})-(\d{6})_\d{13}-\d{6}(?:-s(\d+))?\.parquet$")
@@ -126,28 +155,7 @@ def test_changing_the_shard_count_on_a_live_table(fleet, producer_for, real_redi
     fleet.worker()
     fleet.worker()
     fleet.beat()
-    done = threading.Event()
-    appended = [0]
-
-    def produce() -> None:
-        while not done.is_set():
-            p.append(TABLE, batch(appended[0], 100))
-            appended[0] += 100
-
-    producer_thread = threading.Thread(target=produce)
-    producer_thread.start()
-    try:
-        for shards_now in (4, 1, 3):
-            admin.configure(TABLE, shards=shards_now)
-            # the producer reads the configuration again within ROUTE_TTL_S (5 s)
-            wait_for(lambda n=shards_now: p._routes.get(TABLE, (0, 0))[1] == n, 30,
-                     f"the producer to use {shards_now} shards")
-            start = appended[0]
-            wait_for(lambda start=start: appended[0] > start + 3000, 60, "appends")
-    finally:
-        done.set()
-        producer_thread.join()
-    total = appended[0]
+    total = recount_while_appending(p, admin, (4, 1, 3), 3000)
     wait_drained(fleet, real_redis, total)
     per_shard = read_back(storage_dir, total, "shard count changed 2 -> 4 -> 1 -> 3 while "
                           "appending and flushing", key_order=False)
