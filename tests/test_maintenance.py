@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 
 import pytest
 from click.testing import CliRunner
@@ -97,6 +98,34 @@ def test_orphan_removal_spares_the_files_of_an_unfinished_flush(real_redis, stor
                range(150))
 
 
+def flush_while_compacting(client, p: Producer, f: Flusher, rounds: int,
+                           ids: Callable[[], list[int]]) -> list[int]:
+    """``rounds`` batches of 40 rows appended with ``p`` and flushed by ``f``, while a thread
+    runs compactions of TABLE all along; every fifth round, no row twice in ``ids()`` (the
+    table's current snapshot). Returns how many files each compaction rewrote."""
+    stop = threading.Event()
+    compactions = []
+
+    def compact_all_along():
+        while not stop.is_set():
+            done = maintenance.maintain(client, f, TABLE, compact=True)
+            compactions.append(done.get("compaction", {}).get("compacted", 0))
+
+    thread = threading.Thread(target=compact_all_along)
+    thread.start()
+    try:
+        for i in range(rounds):
+            p.append(TABLE, id_batch(i * 40, 40))
+            f.flush(TABLE)
+            if i % 5 == 4:
+                found = ids()  # no snapshot holds a row twice
+                assert len(found) == len(set(found))
+    finally:
+        stop.set()
+        thread.join(60)
+    return compactions
+
+
 def test_compaction_alongside_flushes_loses_and_duplicates_nothing(real_redis, storage_dir):
     """Flushes commit while compactions rewrite: each side's conflicting commit looks at
     the table again; readers see every row once at every snapshot."""
@@ -104,26 +133,8 @@ def test_compaction_alongside_flushes_loses_and_duplicates_nothing(real_redis, s
     p.configure(TABLE, target_file_bytes=1 << 20)
     f = Flusher(real_redis, Storage(str(storage_dir)), SETTINGS)
     total = 30 * 40
-    stop = threading.Event()
-    compactions = []
-
-    def compact_all_along():
-        while not stop.is_set():
-            done = maintenance.maintain(real_redis, f, TABLE, compact=True)
-            compactions.append(done.get("compaction", {}).get("compacted", 0))
-
-    thread = threading.Thread(target=compact_all_along)
-    thread.start()
-    try:
-        for i in range(30):
-            p.append(TABLE, id_batch(i * 40, 40))
-            f.flush(TABLE)
-            if i % 5 == 4:
-                ids = duckdb_ids(storage_dir, TABLE)  # no snapshot holds a row twice
-                assert len(ids) == len(set(ids))
-    finally:
-        stop.set()
-        thread.join(60)
+    compactions = flush_while_compacting(real_redis, p, f, 30,
+                                         lambda: duckdb_ids(storage_dir, TABLE))
     assert sum(compactions) > 0
     stats = real_redis.hgetall(wire.Keys("deltaflush", TABLE).stats)
     print("conflicts met by flushes:", stats.get(b"lake_conflicts"), "compactions:",

@@ -23,6 +23,7 @@ from tests.conftest import id_batch, wait_for
 from tests.lake import RestCatalogServer, rest_catalog  # noqa: F401 - the fixture
 from tests.reliability import check_ids
 from tests.seams import FlushInThread, Hooked
+from tests.test_maintenance import flush_while_compacting
 from workers import catalog as catalogs
 from workers import maintenance
 from workers.flusher import Flusher
@@ -430,26 +431,8 @@ def test_compaction_alongside_flushes_through_the_catalog(
     side's refused commit (409) looks at the table again."""
     producer.configure(TABLE, target_file_bytes=1 << 20)
     f = flusher(real_redis, storage_dir, settings)
-    stop = threading.Event()
-    compactions = []
-
-    def compact_all_along():
-        while not stop.is_set():
-            done = maintenance.maintain(real_redis, f, TABLE, compact=True)
-            compactions.append(done.get("compaction", {}).get("compacted", 0))
-
-    thread = threading.Thread(target=compact_all_along)
-    thread.start()
-    try:
-        for i in range(20):
-            producer.append(TABLE, id_batch(i * 40, 40))
-            f.flush(TABLE)
-            if i % 5 == 4:
-                ids = rest_catalog.duckdb_ids(TABLE)
-                assert len(ids) == len(set(ids))
-    finally:
-        stop.set()
-        thread.join(60)
+    compactions = flush_while_compacting(real_redis, producer, f, 20,
+                                         lambda: rest_catalog.duckdb_ids(TABLE))
     assert sum(compactions) > 0
     check("compaction alongside flushes", rest_catalog, range(800))
 
