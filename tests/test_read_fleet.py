@@ -155,6 +155,7 @@ def kill_a_worker(fleet: Fleet) -> None:
     fleet.restart_dead_workers()
 
 
+@pytest.mark.timeout(300 * SCALE)  # examples scale with DELTAFLUSH_CHAOS_SCALE (make chaos)
 @pytest.mark.parametrize("fmt,shards", [("parquet", 1), ("iceberg", 1), ("delta", 1),
                                         ("parquet", 3), ("delta", 3)])
 def test_every_read_is_one_prefix_of_what_was_appended(fmt, shards, fleet, fleet_env,
