@@ -46,7 +46,8 @@ RELIABILITY_TESTS := tests/test_fleet.py tests/test_outages.py tests/test_chaos.
 	tests/test_catalogs.py tests/test_delta.py tests/test_delta_maintenance.py \
 	tests/test_delta_fleet.py tests/test_delta_s3.py tests/test_shards_fleet.py \
 	tests/test_shards_cluster.py tests/test_cluster_failover.py tests/test_cluster_fleet.py \
-	tests/test_read_fleet.py tests/test_batcher.py tests/test_aio.py tests/test_rest_catalog.py
+	tests/test_read_fleet.py tests/test_batcher.py tests/test_aio.py tests/test_rest_catalog.py \
+	tests/test_aio_shards.py tests/test_aio_shards_cluster.py
 reliability: $(STAMP)
 	rm -f .reliability.jsonl
 	DELTAFLUSH_RELIABILITY_LOG=.reliability.jsonl $(BIN)/python -m pytest -q $(RELIABILITY_TESTS)
