@@ -71,6 +71,21 @@ class FlushInThread(threading.Thread):
             self.error = exc
 
 
+class CommitTwice:
+    """A sink ``commit`` hook that commits each staged range twice, as a retry after a
+    commit that landed would, and asserts that the second finds the range held.
+    ``first``: what the first commits returned."""
+
+    def __init__(self) -> None:
+        self.first: list[Any] = []
+
+    def __call__(self, real: Callable[[Any], Any], staged: Any) -> Any:
+        done = real(staged)
+        self.first.append(done)
+        assert real(staged).already
+        return done
+
+
 def crash(*_: Any, **__: Any) -> Any:
     """A hook that stands for the process dying at that call."""
     raise KeyboardInterrupt("simulated crash")

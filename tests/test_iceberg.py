@@ -18,7 +18,7 @@ from producer.errors import CatalogUnavailable, ConfigError, LeaseLost
 from tests.conftest import id_batch
 from tests.lake import connect, duckdb_ids, metadata_location
 from tests.reliability import check_lake
-from tests.seams import FlushInThread, Hooked
+from tests.seams import CommitTwice, FlushInThread, Hooked
 from workers import catalog as catalogs
 from workers.flusher import Flusher
 from workers.sinks.iceberg import WATERMARK, IcebergSink
@@ -182,17 +182,11 @@ def test_a_change_iceberg_cannot_promote_makes_the_table_stuck(setup):
 def test_a_commit_the_table_holds_is_a_no_op_and_the_watermark_is_the_record(setup):
     client, root, p = setup
     fill(p, batches=2)
-    commits = []
+    twice = CommitTwice()
     sink = IcebergSink(Storage(str(root)), SETTINGS)
 
-    def twice(real, staged):
-        commits.append(real(staged))
-        again = real(staged)
-        assert again.already
-        return commits[-1]
-
     result = flusher(client, root, Hooked(sink, commit=twice)).flush(TABLE)
-    assert [c.already for c in commits] == [False]
+    assert [c.already for c in twice.first] == [False]
     assert sink.last_committed(TABLE, TABLE) == result.last_id
     assert duckdb_ids(root, TABLE) == list(range(100))
 

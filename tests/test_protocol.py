@@ -15,7 +15,7 @@ from producer.errors import LeaseLost
 from tests.conftest import id_batch, read_ids
 from tests.delta_readers import deltalake_ids, table_exists
 from tests.lake import duckdb_ids
-from tests.seams import FlushInThread, Hooked
+from tests.seams import CommitTwice, FlushInThread, Hooked
 from workers.flusher import Flusher
 from workers.sinks.delta import DeltaSink
 from workers.sinks.folder import FolderSink
@@ -181,17 +181,11 @@ def test_a_commit_the_sink_holds_already_is_a_no_op():
     """Sinks are idempotent by range: the same staged range committed twice lands once."""
     stream, sink = MemoryStream("events"), MemorySink()
     stream.append(id_batch(0, 10))
-    commits = []
-
-    def twice(real, staged):
-        commits.append(real(staged))
-        again = real(staged)
-        assert again.already
-        return commits[-1]
+    twice = CommitTwice()
 
     flusher = Flusher(None, Storage("/nonexistent"), SETTINGS,
                       sink=Hooked(sink, commit=twice), source=lambda t: stream)
     assert flusher.flush("events").rows == 10
-    assert [c.already for c in commits] == [False]  # the second commit was a no-op...
+    assert [c.already for c in twice.first] == [False]  # the second commit was a no-op...
     assert sink.table("events").num_rows == 10      # ...that added nothing
     assert sink.last_committed("events", "events") == "1-0"

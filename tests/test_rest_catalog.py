@@ -10,7 +10,9 @@ Every test reads the table back with readers that do not go through deltaflush: 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -22,7 +24,7 @@ from producer.errors import CatalogUnavailable, LeaseLost
 from tests.conftest import id_batch, wait_for
 from tests.lake import RestCatalogServer, rest_catalog  # noqa: F401 - the fixture
 from tests.reliability import check_ids
-from tests.seams import FlushInThread, Hooked
+from tests.seams import CommitTwice, FlushInThread, Hooked
 from tests.test_maintenance import flush_while_compacting
 from workers import catalog as catalogs
 from workers import maintenance
@@ -92,6 +94,27 @@ def hooked_sink(root: Path, settings: Settings, hook) -> IcebergSink:
 
 def appends(updates) -> bool:
     return any(type(u).__name__ == "AddSnapshotUpdate" for u in updates)
+
+
+def another_writer_first(when: Callable[[Any, Any], bool], write: Callable[[], None]
+                         ) -> tuple[Callable[..., Any], list[str]]:
+    """A ``commit_table`` hook for ``hooked_sink``: at the first commit for which
+    ``when(requirements, updates)`` holds, another writer gets in first (``write()``); the
+    catalog's refusal of the commit then (``CommitFailedException``) is recorded in the
+    list returned with the hook, and raised."""
+    refused: list[str] = []
+
+    def race(commit, table, requirements, updates):
+        if not refused and when(requirements, updates):
+            write()
+            try:
+                return commit(table, requirements, updates)
+            except CommitFailedException as exc:
+                refused.append(str(exc))
+                raise
+        return commit(table, requirements, updates)
+
+    return race, refused
 
 
 # --- what a flush leaves --------------------------------------------------------------
@@ -166,20 +189,14 @@ def test_a_table_another_writer_created_first_is_taken_and_evolved(
     (pyiceberg's blind retries on, one column) landed first; deltaflush loads that table,
     turns the retries off, adds its columns and flushes into it."""
     total = fill(producer, batches=2)
-    refused = []
 
-    def race(commit, table, requirements, updates):
-        if not refused and any(r.type == "assert-create" for r in requirements):
-            reader(rest_catalog).create_table(
-                ("deltaflush", TABLE), schema=pa.schema([pa.field("id", pa.int64())]),
-                location=f"file://{storage_dir}/{TABLE}")
-            try:
-                return commit(table, requirements, updates)
-            except CommitFailedException as exc:
-                refused.append(str(exc))
-                raise
-        return commit(table, requirements, updates)
+    def create() -> None:
+        reader(rest_catalog).create_table(
+            ("deltaflush", TABLE), schema=pa.schema([pa.field("id", pa.int64())]),
+            location=f"file://{storage_dir}/{TABLE}")
 
+    race, refused = another_writer_first(
+        lambda requirements, _: any(r.type == "assert-create" for r in requirements), create)
     sink = hooked_sink(storage_dir, settings, race)
     assert flusher(real_redis, storage_dir, settings, sink).flush(TABLE).rows == total
     assert len(refused) == 1 and "Table already exists" in refused[0]
@@ -232,16 +249,10 @@ def test_a_commit_retried_after_it_landed_is_a_no_op(real_redis, storage_dir, se
                                                      producer, rest_catalog):  # noqa: F811
     fill(producer, batches=2)
     sink = IcebergSink(Storage(str(storage_dir)), settings)
-    commits = []
-
-    def twice(real, staged):
-        commits.append(real(staged))
-        again = real(staged)
-        assert again.already
-        return commits[-1]
+    twice = CommitTwice()
 
     result = flusher(real_redis, storage_dir, settings, Hooked(sink, commit=twice)).flush(TABLE)
-    assert [c.already for c in commits] == [False]
+    assert [c.already for c in twice.first] == [False]
     assert sink.last_committed(TABLE, TABLE) == result.last_id
     table = reader(rest_catalog).load_table(("deltaflush", TABLE))
     assert len(table.snapshots()) == 1
@@ -349,20 +360,12 @@ def test_a_commit_that_meets_another_commit_gets_409_reloads_and_lands_once(
     again and lands on the new snapshot."""
     total = fill(producer, batches=4)
     other = IcebergSink(Storage(str(storage_dir)), settings)
-    refused = []
 
-    def race(commit, table, requirements, updates):
-        if not refused and appends(updates):
-            loaded = other.load(TABLE)
-            with loaded.transaction() as txn:  # a compaction-like commit: moves the branch
-                txn.update_snapshot().fast_append().commit()
-            try:
-                return commit(table, requirements, updates)
-            except CommitFailedException as exc:
-                refused.append(str(exc))
-                raise
-        return commit(table, requirements, updates)
+    def move_the_branch() -> None:  # a compaction-like commit
+        with other.load(TABLE).transaction() as txn:
+            txn.update_snapshot().fast_append().commit()
 
+    race, refused = another_writer_first(lambda _, updates: appends(updates), move_the_branch)
     sink = hooked_sink(storage_dir, settings, race)
     result = flusher(real_redis, storage_dir, settings, sink).flush(TABLE)
     assert result.rows == total
