@@ -50,6 +50,7 @@ def entry_id(version: int) -> str:
     (``workers.sinks.delta_schema.txn_version`` makes them)."""
     return f"{version >> SEQ_BITS}-{version & ((1 << SEQ_BITS) - 1)}"
 
+
 @contextmanager
 def panics_as_errors(what: str) -> Iterator[None]:
     """Run delta-rs calls, turning a panic of delta-rs (pyo3's ``PanicException``, a
